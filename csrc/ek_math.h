@@ -1,0 +1,81 @@
+// Shared by the C++ (CPU) and CUDA kernels: what "on" means and the activation math.
+// Plain C++ with no torch headers, so the .cu files compile alone with nvcc.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define EK_HD __host__ __device__ __forceinline__
+#else
+#define EK_HD inline
+#endif
+
+namespace ek {
+
+// "On" is x >= 0, decided on the raw IEEE bits so every backend and dtype agrees bit for bit:
+// +0, -0, positive finite and +inf are on; NaN (either sign) is neither: it is counted apart.
+// For float and double this is exactly `x >= 0` and `x != x`; the bit form serves 16-bit types.
+struct F16Bits { using U = uint16_t; static constexpr U inf = 0x7C00u, sign = 0x8000u; };
+struct BF16Bits { using U = uint16_t; static constexpr U inf = 0x7F80u, sign = 0x8000u; };
+
+template <typename B>
+EK_HD bool bits_on(typename B::U u) {
+  return u <= B::inf || u == B::sign;
+}
+template <typename B>
+EK_HD bool bits_nan(typename B::U u) {
+  return static_cast<typename B::U>(u & static_cast<typename B::U>(~B::sign)) > B::inf;
+}
+
+// Transcendentals by precision: the float overloads keep float math float on host and device.
+EK_HD float ek_erf(float x) { return erff(x); }
+EK_HD double ek_erf(double x) { return ::erf(x); }
+EK_HD float ek_tanh(float x) { return tanhf(x); }
+EK_HD double ek_tanh(double x) { return ::tanh(x); }
+EK_HD float ek_exp(float x) { return expf(x); }
+EK_HD double ek_exp(double x) { return ::exp(x); }
+EK_HD float ek_expm1(float x) { return expm1f(x); }
+EK_HD double ek_expm1(double x) { return ::expm1(x); }
+
+// Activation kinds; the numbering is shared with easier_kernels/ops/kinds.py.
+enum Kind : int {
+  kIdentity = 0,
+  kRelu = 1,
+  kRelu6 = 2,
+  kLeakyRelu = 3,
+  kGelu = 4,
+  kGeluTanh = 5,
+  kSilu = 6,
+  kHardswish = 7,
+  kElu = 8,
+};
+
+// Written to match PyTorch's own formulas (NaN propagates, -0 stays -0 through relu).
+// `param` is leaky_relu's negative_slope or elu's alpha.
+template <int KIND, typename T>
+EK_HD T activation(T x, T param) {
+  if constexpr (KIND == kIdentity) {
+    return x;
+  } else if constexpr (KIND == kRelu) {
+    return x < T(0) ? T(0) : x;
+  } else if constexpr (KIND == kRelu6) {
+    return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
+  } else if constexpr (KIND == kLeakyRelu) {
+    return x > T(0) ? x : x * param;
+  } else if constexpr (KIND == kGelu) {
+    return T(0.5) * x * (T(1) + ek_erf(x * T(0.70710678118654752440)));
+  } else if constexpr (KIND == kGeluTanh) {
+    const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
+    return T(0.5) * x * (T(1) + ek_tanh(inner));
+  } else if constexpr (KIND == kSilu) {
+    return x / (T(1) + ek_exp(-x));
+  } else if constexpr (KIND == kHardswish) {
+    const T shifted = x + T(3);
+    const T clamped = shifted < T(0) ? T(0) : (shifted > T(6) ? T(6) : shifted);
+    return x * clamped / T(6);
+  } else {  // kElu
+    return x > T(0) ? x : param * ek_expm1(x);
+  }
+}
+
+}  // namespace ek

@@ -1,0 +1,148 @@
+"""Streaming on/off counts: `count_on` and `act_count`, registered with torch.library.
+
+    counts = ek.ops.count_on(x, channel_dim=1)            # int64 [C]: how many x >= 0 per channel
+    y = ek.ops.act_count(x, counts, "relu")               # y = relu(x); counts += count_on(x)
+
+Both read x once. NaN is neither on nor off: pass `nan_counts=` (an int64 [C] tensor) to
+accumulate NaNs per channel without a device sync; without it a NaN raises ValueError.
+The backend (reference / cpp / triton / cuda) is chosen in `backends.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kinds
+from .backends import BACKENDS, available_backends, backend_name, kernels, use_backend
+
+__all__ = ["count_on", "act_count", "available_backends", "use_backend", "BACKENDS", "KINDS"]
+
+KINDS = kinds.KINDS
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---- the registered ops: the dispatcher picks the device, backends.py the implementation.
+# Plain torch.library.Library registration: torch.library.custom_op costs ~80 us a call here,
+# this ~10 us, which matters once per activation per forward.
+
+_lib = torch.library.Library("easier_kernels", "DEF")
+_lib.define("count_on(Tensor x, Tensor(a!) counts, Tensor(b!) nan_counts, int channel_dim) -> ()")
+_lib.define(
+    "act_count(Tensor x, Tensor(a!) counts, Tensor(b!) nan_counts, str kind, int channel_dim, float param) -> Tensor"
+)
+
+
+def _count_on_kernel(x, counts, nan_counts, channel_dim):
+    kernels(backend_name(x.device)).count_on(x, counts, nan_counts, channel_dim)
+
+
+def _act_count_kernel(x, counts, nan_counts, kind, channel_dim, param):
+    return kernels(backend_name(x.device)).act_count(x, counts, nan_counts, channel_dim, kind, param)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("count_on", _count_on_kernel, _key)
+    _lib.impl("act_count", _act_count_kernel, _key)
+
+
+@torch.library.register_fake("easier_kernels::count_on", lib=_lib)
+def _(x, counts, nan_counts, channel_dim):
+    return None
+
+
+@torch.library.register_fake("easier_kernels::act_count", lib=_lib)
+def _(x, counts, nan_counts, kind, channel_dim, param):
+    return torch.empty_like(x)
+
+
+class _ActCountFunction(torch.autograd.Function):
+    """The activation's ordinary gradient around the op (custom_op cannot attach autograd to
+    an op that mutates its inputs; the counts take no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, nan_counts, kind, channel_dim, param):
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.param = kind, param
+        return torch.ops.easier_kernels.act_count(x, counts, nan_counts, kind, channel_dim, param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return kinds.backward(grad, x, ctx.kind, ctx.param), None, None, None, None, None
+
+
+# ---- the public API
+
+
+def _check(x: torch.Tensor, channel_dim: int, op: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32/float16/bfloat16/float64, got {x.dtype}; convert it with x.float()")
+    if x.dim() == 0 or not -x.dim() <= channel_dim < x.dim():
+        raise ValueError(f"{op}: channel_dim={channel_dim} is out of range for a tensor of shape {tuple(x.shape)}")
+    return x.shape[channel_dim]
+
+
+def _check_counts(name: str, t: torch.Tensor, x: torch.Tensor, channels: int, op: str) -> None:
+    if t.dtype != torch.int64 or t.shape != (channels,) or t.device != x.device or not t.is_contiguous():
+        raise ValueError(
+            f"{op}: {name} must be a contiguous int64 tensor of shape [{channels}] on {x.device}, "
+            f"got {t.dtype} {tuple(t.shape)} on {t.device}; create it with torch.zeros({channels}, dtype=torch.int64)"
+        )
+
+
+def _raise_on_nan(nan_counts: torch.Tensor, op: str) -> None:
+    if bool(nan_counts.any()):
+        channels = nan_counts.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        raise ValueError(
+            f"{op}: the input holds {int(nan_counts.sum())} NaN values (channels {shown}); NaN is neither on nor off. "
+            "Fix the NaNs, or pass nan_counts=torch.zeros(C, dtype=torch.int64) to count them instead of raising"
+        )
+
+
+def count_on(x: torch.Tensor, channel_dim: int = 1, *, nan_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Per channel, how many elements of x satisfy x >= 0 (exact zeros count as on): int64 [C].
+
+    channel_dim=1 for [N, C, *] (contiguous or channels_last), -1 for tokens [..., C].
+    NaNs are added to `nan_counts` when given; otherwise a NaN raises ValueError.
+    """
+    channels = _check(x, channel_dim, "count_on")
+    counts = torch.zeros(channels, dtype=torch.int64, device=x.device)
+    nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
+    _check_counts("nan_counts", nans, x, channels, "count_on")
+    torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+    if nan_counts is None:
+        _raise_on_nan(nans, "count_on")
+    return counts
+
+
+def act_count(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    kind: str = "relu",
+    channel_dim: int = 1,
+    *,
+    nan_counts: torch.Tensor | None = None,
+    **kind_args,
+) -> torch.Tensor:
+    """y = activation(x) and counts += count_on(x), in one pass over x.
+
+    kind: relu, relu6, leaky_relu (negative_slope), gelu (approximate='none'|'tanh'), silu,
+    hardswish, elu (alpha), identity (counts only and returns x itself). Gradients are the
+    activation's ordinary ones; counts take none.
+    """
+    channels = _check(x, channel_dim, "act_count")
+    op_kind, param = kinds.resolve(kind, kind_args)
+    _check_counts("counts", counts, x, channels, "act_count")
+    nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
+    _check_counts("nan_counts", nans, x, channels, "act_count")
+    if op_kind == "identity":
+        torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+        y = x
+    else:
+        y = _ActCountFunction.apply(x, counts, nans, op_kind, channel_dim, param)
+    if nan_counts is None:
+        _raise_on_nan(nans, "act_count")
+    return y

@@ -1,0 +1,168 @@
+"""The `triton` backend: count_on and act_count as Triton kernels (GPU; CPU under
+TRITON_INTERPRET=1, which must be set before this module is imported).
+
+Two kernels cover every dense layout [outer, C, inner] (see layout.py):
+  * `_runs_kernel` (inner > 1, e.g. contiguous NCHW): rows of `inner` contiguous elements, one
+    channel each; a program reduces a tile of rows and adds each row's count to its channel.
+  * `_columns_kernel` (inner == 1: channels_last, tokens): the channel is the fastest dim; a
+    program reduces a block of channels over a range of rows.
+Counts are int64 and offsets are computed in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import kinds
+from .layout import dense_view
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan's expm1: accurate near 0, where exp(x) - 1 cancels.
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / tl.log(u)))
+
+
+@triton.jit
+def _tanh(x):
+    t = _expm1(-2.0 * tl.abs(x))
+    magnitude = -t / (t + 2.0)
+    return tl.where(x < 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _activation(x, param, KIND: tl.constexpr):
+    # Same formulas as csrc/ek_math.h; KIND ids from kinds.KIND_IDS.
+    if KIND == 1:  # relu
+        y = tl.where(x < 0, 0.0, x)
+    elif KIND == 2:  # relu6
+        y = tl.where(x < 0, 0.0, tl.where(x > 6.0, 6.0, x))
+    elif KIND == 3:  # leaky_relu
+        y = tl.where(x > 0, x, x * param)
+    elif KIND == 4:  # gelu (erf)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif KIND == 5:  # gelu (tanh)
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif KIND == 6:  # silu
+        y = x / (1.0 + tl.exp(-x))
+    elif KIND == 7:  # hardswish
+        shifted = x + 3.0
+        y = x * tl.where(shifted < 0, 0.0, tl.where(shifted > 6.0, 6.0, shifted)) / 6.0
+    elif KIND == 8:  # elu
+        y = tl.where(x > 0, x, param * _expm1(x))
+    else:  # identity
+        y = x
+    return y
+
+
+@triton.jit
+def _round_to_bfloat16(y):
+    """float32 -> the nearest bfloat16 value (ties to even), still as float32. Triton's own cast
+    does this on a GPU, but the interpreter truncates; rounding here makes both agree with torch."""
+    bits = y.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(y != y, y, rounded.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND: tl.constexpr, WRITE: tl.constexpr,
+                     F64: tl.constexpr, AXIS: tl.constexpr):
+    """Loads a tile, writes its activation when WRITE, returns its (on, nan) sums along AXIS."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    # Widening is exact, and tests the 16-bit types as numbers (the interpreter keeps bfloat16
+    # as raw bits, where a direct compare would be wrong).
+    xc = x.to(tl.float64) if F64 else x.to(tl.float32)
+    on = tl.sum(((xc >= 0) & mask).to(tl.int64), axis=AXIS)
+    nan = tl.sum(((xc != xc) & mask).to(tl.int64), axis=AXIS)
+    if WRITE:
+        y = _activation(xc, param, KIND)
+        if y_ptr.dtype.element_ty == tl.bfloat16:
+            y = _round_to_bfloat16(y)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    return on, nan
+
+
+@triton.jit
+def _runs_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, inner, param, KIND: tl.constexpr,
+                 WRITE: tl.constexpr, F64: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_I: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_mask = rows < n_rows
+    on = tl.zeros([BLOCK_R], dtype=tl.int64)
+    nan = tl.zeros([BLOCK_R], dtype=tl.int64)
+    for start in range(0, inner, BLOCK_I):
+        cols = start + tl.arange(0, BLOCK_I).to(tl.int64)
+        mask = row_mask[:, None] & (cols < inner)[None, :]
+        offsets = rows[:, None] * inner + cols[None, :]
+        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, 1)
+        on += tile_on
+        nan += tile_nan
+    channel = rows % C
+    tl.atomic_add(on_ptr + channel, on, mask=row_mask)
+    tl.atomic_add(nan_ptr + channel, nan, mask=row_mask)
+
+
+@triton.jit
+def _columns_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, rows_per_program, param,
+                    KIND: tl.constexpr, WRITE: tl.constexpr, F64: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_mask = channels < C
+    first_row = tl.program_id(1).to(tl.int64) * rows_per_program
+    on = tl.zeros([BLOCK_C], dtype=tl.int64)
+    nan = tl.zeros([BLOCK_C], dtype=tl.int64)
+    for start in range(0, rows_per_program, BLOCK_R):
+        rows = first_row + start + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_mask = (rows < n_rows) & (start + tl.arange(0, BLOCK_R) < rows_per_program)
+        mask = row_mask[:, None] & channel_mask[None, :]
+        offsets = rows[:, None] * C + channels[None, :]
+        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, 0)
+        on += tile_on
+        nan += tile_nan
+    tl.atomic_add(on_ptr + channels, on, mask=channel_mask)
+    tl.atomic_add(nan_ptr + channels, nan, mask=channel_mask)
+
+
+_TILE = 2048  # elements per tile
+_TARGET_PROGRAMS = 1024  # enough to fill a GPU; each program loops over its share
+
+
+def _launch(x, y, counts, nan_counts, channel_dim, kind_id, param):
+    """Counts x into counts/nan_counts and, when y is given, writes y = activation(x)."""
+    x, outer, channels, inner = dense_view(x, channel_dim)
+    if x.numel() == 0:
+        return
+    write = y is not None
+    y_buffer = y if write else x  # never written when WRITE is False
+    common = dict(KIND=kind_id, WRITE=write, F64=x.dtype == torch.float64)
+    if inner > 1:
+        block_i = min(triton.next_power_of_2(inner), _TILE)
+        block_r = max(1, _TILE // block_i)
+        n_rows = outer * channels
+        grid = (triton.cdiv(n_rows, block_r),)
+        _runs_kernel[grid](x, y_buffer, counts, nan_counts, n_rows, channels, inner, param,
+                           BLOCK_R=block_r, BLOCK_I=block_i, **common)
+    else:
+        block_c = min(triton.next_power_of_2(channels), 128)
+        block_r = max(1, _TILE // block_c)
+        column_programs = triton.cdiv(channels, block_c)
+        row_programs = max(1, min(triton.cdiv(outer, block_r), _TARGET_PROGRAMS // column_programs))
+        rows_per_program = triton.cdiv(triton.cdiv(outer, row_programs), block_r) * block_r
+        grid = (column_programs, triton.cdiv(outer, rows_per_program))
+        _columns_kernel[grid](x, y_buffer, counts, nan_counts, outer, channels, rows_per_program,
+                              param, BLOCK_R=block_r, BLOCK_C=block_c, **common)
+
+
+def count_on(x, counts, nan_counts, channel_dim):
+    _launch(x, None, counts, nan_counts, channel_dim, kinds.KIND_IDS["identity"], 0.0)
+
+
+def act_count(x, counts, nan_counts, channel_dim, kind, param):
+    dense = dense_view(x, channel_dim)[0]
+    y = torch.empty_like(dense)  # same strides as dense, so the kernel writes y in x's order
+    _launch(dense, y, counts, nan_counts, channel_dim, kinds.KIND_IDS[kind], param)
+    return y

@@ -1,0 +1,67 @@
+"""Helpers shared by the tests: random inputs with the awkward cases, and exact comparison."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def special_values(shape, dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random normals with exact +-0, +-inf and NaN sprinkled in."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float32)
+    pick = torch.rand(shape, generator=generator)
+    x[pick < 0.08] = 0.0
+    x[(pick >= 0.08) & (pick < 0.12)] = -0.0
+    x[(pick >= 0.12) & (pick < 0.14)] = float("inf")
+    x[(pick >= 0.14) & (pick < 0.16)] = float("-inf")
+    x[(pick >= 0.16) & (pick < 0.18)] = float("nan")
+    return x.to(dtype)
+
+
+def random_cases(seed: int, count: int, max_numel: int, dtype=None, finite: bool = False):
+    """Yields (description, x, channel_dim) over random shapes and layouts: odd sizes, size-1 dims,
+    empty batches, contiguous, channels_last, tokens [..., C], permuted and gapped (slow path)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    layouts = ("contiguous", "channels_last", "tokens", "permuted", "gapped", "matrix")
+    for i in range(count):
+        layout = layouts[i % len(layouts)]
+        dt = dtype or DTYPES[rng.randrange(len(DTYPES))]
+        while True:
+            dims = 2 if layout == "matrix" else (3 if layout == "tokens" else 4)
+            shape = [rng.choice([1, 2, 3, 5, 7, 8, 13, 16]) for _ in range(dims)]
+            if rng.random() < 0.1:
+                shape[0] = 0  # empty batch
+            if torch.Size(shape).numel() <= max_numel:
+                break
+        if finite:
+            values = torch.randn(shape, generator=gen).to(dt)
+            values[torch.rand(shape, generator=gen) < 0.1] = 0.0
+        else:
+            values = special_values(shape, dt, gen)
+        if layout == "channels_last":
+            x, cdim = values.contiguous(memory_format=torch.channels_last), 1
+        elif layout == "tokens":
+            x, cdim = values, -1
+        elif layout == "permuted":  # [N, H, W, C] memory viewed as [N, C, H, W]
+            x, cdim = values.permute(0, 3, 1, 2), 1
+        elif layout == "gapped":
+            x, cdim = torch.cat([values, values], dim=-1)[..., ::2], 1
+        else:
+            x, cdim = values, 1
+        yield f"{layout}-{tuple(x.shape)}-{str(dt)[6:]}", x, cdim
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Same shape, dtype, NaN positions and identical bits everywhere else (so -0 != +0)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
+    assert torch.equal(nan_a, nan_e), "NaN positions differ"
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    a = actual.masked_fill(nan_a, 0).contiguous().view(bits)
+    e = expected.masked_fill(nan_e, 0).contiguous().view(bits)
+    mismatch = (a != e).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} elements differ, first at {mismatch[0].tolist()}"

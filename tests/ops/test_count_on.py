@@ -1,0 +1,103 @@
+"""count_on: every backend against the plain-torch reference, bit for bit."""
+
+import pytest
+import torch
+from helpers import DTYPES, random_cases, special_values
+
+import easier_kernels as ek
+
+
+def reference_counts(x, channel_dim):
+    with ek.ops.use_backend("reference"):
+        nans = torch.zeros(x.shape[channel_dim], dtype=torch.int64, device=x.device)
+        return ek.ops.count_on(x, channel_dim, nan_counts=nans), nans
+
+
+def case_budget(backend):
+    # The Triton interpreter costs about 0.75 ms per program: keep its inputs small.
+    return (24, 600) if backend == "triton" else (120, 6000)
+
+
+def test_matches_reference_on_random_shapes_layouts_dtypes_and_specials(backend, device):
+    count, max_numel = case_budget(backend)
+    for name, x, cdim in random_cases(seed=1, count=count, max_numel=max_numel):
+        x = x.to(device)
+        expected, expected_nans = reference_counts(x, cdim)
+        nans = torch.zeros_like(expected)
+        with ek.ops.use_backend(backend):
+            counts = ek.ops.count_on(x, cdim, nan_counts=nans)
+        assert counts.dtype == torch.int64 and counts.shape == (x.shape[cdim],), name
+        assert torch.equal(counts, expected), name
+        assert torch.equal(nans, expected_nans), name
+
+
+def test_reference_is_x_ge_zero_per_channel():
+    x = torch.tensor([[0.0, -0.0, 1.0, -1.0], [float("inf"), float("-inf"), 2.0, 3.0]]).view(2, 2, 2)
+    # channel 0 holds [0, -0, inf, -inf], channel 1 holds [1, -1, 2, 3]
+    assert ek.ops.count_on(x, 1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_and_negative_zero_count_as_on(backend, device, dtype):
+    x = torch.tensor([[0.0, -0.0, -1e-30, 1e-30]], dtype=dtype, device=device)
+    with ek.ops.use_backend(backend):
+        counts = ek.ops.count_on(x, channel_dim=0)
+    # -1e-30 underflows to -0 in float16 (on) and stays negative in the others (off)
+    tiny_negative_on = int(dtype == torch.float16)
+    assert counts.tolist() == [3 + tiny_negative_on]
+
+
+def test_nan_is_never_silently_off(backend, device):
+    x = torch.tensor([[1.0, float("nan")], [-1.0, float("nan")], [float("nan"), 2.0]], device=device)
+    with ek.ops.use_backend(backend):
+        with pytest.raises(ValueError, match="3 NaN values.*nan_counts"):
+            ek.ops.count_on(x, channel_dim=1)
+        nans = torch.zeros(2, dtype=torch.int64, device=device)
+        counts = ek.ops.count_on(x, channel_dim=1, nan_counts=nans)
+    assert counts.tolist() == [1, 1] and nans.tolist() == [1, 2]
+
+
+def test_channels_last_and_tokens_need_no_copy(monkeypatch):
+    """The fast layouts reach the kernel as the very same memory (no .contiguous() copy)."""
+    seen = []
+    real = torch.Tensor.contiguous
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    x = torch.randn(3, 5, 4, 6)
+    ek.ops.count_on(x.contiguous(memory_format=torch.channels_last), 1)
+    ek.ops.count_on(torch.randn(2, 7, 9), -1)
+    ek.ops.count_on(x.permute(0, 2, 3, 1), -1)
+    assert seen == [(3, 5, 4, 6)]  # only the explicit call above
+    ek.ops.count_on(x[..., ::2], 1)  # gapped: the documented slow path copies
+    assert len(seen) == 2
+
+
+def test_count_is_exact_past_2_to_the_31_elements():
+    """64-bit indexing: 2^31 + 2^20 float16 elements (4.3 GB) in one channel-major tensor."""
+    if "cpp" not in ek.ops.available_backends():
+        pytest.fail("the cpp backend is not built")
+    channels, inner = 2, (2**30 + 2**19)
+    x = torch.zeros(1, channels, inner, dtype=torch.float16)
+    x[0, 1, -(2**20):] = -1.0  # the last 2^20 elements of channel 1, past index 2^31
+    x[0, 0, 123] = float("nan")
+    nans = torch.zeros(channels, dtype=torch.int64)
+    counts = ek.ops.count_on(x, 1, nan_counts=nans)
+    assert counts.tolist() == [inner - 1, inner - 2**20]
+    assert nans.tolist() == [1, 0]
+    tokens = x.view(channels, inner).t()  # [inner, 2] with the channel as a strided last dim
+    assert ek.ops.count_on(tokens, -1, nan_counts=torch.zeros_like(nans)).tolist() == counts.tolist()
+
+
+def test_special_values_in_every_dtype_match_reference(backend, device):
+    gen = torch.Generator().manual_seed(7)
+    for dtype in DTYPES:
+        x = special_values((3, 4, 5, 6), dtype, gen).to(device)
+        expected, expected_nans = reference_counts(x, 1)
+        nans = torch.zeros_like(expected)
+        with ek.ops.use_backend(backend):
+            assert torch.equal(ek.ops.count_on(x, 1, nan_counts=nans), expected)
+        assert torch.equal(nans, expected_nans)

@@ -43,7 +43,7 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _devices(name: str) -> tuple[str, ...]:
+def devices_for(name: str) -> tuple[str, ...]:
     """Device types a backend can run on, on this machine (empty: not available)."""
     if name == "reference":
         return ("cpu", "cuda")
@@ -63,7 +63,7 @@ def _devices(name: str) -> tuple[str, ...]:
 
 def available_backends() -> list[str]:
     """Backends usable on this machine, e.g. ['reference', 'cpp']."""
-    return [name for name in BACKENDS if _devices(name)]
+    return [name for name in BACKENDS if devices_for(name)]
 
 
 @contextlib.contextmanager
@@ -83,8 +83,8 @@ def backend_name(device: torch.device) -> str:
     name = _forced.get() or os.environ.get(ENV_VAR)
     if not name:
         return _default_backend(device.type)
-    if device.type not in _devices(name):
-        where = ", ".join(_devices(name)) or "nowhere on this machine"
+    if device.type not in devices_for(name):
+        where = ", ".join(devices_for(name)) or "nowhere on this machine"
         raise RuntimeError(
             f"easier_kernels backend {name!r} cannot run on {device.type} tensors (it runs on: {where}); "
             f"pick another with ek.ops.use_backend(...) or {ENV_VAR}"
@@ -95,7 +95,7 @@ def backend_name(device: torch.device) -> str:
 @functools.lru_cache(maxsize=None)
 def _default_backend(device_type: str) -> str:
     order = _DEFAULT_ORDER.get(device_type, ("reference",))
-    return next(n for n in order if device_type in _devices(n))
+    return next(n for n in order if device_type in devices_for(n))
 
 
 @functools.lru_cache(maxsize=None)

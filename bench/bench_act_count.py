@@ -1,0 +1,41 @@
+"""act_count on shapes from real networks: activation + counts in one pass vs the activation alone.
+
+Targets (DESIGN.md): CPU act_count(relu) <= 1.1x the time of torch.relu alone; GPU <= 1.05x.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from easier_kernels import ops
+from easier_kernels.benchmark import SHAPES, make_input, reduce_dims
+
+KINDS = {"relu": torch.relu, "gelu": F.gelu}
+# gelu on the shapes where networks use it, relu everywhere
+CASES = [(s, "relu") for s in SHAPES] + [("vit-b16-mlp", "gelu"), ("resnet18-cifar-s2", "gelu")]
+
+
+@pytest.mark.parametrize("shape,kind", CASES)
+def test_act_count(measure, shape, kind, device, impl):
+    x, cdim = make_input(shape, device)
+    counts = torch.zeros(x.shape[cdim], dtype=torch.int64, device=device)
+    nans = torch.zeros_like(counts)
+    activation = KINDS[kind]
+    if impl == "torch":  # the plain-torch way: the activation, then a separate counting pass
+        dims = reduce_dims(x, cdim)
+        fn = lambda: (activation(x), counts.add_((x >= 0).sum(dims)))  # noqa: E731
+    else:
+        def fn():
+            with ops.use_backend(impl):
+                return ops.act_count(x, counts, kind, cdim, nan_counts=nans)
+    times = measure(fn, device, group=f"act_count {kind} {shape} {device}", name=impl,
+                    others={"activation": lambda: activation(x), "sum": lambda: x.sum()})
+    if times is None:
+        return
+    bytes_moved = 2 * x.numel() * x.element_size()  # read x, write y
+    measure.record({
+        "ms": times["self"] * 1e3,
+        "GB/s": bytes_moved / times["self"] / 1e9,
+        "time / activation alone": times["self"] / times["activation"],
+        "bandwidth / torch.sum's": (bytes_moved / times["self"]) / (bytes_moved / 2 / times["sum"]),
+    })

@@ -1,0 +1,100 @@
+"""Timing helpers and the real-network shapes shared by `bench/` and `easier-kernels bench`.
+
+Ratios are only meaningful side by side: time both candidates in the same process, on the same
+tensor, with the same method (warm-up, then the median of repeated runs).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# (name, shape, channel_dim, memory format) of activation inputs in real networks.
+SHAPES = {
+    "resnet18-cifar-s1": ((128, 64, 32, 32), 1, "contiguous"),
+    "resnet18-cifar-s1-cl": ((128, 64, 32, 32), 1, "channels_last"),
+    "resnet18-cifar-s2": ((128, 128, 16, 16), 1, "contiguous"),
+    "resnet18-cifar-s3": ((128, 256, 8, 8), 1, "contiguous"),
+    "resnet18-cifar-s4": ((128, 512, 4, 4), 1, "contiguous"),
+    "mobilenetv2-224-expand112": ((32, 96, 112, 112), 1, "contiguous"),
+    "mobilenetv2-224-expand56": ((32, 144, 56, 56), 1, "contiguous"),
+    "mobilenetv2-224-expand14": ((32, 384, 14, 14), 1, "contiguous"),
+    "mobilenetv2-224-last7": ((32, 1280, 7, 7), 1, "contiguous"),
+    "vit-b16-mlp": ((32, 197, 3072), -1, "contiguous"),
+}
+
+
+def make_input(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> tuple[torch.Tensor, int]:
+    shape, channel_dim, memory_format = SHAPES[name]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+    if memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, channel_dim
+
+
+def synchronized(fn: Callable, device: torch.device) -> Callable:
+    """fn, followed by a device sync where the device runs asynchronously."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def median_seconds(fn: Callable, device: torch.device, *, min_time: float = 0.2, min_runs: int = 5) -> float:
+    """Median wall time of fn after one warm-up call, over at least min_runs and min_time."""
+    fn = synchronized(fn, device)
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gbps(x: torch.Tensor, seconds: float, passes: int = 1) -> float:
+    """Effective bandwidth: `passes` full passes over x's bytes per call."""
+    return passes * x.numel() * x.element_size() / seconds / 1e9
+
+
+def reduce_dims(x: torch.Tensor, channel_dim: int) -> list[int]:
+    return [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+
+
+def kernel_report(names=("resnet18-cifar-s1", "vit-b16-mlp"), device="cpu") -> list[dict]:
+    """A short count_on / act_count(relu) benchmark: GB/s and ratios against torch, per shape."""
+    from . import ops
+
+    device = torch.device(device)
+    rows = []
+    for name in names:
+        x, cdim = make_input(name, device)
+        channels = x.shape[cdim]
+        counts = torch.zeros(channels, dtype=torch.int64, device=device)
+        nans = torch.zeros_like(counts)
+        t_sum = median_seconds(lambda: x.sum(), device)
+        t_torch_way = median_seconds(lambda: (x >= 0).sum(reduce_dims(x, cdim)), device)
+        t_relu = median_seconds(lambda: torch.relu(x), device)
+        t_count = median_seconds(lambda: ops.count_on(x, cdim, nan_counts=nans), device)
+        t_act = median_seconds(lambda: ops.act_count(x, counts, "relu", cdim, nan_counts=nans), device)
+        rows.append(
+            {
+                "shape": name,
+                "backend": ops.backends.backend_name(device),
+                "count_on GB/s": gbps(x, t_count),
+                "count_on / torch.sum bandwidth": t_sum / t_count,
+                "count_on speed-up vs (x>=0).sum": t_torch_way / t_count,
+                "act_count(relu) / relu time": t_act / t_relu,
+            }
+        )
+    return rows

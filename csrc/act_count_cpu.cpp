@@ -1,4 +1,7 @@
 // act_count, CPU: y = activation(x) and per-channel on/NaN counts in the same pass over memory.
+// The relu family and hardswish are computed inside the counting loop. For the transcendental
+// kinds (gelu, silu, elu) each chunk is counted and then, while it is still in cache, handed to
+// ATen's own vectorized kernel: one pass over DRAM, PyTorch's exact numerics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -7,31 +10,68 @@
 namespace ek {
 
 namespace {
+
 template <typename T, int KIND>
-void run(const at::Tensor& x, at::Tensor& y, at::Tensor& counts, at::Tensor& nan_counts,
-         double param, int64_t outer, int64_t C, int64_t inner) {
+void fused(const at::Tensor& x, at::Tensor& y, int64_t* counts, int64_t* nan_counts, double param,
+           int64_t outer, int64_t C, int64_t inner) {
   using compute_t = typename Elem<T>::compute_t;
   count_pass<T, KIND, true>(x.const_data_ptr<T>(), y.data_ptr<T>(), outer, C, inner,
-                            static_cast<compute_t>(param), counts.data_ptr<int64_t>(),
-                            nan_counts.data_ptr<int64_t>());
+                            static_cast<compute_t>(param), counts, nan_counts);
 }
+
+// Applies the ATen activation to one chunk (rows [o0, o1), channels [c0, c1)) of the flat
+// [outer, C, inner] buffers.
+void aten_activation(const at::Tensor& x, at::Tensor& y, int64_t kind, double param) {
+  switch (kind) {
+    case kGelu: at::gelu_out(y, x, "none"); break;
+    case kGeluTanh: at::gelu_out(y, x, "tanh"); break;
+    case kSilu: at::silu_out(y, x); break;
+    case kElu: at::elu_out(y, x, param, 1, 1); break;
+    default: TORCH_CHECK(false, "act_count_cpu: no ATen path for kind ", kind);
+  }
+}
+
+template <typename T>
+void chunked(const at::Tensor& x, at::Tensor& y, int64_t* counts, int64_t* nan_counts,
+             int64_t kind, double param, int64_t outer, int64_t C, int64_t inner) {
+  // x and y are dense with the same strides: their memory is the flat [outer, C, inner] buffer.
+  const at::Tensor x_flat = at::from_blob(const_cast<void*>(x.const_data_ptr()), {x.numel()}, x.options());
+  at::Tensor y_flat = at::from_blob(y.data_ptr(), {y.numel()}, y.options());
+  auto after_chunk = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1) {
+    const int64_t slab = C * inner;
+    if (c0 == 0 && c1 == C) {  // whole slabs: one contiguous region
+      at::Tensor out = y_flat.narrow(0, o0 * slab, (o1 - o0) * slab);
+      aten_activation(x_flat.narrow(0, o0 * slab, (o1 - o0) * slab), out, kind, param);
+      return;
+    }
+    for (int64_t o = o0; o < o1; ++o) {  // one contiguous segment per row
+      at::Tensor out = y_flat.narrow(0, o * slab + c0 * inner, (c1 - c0) * inner);
+      aten_activation(x_flat.narrow(0, o * slab + c0 * inner, (c1 - c0) * inner), out, kind, param);
+    }
+  };
+  count_pass<T, kIdentity, false>(x.const_data_ptr<T>(), nullptr, outer, C, inner,
+                                  typename Elem<T>::compute_t(0), counts, nan_counts, after_chunk);
+}
+
 }  // namespace
 
 at::Tensor act_count_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts,
                          int64_t kind, double param, int64_t outer, int64_t C, int64_t inner) {
   TORCH_CHECK(x.device().is_cpu() && counts.device().is_cpu(), "act_count_cpu: CPU tensors only");
   at::Tensor y = at::empty_like(x);  // keeps x's strides (contiguous, channels_last, permuted)
+  int64_t* on = counts.data_ptr<int64_t>();
+  int64_t* nan = nan_counts.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "act_count_cpu", [&] {
     switch (kind) {
-      case kIdentity: run<scalar_t, kIdentity>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kRelu: run<scalar_t, kRelu>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kRelu6: run<scalar_t, kRelu6>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kLeakyRelu: run<scalar_t, kLeakyRelu>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kGelu: run<scalar_t, kGelu>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kGeluTanh: run<scalar_t, kGeluTanh>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kSilu: run<scalar_t, kSilu>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kHardswish: run<scalar_t, kHardswish>(x, y, counts, nan_counts, param, outer, C, inner); break;
-      case kElu: run<scalar_t, kElu>(x, y, counts, nan_counts, param, outer, C, inner); break;
+      case kIdentity: fused<scalar_t, kIdentity>(x, y, on, nan, param, outer, C, inner); break;
+      case kRelu: fused<scalar_t, kRelu>(x, y, on, nan, param, outer, C, inner); break;
+      case kRelu6: fused<scalar_t, kRelu6>(x, y, on, nan, param, outer, C, inner); break;
+      case kLeakyRelu: fused<scalar_t, kLeakyRelu>(x, y, on, nan, param, outer, C, inner); break;
+      case kHardswish: fused<scalar_t, kHardswish>(x, y, on, nan, param, outer, C, inner); break;
+      case kGelu:
+      case kGeluTanh:
+      case kSilu:
+      case kElu: chunked<scalar_t>(x, y, on, nan, kind, param, outer, C, inner); break;
       default: TORCH_CHECK(false, "act_count_cpu: unknown activation kind ", kind);
     }
   });

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -20,11 +21,10 @@
 #else
 #define EK_CPU_CLONES
 #endif
-#ifndef EK_MAX_COLUMNS
-#define EK_MAX_COLUMNS 8192
-#endif
 
 namespace ek {
+
+constexpr int64_t kColumnTile = 8192;  // uint32 column counters per tile: 32 KB, fits L1
 
 // Per-dtype load/store and on/NaN tests. float and double compare as floats (which the
 // compiler vectorizes); Half and BFloat16 test their raw bits and compute in float.
@@ -53,27 +53,6 @@ struct Elem<c10::BFloat16> {
   static c10::BFloat16 store(float v) { return c10::BFloat16(v); }
 };
 
-// Counts of one contiguous run of n elements (and y for it when WRITE).
-// uint32 lanes keep the loop vectorized; runs are cut at 2^31 so they cannot overflow.
-template <typename T, int KIND, bool WRITE>
-inline void count_run(const T* x, T* y, int64_t n, typename Elem<T>::compute_t param,
-                      int64_t& on_total, int64_t& nan_total) {
-  constexpr int64_t kMaxRun = int64_t(1) << 31;
-  for (int64_t start = 0; start < n; start += kMaxRun) {
-    const int64_t end = std::min(n, start + kMaxRun);
-    uint32_t on = 0, nan = 0;
-#pragma omp simd reduction(+ : on, nan)
-    for (int64_t i = start; i < end; ++i) {
-      const T v = x[i];
-      on += Elem<T>::on(v);
-      nan += Elem<T>::nan(v);
-      if constexpr (WRITE) y[i] = Elem<T>::store(activation<KIND>(Elem<T>::load(v), param));
-    }
-    on_total += on;
-    nan_total += nan;
-  }
-}
-
 // Thread-private scratch, grown on demand and reused across calls (no per-call allocation).
 template <typename U>
 inline U* scratch(int64_t n) {
@@ -87,69 +66,130 @@ inline void atomic_add(int64_t* target, int64_t value) {
   if (value != 0) __atomic_fetch_add(target, value, __ATOMIC_RELAXED);
 }
 
-// Channels [c0, c1) of rows [o0, o1), accumulated into this thread's local counters, which
-// are indexed by channel. Layout [outer, C, inner] with inner > 1: each (o, c) is one run.
-template <typename T, int KIND, bool WRITE>
-EK_CPU_CLONES void count_block_strided(const T* x, T* y, int64_t C, int64_t inner, int64_t o0, int64_t o1,
-                         int64_t c0, int64_t c1, typename Elem<T>::compute_t param, int64_t* on,
-                         int64_t* nan) {
-  for (int64_t o = o0; o < o1; ++o) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t offset = (o * C + c) * inner;
-      count_run<T, KIND, WRITE>(x + offset, WRITE ? y + offset : nullptr, inner, param, on[c],
-                                nan[c]);
-    }
+// Adds column counters to their channels and zeroes them. Column `first + j` of a row holds
+// channel ((first + j) / inner) % C; each channel's columns form one contiguous segment, so
+// there is one division per segment, not per column.
+inline void add_columns(uint32_t* columns, int64_t first, int64_t width, int64_t inner, int64_t C,
+                        int64_t* channel_counts) {
+  for (int64_t j = 0; j < width;) {
+    const int64_t column = first + j, slot = column / inner;
+    const int64_t segment = std::min(width - j, (slot + 1) * inner - column);
+    uint64_t sum = 0;
+    for (int64_t k = j; k < j + segment; ++k) sum += columns[k], columns[k] = 0;
+    channel_counts[slot % C] += static_cast<int64_t>(sum);
+    j += segment;
   }
 }
 
-// Same when a whole [C, inner] slab is small (always for inner == 1: channels_last, tokens):
-// lanes run along the slab's columns (c, i) into uint32 counters, summed over i per channel
-// when flushed (before they could overflow). No short runs, no per-run reduction.
+// Counts a matrix of `rows` rows (row_stride apart) over columns [first, first + width): lanes
+// run along the columns into uint32 counters, in tiles that keep the counters in L1, four rows
+// per counter update. NaN is rare, so the loop only ORs a "saw a NaN" flag (a register) and the
+// NaNs are counted in a second pass when it is set. Writes y = activation(x) when WRITE.
 template <typename T, int KIND, bool WRITE>
-EK_CPU_CLONES void count_block_columns(const T* x, T* y, int64_t C, int64_t inner, int64_t o0,
-                                       int64_t o1, int64_t c0, int64_t c1,
-                                       typename Elem<T>::compute_t param, int64_t* on,
-                                       int64_t* nan) {
-  const int64_t row_stride = C * inner, first = c0 * inner, width = (c1 - c0) * inner;
-  uint32_t* on32 = scratch<uint32_t>(2 * width);
-  uint32_t* nan32 = on32 + width;
-  constexpr int64_t kFlushRows = int64_t(1) << 31;
-  for (int64_t start = o0; start < o1; start += kFlushRows) {
-    const int64_t end = std::min(o1, start + kFlushRows);
-    for (int64_t o = start; o < end; ++o) {
-      const T* row = x + o * row_stride + first;
-      T* out = WRITE ? y + o * row_stride + first : nullptr;
-#pragma omp simd
-      for (int64_t j = 0; j < width; ++j) {
-        const T v = row[j];
-        on32[j] += Elem<T>::on(v);
-        nan32[j] += Elem<T>::nan(v);
-        if constexpr (WRITE) out[j] = Elem<T>::store(activation<KIND>(Elem<T>::load(v), param));
+__attribute__((always_inline)) inline void count_columns(
+    const T* x, T* y, int64_t rows, int64_t row_stride, int64_t first, int64_t width,
+    int64_t inner, int64_t C, typename Elem<T>::compute_t param, int64_t* on, int64_t* nan) {
+  using E = Elem<T>;
+  constexpr int64_t kFlushRows = int64_t(1) << 30;  // before a uint32 counter could overflow
+  uint32_t* counters = scratch<uint32_t>(std::min(kColumnTile, width));
+  for (int64_t tile = first; tile < first + width; tile += kColumnTile) {
+    const int64_t tile_width = std::min(kColumnTile, first + width - tile);
+    uint32_t saw_nan = 0;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const T* x0 = x + r * row_stride + tile;
+      const T *x1 = x0 + row_stride, *x2 = x1 + row_stride, *x3 = x2 + row_stride;
+      T* y0 = WRITE ? y + r * row_stride + tile : nullptr;
+      T *y1 = y0 + row_stride, *y2 = y1 + row_stride, *y3 = y2 + row_stride;
+#pragma omp simd reduction(| : saw_nan)
+      for (int64_t j = 0; j < tile_width; ++j) {
+        const T v0 = x0[j], v1 = x1[j], v2 = x2[j], v3 = x3[j];
+        counters[j] += uint32_t(E::on(v0)) + E::on(v1) + E::on(v2) + E::on(v3);
+        saw_nan |= E::nan(v0) | E::nan(v1) | E::nan(v2) | E::nan(v3);
+        if constexpr (WRITE) {
+          y0[j] = E::store(activation<KIND>(E::load(v0), param));
+          y1[j] = E::store(activation<KIND>(E::load(v1), param));
+          y2[j] = E::store(activation<KIND>(E::load(v2), param));
+          y3[j] = E::store(activation<KIND>(E::load(v3), param));
+        }
+      }
+      if ((r + 4) % kFlushRows == 0) add_columns(counters, tile, tile_width, inner, C, on);
+    }
+    for (; r < rows; ++r) {
+      const T* x0 = x + r * row_stride + tile;
+      T* y0 = WRITE ? y + r * row_stride + tile : nullptr;
+#pragma omp simd reduction(| : saw_nan)
+      for (int64_t j = 0; j < tile_width; ++j) {
+        const T v = x0[j];
+        counters[j] += E::on(v);
+        saw_nan |= E::nan(v);
+        if constexpr (WRITE) y0[j] = E::store(activation<KIND>(E::load(v), param));
       }
     }
-    for (int64_t j = 0; j < width; ++j) {
-      on[c0 + j / inner] += on32[j];
-      nan[c0 + j / inner] += nan32[j];
-      on32[j] = nan32[j] = 0;
+    add_columns(counters, tile, tile_width, inner, C, on);
+    if (saw_nan) {
+      for (int64_t row = 0; row < rows; ++row) {
+        const T* x0 = x + row * row_stride + tile;
+        for (int64_t j = 0; j < tile_width; ++j) counters[j] = E::nan(x0[j]);
+        add_columns(counters, tile, tile_width, inner, C, nan);
+      }
     }
   }
 }
 
-// Column counters up to this many per thread (2 x uint32 each) stay in L1/L2.
-constexpr int64_t kMaxColumns = EK_MAX_COLUMNS;
+// Rows [o0, o1) x channels [c0, c1) of the [outer, C, inner] buffer, added to on/nan (indexed
+// by channel). With all channels, several consecutive [C, inner] slabs form one wider row
+// (a column then maps to channel (column / inner) % C), so small slabs still fill whole tiles.
+template <typename T, int KIND, bool WRITE>
+EK_CPU_CLONES void count_block(const T* x, T* y, int64_t C, int64_t inner, int64_t o0, int64_t o1,
+                               int64_t c0, int64_t c1, typename Elem<T>::compute_t param,
+                               int64_t* on, int64_t* nan) {
+  const int64_t slab = C * inner;
+  const T* xs = x + o0 * slab;
+  T* ys = WRITE ? y + o0 * slab : nullptr;
+  if (c0 != 0 || c1 != C) {
+    count_columns<T, KIND, WRITE>(xs, ys, o1 - o0, slab, c0 * inner, (c1 - c0) * inner, inner, C,
+                                  param, on, nan);
+    return;
+  }
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(o1 - o0, kColumnTile / slab));
+  const int64_t grouped = (o1 - o0) / group;
+  count_columns<T, KIND, WRITE>(xs, ys, grouped, group * slab, 0, group * slab, inner, C, param,
+                                on, nan);
+  const int64_t done = grouped * group;
+  count_columns<T, KIND, WRITE>(xs + done * slab, WRITE ? ys + done * slab : nullptr,
+                                o1 - o0 - done, slab, 0, slab, inner, C, param, on, nan);
+}
+
+// Bytes of x per chunk: a chunk is counted, then handed to `after_chunk` while it is still in
+// cache (how act_count applies ATen's own vectorized kernels for the transcendental
+// activations). 2 MB measured best on a 2-core EPYC (vs 128 KB and 512 KB), see bench/RESULTS.md.
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+
+struct NoAfterChunk {
+  void operator()(int64_t, int64_t, int64_t, int64_t) const {}
+};
 
 // Splits the work over threads: over `outer` when there is enough of it (each thread keeps
 // private per-channel counters and adds them atomically once), else over channels (each thread
-// owns its channels and writes them directly).
-template <typename T, int KIND, bool WRITE>
+// owns its channels and writes them directly). Each thread walks its block in chunks of rows;
+// after_chunk(o0, o1, c0, c1) runs on every chunk right after it was counted.
+template <typename T, int KIND, bool WRITE, typename AfterChunk = NoAfterChunk>
 void count_pass(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,
-                typename Elem<T>::compute_t param, int64_t* counts, int64_t* nan_counts) {
+                typename Elem<T>::compute_t param, int64_t* counts, int64_t* nan_counts,
+                AfterChunk after_chunk = {}) {
   if (outer == 0 || C == 0 || inner == 0) return;
   auto block = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1, int64_t* on, int64_t* nan) {
-    if (inner == 1 || (c1 - c0) * inner <= kMaxColumns) {
-      count_block_columns<T, KIND, WRITE>(x, y, C, inner, o0, o1, c0, c1, param, on, nan);
-    } else {
-      count_block_strided<T, KIND, WRITE>(x, y, C, inner, o0, o1, c0, c1, param, on, nan);
+    if constexpr (std::is_same_v<AfterChunk, NoAfterChunk>) {
+      count_block<T, KIND, WRITE>(x, y, C, inner, o0, o1, c0, c1, param, on, nan);
+      return;
+    }
+    const int64_t row_bytes = (c1 - c0) * inner * int64_t(sizeof(T));
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);
+    for (int64_t start = o0; start < o1; start += rows_per_chunk) {
+      const int64_t end = std::min(o1, start + rows_per_chunk);
+      count_block<T, KIND, WRITE>(x, y, C, inner, start, end, c0, c1, param, on, nan);
+      after_chunk(start, end, c0, c1);
     }
   };
   const int64_t threads = at::get_num_threads();

@@ -74,6 +74,20 @@ class _ActCountFunction(torch.autograd.Function):
 # ---- the public API
 
 
+def _direct(x: torch.Tensor) -> bool:
+    """Eager calls on plain tensors go straight to the backend's kernel: the dispatcher round
+    trip into a Python kernel costs ~15 us a call. Tracing (torch.compile, export, fake or meta
+    tensors) goes through the registered ops, which is what those systems see."""
+    return type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not torch.compiler.is_compiling()
+
+
+def _count_into(x, counts, nans, channel_dim):
+    if _direct(x):
+        kernels(backend_name(x.device)).count_on(x, counts, nans, channel_dim)
+    else:
+        torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+
+
 def _check(x: torch.Tensor, channel_dim: int, op: str) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -112,7 +126,7 @@ def count_on(x: torch.Tensor, channel_dim: int = 1, *, nan_counts: torch.Tensor 
     counts = torch.zeros(channels, dtype=torch.int64, device=x.device)
     nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
     _check_counts("nan_counts", nans, x, channels, "count_on")
-    torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+    _count_into(x, counts, nans, channel_dim)
     if nan_counts is None:
         _raise_on_nan(nans, "count_on")
     return counts
@@ -139,10 +153,14 @@ def act_count(
     nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
     _check_counts("nan_counts", nans, x, channels, "act_count")
     if op_kind == "identity":
-        torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+        _count_into(x, counts, nans, channel_dim)
         y = x
-    else:
+    elif torch.is_grad_enabled() and x.requires_grad:
         y = _ActCountFunction.apply(x, counts, nans, op_kind, channel_dim, param)
+    elif _direct(x):
+        y = kernels(backend_name(x.device)).act_count(x, counts, nans, channel_dim, op_kind, param)
+    else:
+        y = torch.ops.easier_kernels.act_count(x, counts, nans, op_kind, channel_dim, param)
     if nan_counts is None:
         _raise_on_nan(nans, "act_count")
     return y

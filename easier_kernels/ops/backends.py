@@ -1,7 +1,8 @@
 """Which implementation runs: the only place that knows about backends.
 
 Order of precedence: `use_backend(name)` (a context manager), then the environment variable
-EASIER_KERNELS_BACKEND, then the fastest available for the tensor's device.
+EASIER_KERNELS_BACKEND (read once, when easier_kernels is imported), then the fastest available
+for the tensor's device.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ENV_VAR = "EASIER_KERNELS_BACKEND"
 _DEFAULT_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("easier_kernels_backend", default=None)
+_from_env = os.environ.get(ENV_VAR) or None  # os.environ costs ~2 us a lookup: read it once
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +82,7 @@ def use_backend(name: str):
 
 def backend_name(device: torch.device) -> str:
     """The backend that runs ops on tensors of `device`."""
-    name = _forced.get() or os.environ.get(ENV_VAR)
+    name = _forced.get() or _from_env
     if not name:
         return _default_backend(device.type)
     if device.type not in devices_for(name):

@@ -161,3 +161,26 @@ def test_works_under_torch_compile():
     y = compiled(x, counts, nans)
     torch.testing.assert_close(y, F.relu(x * 2.0) + 1.0)
     assert counts.tolist() == (x >= 0).sum((0, 2)).tolist()
+
+
+@pytest.mark.parametrize("kind,kwargs,exact", KINDS, ids=KIND_IDS)
+def test_cpp_on_large_inputs_across_chunks_tiles_and_thread_splits(kind, kwargs, exact):
+    """Inputs of several MB: many counter tiles and cache chunks, row groups with remainders,
+    the split over rows (batch 33) and over channels (batch 1), contiguous and channels_last."""
+    gen = torch.Generator().manual_seed(3)
+    inputs = [
+        torch.randn(33, 67, 29, 31, generator=gen),
+        torch.randn(33, 67, 29, 31, generator=gen).contiguous(memory_format=torch.channels_last),
+        torch.randn(1, 1031, 45, 47, generator=gen),
+        torch.randn(7, 301, 3073, generator=gen),
+    ]
+    inputs[0][5, 3, 2, :7] = float("nan")
+    for x in inputs:
+        cdim = -1 if x.dim() == 3 else 1
+        y_ref, counts_ref, nans_ref = run("reference", x, kind, cdim, kwargs)
+        y, counts, nans = run("cpp", x, kind, cdim, kwargs)
+        assert torch.equal(counts, counts_ref) and torch.equal(nans, nans_ref)
+        if exact:
+            assert_bitwise_equal(y, y_ref)
+        else:
+            torch.testing.assert_close(y, y_ref, equal_nan=True)

@@ -21,9 +21,8 @@ KINDS = kinds.KINDS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-# ---- the registered ops: the dispatcher picks the device, backends.py the implementation.
-# Plain torch.library.Library registration: torch.library.custom_op costs ~80 us a call here,
-# this ~10 us, which matters once per activation per forward.
+# ---- the registered ops: what torch.compile / export see. The dispatcher picks the device,
+# backends.py the implementation. (torch.library.custom_op would cost ~80 us a call here.)
 
 _lib = torch.library.Library("easier_kernels", "DEF")
 _lib.define("count_on(Tensor x, Tensor(a!) counts, Tensor(b!) nan_counts, int channel_dim) -> ()")
@@ -63,7 +62,7 @@ class _ActCountFunction(torch.autograd.Function):
     def forward(ctx, x, counts, nan_counts, kind, channel_dim, param):
         ctx.save_for_backward(x)
         ctx.kind, ctx.param = kind, param
-        return torch.ops.easier_kernels.act_count(x, counts, nan_counts, kind, channel_dim, param)
+        return _act_into(x, counts, nan_counts, kind, channel_dim, param)
 
     @staticmethod
     def backward(ctx, grad):
@@ -86,6 +85,12 @@ def _count_into(x, counts, nans, channel_dim):
         kernels(backend_name(x.device)).count_on(x, counts, nans, channel_dim)
     else:
         torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+
+
+def _act_into(x, counts, nans, kind, channel_dim, param):
+    if _direct(x):
+        return kernels(backend_name(x.device)).act_count(x, counts, nans, channel_dim, kind, param)
+    return torch.ops.easier_kernels.act_count(x, counts, nans, kind, channel_dim, param)
 
 
 def _check(x: torch.Tensor, channel_dim: int, op: str) -> int:
@@ -157,10 +162,8 @@ def act_count(
         y = x
     elif torch.is_grad_enabled() and x.requires_grad:
         y = _ActCountFunction.apply(x, counts, nans, op_kind, channel_dim, param)
-    elif _direct(x):
-        y = kernels(backend_name(x.device)).act_count(x, counts, nans, channel_dim, op_kind, param)
     else:
-        y = torch.ops.easier_kernels.act_count(x, counts, nans, op_kind, channel_dim, param)
+        y = _act_into(x, counts, nans, op_kind, channel_dim, param)
     if nan_counts is None:
         _raise_on_nan(nans, "act_count")
     return y

@@ -70,15 +70,22 @@ def _round_to_bfloat16(y):
 
 @triton.jit
 def _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND: tl.constexpr, WRITE: tl.constexpr,
-                     F64: tl.constexpr, AXIS: tl.constexpr):
+                     F64: tl.constexpr, INF16: tl.constexpr, AXIS: tl.constexpr):
     """Loads a tile, writes its activation when WRITE, returns its (on, nan) sums along AXIS."""
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    # Widening is exact, and tests the 16-bit types as numbers (the interpreter keeps bfloat16
-    # as raw bits, where a direct compare would be wrong).
-    xc = x.to(tl.float64) if F64 else x.to(tl.float32)
-    on = tl.sum(((xc >= 0) & mask).to(tl.int64), axis=AXIS)
-    nan = tl.sum(((xc != xc) & mask).to(tl.int64), axis=AXIS)
+    if INF16 != 0:
+        # 16-bit floats: decide on the raw bits, as the C++ and CUDA kernels do (exact for
+        # subnormals, and the interpreter keeps bfloat16 as bits anyway).
+        u = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        on_mask = (u <= INF16) | (u == 0x8000)
+        nan_mask = (u & 0x7FFF) > INF16
+    else:
+        on_mask = x >= 0
+        nan_mask = x != x
+    on = tl.sum((on_mask & mask).to(tl.int64), axis=AXIS)
+    nan = tl.sum((nan_mask & mask).to(tl.int64), axis=AXIS)
     if WRITE:
+        xc = x.to(tl.float64) if F64 else x.to(tl.float32)
         y = _activation(xc, param, KIND)
         if y_ptr.dtype.element_ty == tl.bfloat16:
             y = _round_to_bfloat16(y)
@@ -88,7 +95,7 @@ def _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND: tl.constexpr, WRI
 
 @triton.jit
 def _runs_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, inner, param, KIND: tl.constexpr,
-                 WRITE: tl.constexpr, F64: tl.constexpr, BLOCK_R: tl.constexpr,
+                 WRITE: tl.constexpr, F64: tl.constexpr, INF16: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_I: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_mask = rows < n_rows
@@ -98,7 +105,7 @@ def _runs_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, inner, param, KIND: t
         cols = start + tl.arange(0, BLOCK_I).to(tl.int64)
         mask = row_mask[:, None] & (cols < inner)[None, :]
         offsets = rows[:, None] * inner + cols[None, :]
-        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, 1)
+        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, INF16, 1)
         on += tile_on
         nan += tile_nan
     channel = rows % C
@@ -108,7 +115,7 @@ def _runs_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, inner, param, KIND: t
 
 @triton.jit
 def _columns_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, rows_per_program, param,
-                    KIND: tl.constexpr, WRITE: tl.constexpr, F64: tl.constexpr,
+                    KIND: tl.constexpr, WRITE: tl.constexpr, F64: tl.constexpr, INF16: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_mask = channels < C
@@ -120,13 +127,14 @@ def _columns_kernel(x_ptr, y_ptr, on_ptr, nan_ptr, n_rows, C, rows_per_program, 
         row_mask = (rows < n_rows) & (start + tl.arange(0, BLOCK_R) < rows_per_program)
         mask = row_mask[:, None] & channel_mask[None, :]
         offsets = rows[:, None] * C + channels[None, :]
-        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, 0)
+        tile_on, tile_nan = _count_and_apply(x_ptr, y_ptr, offsets, mask, param, KIND, WRITE, F64, INF16, 0)
         on += tile_on
         nan += tile_nan
     tl.atomic_add(on_ptr + channels, on, mask=channel_mask)
     tl.atomic_add(nan_ptr + channels, nan, mask=channel_mask)
 
 
+_INF16 = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}  # +inf's bits; 0: not a 16-bit type
 _TILE = 2048  # elements per tile
 _TARGET_PROGRAMS = 1024  # enough to fill a GPU; each program loops over its share
 
@@ -138,7 +146,7 @@ def _launch(x, y, counts, nan_counts, channel_dim, kind_id, param):
         return
     write = y is not None
     y_buffer = y if write else x  # never written when WRITE is False
-    common = dict(KIND=kind_id, WRITE=write, F64=x.dtype == torch.float64)
+    common = dict(KIND=kind_id, WRITE=write, F64=x.dtype == torch.float64, INF16=_INF16.get(x.dtype, 0))
     if inner > 1:
         block_i = min(triton.next_power_of_2(inner), _TILE)
         block_r = max(1, _TILE // block_i)

@@ -101,3 +101,13 @@ def test_special_values_in_every_dtype_match_reference(backend, device):
         with ek.ops.use_backend(backend):
             assert torch.equal(ek.ops.count_on(x, 1, nan_counts=nans), expected)
         assert torch.equal(nans, expected_nans)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_subnormals_are_off(backend, device, dtype):
+    """A kernel built with flush-to-zero would see tiny negatives as -0, i.e. on."""
+    tiny = torch.finfo(dtype).smallest_normal / 4
+    x = torch.tensor([[-tiny, tiny, -tiny, 0.0]], dtype=dtype, device=device)
+    assert x[0, 0].item() < 0  # really subnormal, not flushed on creation
+    with ek.ops.use_backend(backend):
+        assert ek.ops.count_on(x, channel_dim=0).tolist() == [2]

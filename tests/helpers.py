@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import tempfile
 
 import torch
 
@@ -65,3 +69,11 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     e = expected.masked_fill(nan_e, 0).contiguous().view(bits)
     mismatch = (a != e).nonzero()
     assert mismatch.numel() == 0, f"{mismatch.shape[0]} elements differ, first at {mismatch[0].tolist()}"
+
+
+def run_python(*args: str, env_updates: dict | None = None, drop_env=(), cwd=None) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process. It runs outside the repository by default, so that
+    the installed package is imported, not the source tree (which has no built extension)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    env.update(env_updates or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or tempfile.gettempdir())

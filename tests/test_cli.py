@@ -1,7 +1,6 @@
 """The `easier-kernels` command: backends and a short benchmark."""
 
-import subprocess
-import sys
+from helpers import run_python
 
 from easier_kernels import cli
 
@@ -21,6 +20,6 @@ def test_bench_prints_a_table_of_ratios(capsys):
 
 
 def test_bad_shape_is_a_one_line_error_with_exit_code_2():
-    out = subprocess.run([sys.executable, "-m", "easier_kernels.cli", "bench", "--shapes", "nope"], capture_output=True, text=True)
+    out = run_python("-m", "easier_kernels.cli", "bench", "--shapes", "nope")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "unknown shape 'nope'" in out.stderr

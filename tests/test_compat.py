@@ -1,7 +1,6 @@
 """The torchvision workaround: one call, no side effect of importing easier_kernels."""
 
-import subprocess
-import sys
+from helpers import run_python
 
 
 PROBE = """
@@ -17,8 +16,8 @@ print(tuple(model(torch.randn(1, 3, 32, 32)).shape))
 
 
 def test_import_torchvision_builds_a_model_in_a_fresh_process():
-    if subprocess.run([sys.executable, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)"]).returncode:
+    if run_python("-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is None)").returncode:
         raise AssertionError("torchvision is not installed: pip install torchvision==0.28.0 (README command 2 does)")
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True)
+    out = run_python("-c", PROBE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 10)"

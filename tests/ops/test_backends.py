@@ -1,11 +1,8 @@
 """Backend selection: defaults, the context manager, the environment variable, clear errors."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import run_python
 
 import easier_kernels as ek
 from easier_kernels.ops import backends
@@ -29,9 +26,7 @@ def test_use_backend_forces_and_restores():
 
 
 def run_with_env(code, **env):
-    full = {**os.environ, **env}
-    full.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full)
+    return run_python("-c", code, env_updates=env, drop_env=("TRITON_INTERPRET",))
 
 
 def test_environment_variable_selects():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from easier_kernels import ops
-from easier_kernels.benchmark import SHAPES, make_input, reduce_dims
+from easier_kernels.benchmark import SHAPES, gbps, make_input, reduce_dims
 
 KINDS = {"relu": torch.relu, "gelu": F.gelu}
 # gelu on the shapes where networks use it, relu everywhere
@@ -32,10 +32,10 @@ def test_act_count(measure, shape, kind, device, impl):
                     others={"activation": lambda: activation(x), "sum": lambda: x.sum()})
     if times is None:
         return
-    bytes_moved = 2 * x.numel() * x.element_size()  # read x, write y
+    ours = gbps(x, times["self"], passes=2)  # reads x, writes y
     measure.record({
         "ms": times["self"] * 1e3,
-        "GB/s": bytes_moved / times["self"] / 1e9,
+        "GB/s": ours,
         "time / activation alone": times["self"] / times["activation"],
-        "bandwidth / torch.sum's": (bytes_moved / times["self"]) / (bytes_moved / 2 / times["sum"]),
+        "bandwidth / torch.sum's": ours / gbps(x, times["sum"]),
     })

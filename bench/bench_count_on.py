@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from easier_kernels import ops
-from easier_kernels.benchmark import SHAPES, make_input, reduce_dims
+from easier_kernels.benchmark import SHAPES, gbps, make_input, reduce_dims
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -28,12 +28,11 @@ def test_count_on(measure, shape, device, impl):
     times = measure(fn, device, group=f"count_on {shape} {device}", name=impl, others=others)
     if times is None:
         return
-    bytes_read = x.numel() * x.element_size()
     row = {
         "ms": times["self"] * 1e3,
-        "GB/s": bytes_read / times["self"] / 1e9,
+        "GB/s": gbps(x, times["self"]),
         "bandwidth / torch.sum's": times["sum"] / times["self"],
     }
-    if device == "cuda":  # a copy reads and writes: its bandwidth is 2 * bytes / time
-        row["bandwidth / copy's"] = (bytes_read / times["self"]) / (2 * bytes_read / times["copy"])
+    if device == "cuda":  # a copy reads and writes x's bytes
+        row["bandwidth / copy's"] = gbps(x, times["self"]) / gbps(x, times["copy"], passes=2)
     measure.record(row)

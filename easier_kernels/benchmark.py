@@ -12,6 +12,9 @@ from typing import Callable
 
 import torch
 
+from . import ops
+from .ops.reference import reduce_dims
+
 # (name, shape, channel_dim, memory format) of activation inputs in real networks.
 SHAPES = {
     "resnet18-cifar-s1": ((128, 64, 32, 32), 1, "contiguous"),
@@ -67,14 +70,8 @@ def gbps(x: torch.Tensor, seconds: float, passes: int = 1) -> float:
     return passes * x.numel() * x.element_size() / seconds / 1e9
 
 
-def reduce_dims(x: torch.Tensor, channel_dim: int) -> list[int]:
-    return [d for d in range(x.dim()) if d != channel_dim % x.dim()]
-
-
 def kernel_report(names=("resnet18-cifar-s1", "vit-b16-mlp"), device="cpu") -> list[dict]:
     """A short count_on / act_count(relu) benchmark: GB/s and ratios against torch, per shape."""
-    from . import ops
-
     device = torch.device(device)
     rows = []
     for name in names:

@@ -81,16 +81,13 @@ def _direct(x: torch.Tensor) -> bool:
 
 
 def _count_into(x, counts, nans, channel_dim):
-    if _direct(x):
-        kernels(backend_name(x.device)).count_on(x, counts, nans, channel_dim)
-    else:
-        torch.ops.easier_kernels.count_on(x, counts, nans, channel_dim)
+    count = _count_on_kernel if _direct(x) else torch.ops.easier_kernels.count_on
+    count(x, counts, nans, channel_dim)
 
 
 def _act_into(x, counts, nans, kind, channel_dim, param):
-    if _direct(x):
-        return kernels(backend_name(x.device)).act_count(x, counts, nans, channel_dim, kind, param)
-    return torch.ops.easier_kernels.act_count(x, counts, nans, kind, channel_dim, param)
+    act = _act_count_kernel if _direct(x) else torch.ops.easier_kernels.act_count
+    return act(x, counts, nans, kind, channel_dim, param)
 
 
 def _check(x: torch.Tensor, channel_dim: int, op: str) -> int:

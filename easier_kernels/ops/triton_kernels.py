@@ -139,9 +139,9 @@ _TILE = 2048  # elements per tile
 _TARGET_PROGRAMS = 1024  # enough to fill a GPU; each program loops over its share
 
 
-def _launch(x, y, counts, nan_counts, channel_dim, kind_id, param):
-    """Counts x into counts/nan_counts and, when y is given, writes y = activation(x)."""
-    x, outer, channels, inner = dense_view(x, channel_dim)
+def _launch(x, outer, channels, inner, y, counts, nan_counts, kind_id, param):
+    """Counts the dense [outer, channels, inner] buffer x into counts/nan_counts and, when y
+    (laid out like x) is given, writes y = activation(x)."""
     if x.numel() == 0:
         return
     write = y is not None
@@ -166,11 +166,11 @@ def _launch(x, y, counts, nan_counts, channel_dim, kind_id, param):
 
 
 def count_on(x, counts, nan_counts, channel_dim):
-    _launch(x, None, counts, nan_counts, channel_dim, kinds.KIND_IDS["identity"], 0.0)
+    _launch(*dense_view(x, channel_dim), None, counts, nan_counts, kinds.KIND_IDS["identity"], 0.0)
 
 
 def act_count(x, counts, nan_counts, channel_dim, kind, param):
-    dense = dense_view(x, channel_dim)[0]
+    dense, outer, channels, inner = dense_view(x, channel_dim)
     y = torch.empty_like(dense)  # same strides as dense, so the kernel writes y in x's order
-    _launch(dense, y, counts, nan_counts, channel_dim, kinds.KIND_IDS[kind], param)
+    _launch(dense, outer, channels, inner, y, counts, nan_counts, kinds.KIND_IDS[kind], param)
     return y

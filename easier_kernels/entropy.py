@@ -1,0 +1,293 @@
+"""Layer entropies from streamed on/off counts: a scoring pass, and a meter that rides along training.
+
+    scores = ek.entropy_scores(model, loader)          # site name -> layer entropy (bits), in order
+    meter = ek.EntropyMeter(model)                     # or: collect while your own loop trains
+    train_one_epoch(meter.model, ...)                  # meter.model shares model's parameters
+    scores = meter.scores()
+
+Every site's activation becomes `ops.act_count`, which computes it and counts `x >= 0` per
+channel in the same pass, so memory is O(channels) per site and nothing waits on the device
+until scores are asked for. Under torch.distributed the counts are summed over ranks first, so
+every rank gets the same scores.
+
+Modes:
+- "pooled" (the default): counts pooled over every batch, then one entropy per neuron. It does
+  not depend on batch size, batch order or how data is sharded over ranks, and it is the
+  entropy of the best estimate of each neuron's on-probability.
+- "batch_mean": the reference code's number: the layer entropy of every batch, averaged over
+  batches. Binary entropy is concave, so this is at most "pooled" and shrinks with small batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import ops, sites as sites_mod
+from .ops import kinds
+from .sites import Site
+
+__all__ = ["MODES", "Scores", "EntropyMeter", "entropy_scores", "binary_entropy", "layer_entropy"]
+
+MODES = ("pooled", "batch_mean")
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = -p log2 p - (1-p) log2 (1-p) in bits, with 0 log 0 = 0."""
+    q = 1 - p
+    return -(torch.special.xlogy(p, p) + torch.special.xlogy(q, q)) / math.log(2)
+
+
+def layer_entropy(counts: torch.Tensor, valid: torch.Tensor | int) -> torch.Tensor:
+    """Mean neuron entropy (bits, float64 scalar) of a layer from its on-counts and the number of
+    non-NaN elements per channel."""
+    return binary_entropy(counts.double() / valid).mean()
+
+
+class Scores(Mapping):
+    """Site name -> layer entropy in bits, in execution order.
+
+    Also per site: `probabilities` (on-probability per channel, float64), `counts` (int64 on
+    counts), `totals` (elements counted per channel), `nan_counts`; and `mode`, `batches`.
+    """
+
+    def __init__(self, mode: str, entropy: dict, counts: dict, nan_counts: dict, totals: dict, batches: int):
+        self.mode, self.batches = mode, batches
+        self.entropy, self.counts, self.nan_counts, self.totals = entropy, counts, nan_counts, totals
+        self.probabilities = {n: counts[n].double() / (totals[n] - nan_counts[n]) for n in counts}
+
+    def __getitem__(self, name: str) -> float:
+        return self.entropy[name]
+
+    def __iter__(self):
+        return iter(self.entropy)
+
+    def __len__(self) -> int:
+        return len(self.entropy)
+
+    def neuron_entropy(self, name: str) -> torch.Tensor:
+        """Per-channel entropy (bits) of one site, from the pooled counts."""
+        return binary_entropy(self.probabilities[name])
+
+    def ranking(self) -> list[str]:
+        """Site names from the lowest entropy (first to linearize) to the highest; ties keep
+        execution order."""
+        return sorted(self.entropy, key=self.entropy.__getitem__)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: mode, batches and per site its entropy, channels, totals and NaN count."""
+        return {
+            "mode": self.mode,
+            "batches": self.batches,
+            "sites": {
+                n: {"entropy": self.entropy[n], "channels": int(self.counts[n].numel()), "elements_per_channel": self.totals[n],
+                    "nan": int(self.nan_counts[n].sum())}
+                for n in self.entropy
+            },
+        }
+
+    def __repr__(self) -> str:
+        width = max([len(n) for n in self.entropy] + [4])
+        lines = [f"Scores(mode={self.mode!r}, batches={self.batches})", f"  {'site':<{width}}  entropy (bits)"]
+        lines += [f"  {n:<{width}}  {h:.4f}" for n, h in self.entropy.items()]
+        return "\n".join(lines)
+
+
+class SiteProbe(nn.Module):
+    """Stands at one site: computes the activation (when fused) and adds its counts.
+
+    Counts live on the activation's device and are created at the first call; adding to them
+    never synchronizes the device. In batch_mean mode each call is one batch: its layer entropy
+    is added to a running sum (a device scalar) before its counts join the pooled ones.
+    """
+
+    def __init__(self, site: Site, mode: str, fused: bool):
+        super().__init__()
+        self.site, self.mode, self.fused = site, mode, fused
+        self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)
+        self.counting = True
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = self.nan_counts = self.entropy_sum = None
+        self.elements = 0  # per channel, over all calls
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.counting:
+            return kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
+        cdim = self.site.channel_dim
+        if self.counts is None:
+            self.counts = torch.zeros(x.shape[cdim], dtype=torch.int64, device=x.device)
+            self.nan_counts = torch.zeros_like(self.counts)
+            self.entropy_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        kind = self.site.kind if self.fused else "identity"
+        kind_args = self.site.kind_args if self.fused else {}
+        per_channel = x.numel() // max(x.shape[cdim], 1)
+        if self.mode == "pooled":
+            y = ops.act_count(x, self.counts, kind, cdim, nan_counts=self.nan_counts, **kind_args)
+        else:
+            counts, nans = torch.zeros_like(self.counts), torch.zeros_like(self.counts)
+            y = ops.act_count(x, counts, kind, cdim, nan_counts=nans, **kind_args)
+            self.entropy_sum += layer_entropy(counts, per_channel - nans)
+            self.counts += counts
+            self.nan_counts += nans
+        self.elements += per_channel
+        self.calls += 1
+        return y
+
+
+class EntropyMeter:
+    """Collects every site's on/off counts while the model trains or runs, at the cost of one
+    fused kernel per activation.
+
+        meter = ek.EntropyMeter(model)               # mode="pooled"|"batch_mean", sites=[names]
+        opt = torch.optim.SGD(model.parameters())    # meter.model shares these parameters
+        for x, y in loader:
+            loss = F.cross_entropy(meter.model(x), y); ...
+        scores = meter.scores()                      # collective under torch.distributed
+        meter.reset()                                # start counting afresh
+        with meter.paused(): ...                     # ordinary activations, nothing counted
+
+    `meter.model` is a GraphModule over the model's own submodules: training it trains `model`,
+    and wrapping it in DistributedDataParallel works as for `model`. `close()` removes the hooks
+    of sites inside leaf modules (the only change made to `model` itself).
+    """
+
+    def __init__(self, model: nn.Module, *, mode: str = "pooled", sites: Iterable[str] | None = None,
+                 leaf_modules: Iterable | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.model = sites_mod.trace(model, leaf_modules)
+        all_sites = sites_mod.sites_of(self.model)
+        if not all_sites:
+            raise ValueError(f"{type(model).__name__} has no activation sites to score")
+        self.sites = sites_mod.select(all_sites, sites)
+        self.probes: dict[str, SiteProbe] = {}
+
+        def make_probe(site: Site, fused: bool) -> SiteProbe:
+            self.probes[site.name] = SiteProbe(site, mode, fused)
+            return self.probes[site.name]
+
+        self._handles = sites_mod.instrument(self.model, self.sites, make_probe)
+
+    def reset(self) -> None:
+        for probe in self.probes.values():
+            probe.reset()
+
+    @contextmanager
+    def paused(self):
+        """Runs the plain activations inside the block: nothing is counted."""
+        previous = [(p, p.counting) for p in self.probes.values()]
+        for probe, _ in previous:
+            probe.counting = False
+        try:
+            yield self
+        finally:
+            for probe, counting in previous:
+                probe.counting = counting
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def scores(self, group=None) -> Scores:
+        """Entropies from everything counted since the last reset. When torch.distributed is
+        initialized, every rank must call this (counts are summed over `group`)."""
+        probes = list(self.probes.values())
+        missing = [p.site.name for p in probes if p.counts is None]
+        if missing:
+            raise RuntimeError(
+                f"no counts for site(s) {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: run batches "
+                "through meter.model (not the original model) before asking for scores"
+            )
+        counts = torch.cat([p.counts for p in probes] + [p.nan_counts for p in probes])
+        device = counts.device
+        per_site = torch.tensor([[p.elements, p.calls] for p in probes], dtype=torch.int64, device=device)
+        entropy_sums = torch.stack([p.entropy_sum for p in probes])
+        if dist.is_available() and dist.is_initialized():
+            for t in (counts, per_site, entropy_sums):
+                dist.all_reduce(t, group=group)
+        sizes = [p.counts.numel() for p in probes]
+        on, nans = counts.cpu().split([sum(sizes)] * 2)
+        on, nans = on.split(sizes), nans.split(sizes)
+        per_site, entropy_sums = per_site.cpu().tolist(), entropy_sums.cpu().tolist()
+        names = [p.site.name for p in probes]
+        totals = {n: per_site[i][0] for i, n in enumerate(names)}
+        if self.mode == "pooled":
+            entropy = {n: float(layer_entropy(on[i], totals[n] - nans[i])) for i, n in enumerate(names)}
+        else:
+            entropy = {n: entropy_sums[i] / per_site[i][1] for i, n in enumerate(names)}
+        batches = max(calls for _, calls in per_site)
+        return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
+
+
+@contextmanager
+def _buffers_kept(model: nn.Module):
+    """Buffers (batch-norm running statistics, ...) exactly as they were after the block."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _batch_inputs(batch, device) -> tuple:
+    """A loader batch -> the model's positional inputs: a tensor, or (inputs, targets, ...)."""
+    if isinstance(batch, torch.Tensor):
+        inputs = batch
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        inputs = batch[0]
+    else:
+        raise TypeError(f"a batch must be a tensor or an (inputs, targets) tuple, got {type(batch).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"batch inputs are {inputs.dtype}; make the loader yield float tensors (e.g. images.float() / 255)")
+    return (inputs.to(device, non_blocking=True),)
+
+
+def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", sites: Iterable[str] | None = None,
+                   max_batches: int | None = None, device=None, leaf_modules: Iterable | None = None) -> Scores:
+    """Streams `loader` through `model` and returns every site's layer entropy (bits).
+
+    The model runs in the mode it is in (the paper scores in train mode, with augmentation),
+    without gradients; its buffers, flags and parameters are as before afterwards. Batches are
+    tensors or (inputs, targets) tuples; inputs go to `device` (default: the model's).
+    """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be a positive number of batches or None, not {max_batches}")
+    device = _model_device(model, device)
+    meter = EntropyMeter(model, mode=mode, sites=sites, leaf_modules=leaf_modules)
+    batches = 0
+    try:
+        with torch.no_grad(), _buffers_kept(model):
+            for batch in loader:
+                if max_batches is not None and batches >= max_batches:
+                    break
+                meter.model(*_batch_inputs(batch, device))
+                batches += 1
+    finally:
+        meter.close()
+    if batches == 0:
+        raise ValueError("entropy_scores: the loader yielded no batches; check the dataset is not empty")
+    return meter.scores()
+
+
+def _model_device(model: nn.Module, device) -> torch.device:
+    tensors = [t for t in [*model.parameters(), *model.buffers()]]
+    own = tensors[0].device if tensors else torch.device("cpu")
+    if device is None:
+        return own
+    device = torch.device(device)
+    if tensors and own.type != device.type:
+        raise ValueError(f"the model is on {own} but device={device}; move it first with model.to('{device}')")
+    return device

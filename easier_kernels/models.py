@@ -1,0 +1,214 @@
+"""The three CIFAR-style models of the EASIER paper: ResNet-18, VGG-16-BN and MobileNetV2.
+
+Every activation is its own module, called once per forward (never reused, never functional), so
+reference-style forward hooks see one call per site and the paper's site counts hold:
+17 nn.ReLU (resnet18), 15 nn.ReLU (vgg16_bn), 35 nn.ReLU6 (mobilenet_v2). All trace with
+torch.fx.symbolic_trace. No pretrained weights.
+"""
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+__all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model"]
+
+
+def _check_args(num_classes, in_channels, width):
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if (isinstance(width, bool) or not isinstance(width, numbers.Real)
+            or not math.isfinite(width) or width <= 0):
+        raise ValueError(f"width must be a finite number > 0 (e.g. 0.5 or 1.0), got {width!r}")
+
+
+def _scale(c, width):
+    # resnet/vgg: plain rounding, but never below one channel.
+    return max(1, round(c * width))
+
+
+def _make_divisible(v, divisor=8):
+    # torchvision's rule: round to a multiple of divisor, never dropping more than 10%.
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def _init_weights(model):
+    # As torchvision does.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------- ResNet-18
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()  # separate module: one hook site per activation
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes, in_channels, width):
+        super().__init__()
+        planes = [_scale(c, width) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(in_channels, planes[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
+        self.relu = nn.ReLU()
+        in_planes = planes[0]
+        stages = []
+        for p, stride in zip(planes, (1, 2, 2, 2)):
+            stages.append(nn.Sequential(BasicBlock(in_planes, p, stride), BasicBlock(p, p, 1)))
+            in_planes = p
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(num_classes=10, in_channels=3, width=1.0):
+    """CIFAR ResNet-18 (kuangliu/pytorch-cifar style): 17 nn.ReLU sites."""
+    _check_args(num_classes, in_channels, width)
+    model = ResNet18(num_classes, in_channels, width)
+    _init_weights(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- VGG-16-BN
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+class VGG(nn.Module):
+    def __init__(self, num_classes, in_channels, width):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for v in _VGG16:
+            if v == "M":
+                # ceil_mode so 28x28 inputs survive five poolings (28->14->7->4->2->1).
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                c_out = _scale(v, width)
+                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                           nn.BatchNorm2d(c_out), nn.ReLU()]
+                c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # any input >= 28px ends at 1x1
+        hidden = _scale(512, width)
+        self.classifier = nn.Sequential(
+            nn.Linear(c_in, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def vgg16_bn(num_classes=10, in_channels=3, width=1.0):
+    """CIFAR VGG-16 with BatchNorm: 15 nn.ReLU sites (13 conv + 2 classifier)."""
+    _check_args(num_classes, in_channels, width)
+    model = VGG(num_classes, in_channels, width)
+    _init_weights(model)
+    return model
+
+
+# -------------------------------------------------------------------------------------- MobileNetV2
+
+def _conv_bn(c_in, c_out, kernel, stride=1, groups=1, act=True):
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(c_out)]
+    if act:
+        layers.append(nn.ReLU6())
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, c_in, c_out, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(c_in * expand_ratio))
+        self.use_res = stride == 1 and c_in == c_out
+        layers = []
+        if expand_ratio != 1:  # t=1 blocks have no expand conv, as in torchvision
+            layers.append(_conv_bn(c_in, hidden, 1))
+        layers.append(_conv_bn(hidden, hidden, 3, stride, groups=hidden))  # depthwise
+        layers.append(_conv_bn(hidden, c_out, 1, act=False))  # linear bottleneck
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    # t, c, n, s; CIFAR change: the second stage has stride 1 (torchvision: 2).
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
+                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, num_classes, in_channels, width):
+        super().__init__()
+        c_in = _make_divisible(32 * width)
+        # Like torchvision: the last conv only widens, never narrows below 1280.
+        self.last_channel = _make_divisible(1280 * width) if width > 1.0 else 1280
+        layers = [_conv_bn(in_channels, c_in, 3, 1)]  # stride-1 stem for 32x32 inputs
+        for t, c, n, s in self.SETTINGS:
+            c_out = _make_divisible(c * width)
+            for i in range(n):
+                layers.append(InvertedResidual(c_in, c_out, s if i == 0 else 1, t))
+                c_in = c_out
+        layers.append(_conv_bn(c_in, self.last_channel, 1))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.last_channel, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def mobilenet_v2(num_classes=10, in_channels=3, width=1.0):
+    """CIFAR MobileNetV2: 35 nn.ReLU6 sites."""
+    _check_args(num_classes, in_channels, width)
+    model = MobileNetV2(num_classes, in_channels, width)
+    _init_weights(model)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+PAPER_MODELS = {"resnet18": resnet18, "vgg16_bn": vgg16_bn, "mobilenet_v2": mobilenet_v2}
+
+
+def paper_model(name, **kwargs):
+    """Build one of the paper's models by name, e.g. paper_model("resnet18", width=0.5)."""
+    if not isinstance(name, str) or name not in PAPER_MODELS:
+        raise ValueError(f"unknown model {name!r}; pass one of: {', '.join(PAPER_MODELS)}")
+    return PAPER_MODELS[name](**kwargs)

@@ -7,11 +7,11 @@
     counts = ek.ops.count_on(x)                        # per-channel on-counts, int64
 """
 
-from . import models, ops
+from . import data, models, ops
 from .entropy import EntropyMeter, Scores, entropy_scores
 from .linearize import linearize, recipe
 from .sites import Site, find_sites
 
 __version__ = "0.1.0"
-__all__ = ["ops", "models", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
+__all__ = ["ops", "models", "data", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
            "__version__"]

@@ -21,6 +21,7 @@ Modes:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Iterable
@@ -46,8 +47,8 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 def layer_entropy(counts: torch.Tensor, valid: torch.Tensor | int) -> torch.Tensor:
     """Mean neuron entropy (bits, float64 scalar) of a layer from its on-counts and the number of
-    non-NaN elements per channel."""
-    return binary_entropy(counts.double() / valid).mean()
+    non-NaN elements per channel; channels that saw only NaNs are left out."""
+    return torch.nanmean(binary_entropy(counts.double() / valid))
 
 
 class Scores(Mapping):
@@ -227,6 +228,11 @@ class EntropyMeter:
         else:
             entropy = {n: entropy_sums[i] / per_site[i][1] for i, n in enumerate(names)}
         batches = max(calls for _, calls in per_site)
+        nan_sites = {n: int(nans[i].sum()) for i, n in enumerate(names) if nans[i].any()}
+        if nan_sites:
+            shown = ", ".join(f"{n} ({k} NaN)" for n, k in list(nan_sites.items())[:5])
+            warnings.warn(f"NaN activations at {len(nan_sites)} site(s): {shown}; they are neither on nor off and are left "
+                          "out of the on-probabilities (Scores.nan_counts has them per channel)", stacklevel=2)
         return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
 
 

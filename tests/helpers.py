@@ -77,3 +77,38 @@ def run_python(*args: str, env_updates: dict | None = None, drop_env=(), cwd=Non
     env = {k: v for k, v in os.environ.items() if k not in drop_env}
     env.update(env_updates or {})
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd or tempfile.gettempdir())
+
+
+def data_root():
+    """The folder with the real datasets: $EASIER_KERNELS_DATA, else ../shared/data next to the
+    repository; None when absent (tests that need it skip, saying so)."""
+    from pathlib import Path
+
+    candidates = [os.environ.get("EASIER_KERNELS_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]
+    for root in candidates:
+        if root and (Path(root) / "cifar10-subset" / "cifar10_subset.npz").is_file():
+            return Path(root)
+    return None
+
+
+_CIFAR: dict = {}
+
+
+def cifar_batches(batches: int, batch_size: int, split: str = "train", offset: int = 0) -> list:
+    """Real CIFAR-10 images as a list of (images, labels) batches; skips the test without data."""
+    import pytest
+
+    from easier_kernels import data
+
+    root = data_root()
+    if root is None:
+        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
+    if split not in _CIFAR:
+        _CIFAR[split] = data.cifar10_subset(root, split).tensors
+    images, labels = _CIFAR[split]
+    start = offset
+    out = []
+    for _ in range(batches):
+        out.append((images[start:start + batch_size], labels[start:start + batch_size]))
+        start += batch_size
+    return out

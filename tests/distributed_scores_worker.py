@@ -1,0 +1,37 @@
+"""One rank of tests/test_entropy.py's two-process test (run with torch.distributed.run):
+scores its own shard of real CIFAR-10 images, writes what it got to OUT/rank<r>.json."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import easier_kernels as ek
+from easier_kernels import data
+
+
+def shard_batches(root, rank: int, batch_size: int = 32, per_rank: int = 96):
+    images = data.cifar10_subset(root, "train").tensors[0]
+    return list(images[rank * per_rank:(rank + 1) * per_rank].split(batch_size))
+
+
+def score(root, batches) -> dict:
+    torch.manual_seed(0)
+    model = ek.models.resnet18(width=0.25).train()
+    out = {}
+    for mode in ("pooled", "batch_mean"):
+        scores = ek.entropy_scores(model, batches, mode=mode)
+        out[mode] = {"entropy": dict(scores), "counts": {n: c.tolist() for n, c in scores.counts.items()},
+                     "batches": scores.batches}
+    return out
+
+
+if __name__ == "__main__":
+    root, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = score(root, shard_batches(root, rank))
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()

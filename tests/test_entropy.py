@@ -1,0 +1,263 @@
+"""entropy_scores and EntropyMeter: faithful to the reference formula, exact counts, no side
+effects, ride-along during training, clear errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import easier_kernels as ek
+from easier_kernels.entropy import binary_entropy
+from easier_kernels.sites import ACTIVATION_MODULES
+from helpers import cifar_batches
+
+PAPER = ["resnet18", "vgg16_bn", "mobilenet_v2"]
+
+
+def reference_scores(model, batches):
+    """The reference code's computation, written independently: forward hooks on the separate
+    activation modules store each input; per batch and layer, per-neuron on-fraction, binary
+    entropy, mean, .item(); averaged over batches. Also returns pooled integer counts."""
+    stored = {}
+    paths = {m: p for p, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, a: stored.__setitem__(paths[m], a[0].detach().clone()))
+             for m in model.modules() if type(m) in ACTIVATION_MODULES]
+    per_batch, counts, totals = {}, {}, {}
+    with torch.no_grad():
+        for images, _ in batches:
+            stored.clear()
+            model(images)
+            for path, x in stored.items():
+                dims = [d for d in range(x.dim()) if d != 1]
+                on = (x >= 0)
+                p = on.double().mean(dims)
+                h = -(torch.where(p > 0, p * torch.log2(p), 0) + torch.where(p < 1, (1 - p) * torch.log2(1 - p), 0))
+                per_batch.setdefault(path, []).append(h.mean().item())
+                counts[path] = counts.get(path, 0) + on.sum(dims)
+                totals[path] = totals.get(path, 0) + x.numel() // x.shape[1]
+    for h in hooks:
+        h.remove()
+    return {p: sum(v) / len(v) for p, v in per_batch.items()}, counts, totals
+
+
+def test_binary_entropy_values():
+    p = torch.tensor([0.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    expected = [0.0, 0.0, 1.0, -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))]
+    assert binary_entropy(p).tolist() == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_batch_mean_reproduces_the_reference_code(name):
+    torch.manual_seed(0)
+    model = ek.models.paper_model(name, width=0.25).train()  # the paper scores in train mode
+    batches = cifar_batches(3, 32)
+    expected, expected_counts, _ = reference_scores(model, batches)
+    scores = ek.entropy_scores(model, batches, mode="batch_mean")
+    sites = ek.find_sites(model, batches[0][0])
+    assert list(scores) == [s.name for s in sites] and scores.batches == 3
+    for site in sites:
+        assert scores[site.name] == pytest.approx(expected[site.module], abs=1e-6)
+        assert torch.equal(scores.counts[site.name], expected_counts[site.module])  # integers: exact
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_pooled_is_the_entropy_of_pooled_counts(name):
+    torch.manual_seed(0)
+    model = ek.models.paper_model(name, width=0.25).eval()
+    batches = cifar_batches(3, 16)
+    _, counts, totals = reference_scores(model, batches)
+    scores = ek.entropy_scores(model, batches)
+    assert scores.mode == "pooled"
+    for site in ek.find_sites(model, batches[0][0]):
+        assert scores.totals[site.name] == totals[site.module]
+        p = counts[site.module].double() / totals[site.module]
+        assert torch.equal(scores.counts[site.name], counts[site.module])
+        assert scores[site.name] == pytest.approx(binary_entropy(p).mean().item(), abs=1e-12)
+        assert 0.0 <= scores[site.name] <= 1.0
+
+
+def test_batch_mean_is_at_most_pooled():
+    """Binary entropy is concave: the mean of per-batch entropies cannot exceed the pooled one."""
+    model = ek.models.resnet18(width=0.25).train()
+    batches = cifar_batches(4, 16)
+    pooled = ek.entropy_scores(model, batches, mode="pooled")
+    batch_mean = ek.entropy_scores(model, batches, mode="batch_mean")
+    assert all(batch_mean[n] <= pooled[n] + 1e-12 for n in pooled)
+    assert all(torch.equal(batch_mean.counts[n], pooled.counts[n]) for n in pooled)
+
+
+def state(model):
+    return ({k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
+            [(m.training) for m in model.modules()], [p.requires_grad for p in model.parameters()])
+
+
+def test_scoring_changes_no_model_state():
+    model = ek.models.mobilenet_v2(width=0.25).train()
+    model.features[3].eval()                              # mixed modes must survive as they are
+    model.features[0][0].weight.requires_grad_(False)      # and frozen parameters stay frozen
+    batches = cifar_batches(2, 16)
+    with torch.no_grad():
+        model(batches[0][0])  # non-trivial running statistics
+    before = state(model)
+    for mode in ("pooled", "batch_mean"):
+        ek.entropy_scores(model, batches, mode=mode)
+    after = state(model)
+    assert before[1] == after[1] and before[2] == after[2]
+    assert before[0].keys() == after[0].keys()
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key]), key
+    batch_norm = next(m for m in model.features[1].modules() if isinstance(m, nn.BatchNorm2d))
+    assert batch_norm.num_batches_tracked.item() == 1
+
+
+def test_batches_as_tensors_tuples_and_max_batches():
+    model = ek.models.resnet18(width=0.25).eval()
+    batches = cifar_batches(3, 8)
+    tuples = ek.entropy_scores(model, batches, max_batches=2)
+    tensors = ek.entropy_scores(model, [b[0] for b in batches[:2]])
+    assert tuples.batches == 2 and dict(tuples) == dict(tensors)
+
+
+def test_a_subset_of_sites_and_the_ranking():
+    model = ek.models.vgg16_bn(width=0.25).eval()
+    batches = cifar_batches(1, 8)
+    names = [s.name for s in ek.find_sites(model, batches[0][0])]
+    scores = ek.entropy_scores(model, batches, sites=[names[5], names[1]])
+    assert list(scores) == [names[1], names[5]]
+    assert scores.ranking() == sorted(scores, key=scores.get)
+    assert set(scores.to_dict()["sites"]) == {names[1], names[5]}
+
+
+def test_bad_input_errors():
+    model = ek.models.resnet18(width=0.25)
+    with pytest.raises(ValueError, match="no batches"):
+        ek.entropy_scores(model, [])
+    with pytest.raises(TypeError, match="float tensors"):
+        ek.entropy_scores(model, [torch.zeros(2, 3, 32, 32, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="valid site names: relu, layer1_0_relu1"):
+        ek.entropy_scores(model, [torch.zeros(2, 3, 32, 32)], sites=["nope"])
+    with pytest.raises(ValueError, match="mode must be one of pooled, batch_mean"):
+        ek.entropy_scores(model, [torch.zeros(2, 3, 32, 32)], mode="mean")
+    with pytest.raises(ValueError, match="max_batches"):
+        ek.entropy_scores(model, [torch.zeros(2, 3, 32, 32)], max_batches=0)
+
+
+class NaNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.relu(self.fc(x) * torch.tensor([1.0, float("nan"), 1.0]))
+
+
+def test_nan_activations_are_counted_and_reported():
+    x = torch.randn(10, 4)
+    with pytest.warns(UserWarning, match="10 NaN"):
+        scores = ek.entropy_scores(NaNNet(), [x])
+    name = next(iter(scores))
+    assert scores.nan_counts[name].tolist() == [0, 10, 0]
+    assert math.isnan(scores.probabilities[name][1].item())
+    assert not math.isnan(scores[name])  # the layer entropy is over the channels that hold numbers
+
+
+# ---- ride-along
+
+
+def test_meter_rides_along_a_training_loop():
+    torch.manual_seed(0)
+    model = ek.models.resnet18(width=0.25).train()
+    twin = ek.models.resnet18(width=0.25).train()
+    twin.load_state_dict(model.state_dict())
+    meter = ek.EntropyMeter(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    batches = cifar_batches(2, 16)
+    stored_counts = {}
+    for images, labels in batches:
+        for net, optimizer in ((meter.model, opt), (twin, twin_opt)):
+            optimizer.zero_grad()
+            F.cross_entropy(net(images), labels).backward()
+            optimizer.step()
+    # same training as the plain model: the probes compute the ordinary activation and gradient
+    for (k, v), w in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+    scores = meter.scores()
+    assert scores.batches == 2 and len(scores) == 17
+    with meter.paused():
+        meter.model(batches[0][0])
+    assert meter.scores().batches == 2  # paused: nothing counted
+    stored_counts = {n: c.clone() for n, c in scores.counts.items()}
+    meter.reset()
+    with pytest.raises(RuntimeError, match="run batches through meter.model"):
+        meter.scores()
+    with torch.no_grad():
+        for images, _ in batches:
+            meter.model(images)
+    assert all(c.sum() > 0 for c in stored_counts.values())
+
+
+class InplaceReused(nn.Module):
+    """An in-place activation whose input is read again afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        F.relu_(h)
+        return h * 2
+
+
+def test_inplace_call_whose_input_is_read_again():
+    model = InplaceReused()
+    x = torch.randn(2, 3, 6, 6)
+    meter = ek.EntropyMeter(model)
+    with torch.no_grad():
+        torch.testing.assert_close(meter.model(x), model(x), rtol=0, atol=0)
+        expected = (model.conv(x) >= 0).sum((0, 2, 3))
+    assert torch.equal(meter.scores().counts["relu_"], expected)
+
+
+def test_sites_inside_leaf_modules_are_counted():
+    from test_sites import Gate, WithGate
+
+    model = WithGate().eval()
+    x = torch.randn(4, 3, 8, 8).abs()
+    scores = ek.entropy_scores(model, [x], leaf_modules=[Gate])
+    with torch.no_grad():
+        inner = model.blocks[1].conv(model.relu(model.stem(x)))
+    assert torch.equal(scores.counts["blocks.1.act"], (inner >= 0).sum((0, 2, 3)))
+    assert not model.blocks[1].act._forward_pre_hooks  # hooks removed
+
+
+# ---- torch.distributed
+
+
+def test_two_processes_sum_counts_before_entropies(tmp_path):
+    """Two gloo ranks on different shards of real data both get the scores of one process over
+    the union of the shards."""
+    import json
+    from pathlib import Path
+
+    import distributed_scores_worker as worker
+    from helpers import data_root, run_python
+
+    root = data_root()
+    if root is None:
+        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
+    script = Path(worker.__file__)
+    proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(root), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    single = worker.score(root, worker.shard_batches(root, 0) + worker.shard_batches(root, 1))
+    got = ranks[0]
+    assert got["pooled"]["counts"] == single["pooled"]["counts"]
+    assert got["pooled"]["entropy"] == single["pooled"]["entropy"]
+    assert got["batch_mean"]["batches"] == single["batch_mean"]["batches"] == 6
+    for name, value in single["batch_mean"]["entropy"].items():
+        assert got["batch_mean"]["entropy"][name] == pytest.approx(value, abs=1e-12)

@@ -141,8 +141,10 @@ def move_padding(gm: fx.GraphModule) -> list[dict]:
             before.setdefault(node.target, list(conv.padding))
         first.padding = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(first.padding, first.stride, second.padding))
         second.padding = tuple(0 for _ in second.padding)
-    for target, old in before.items():
-        changes.append({"conv": target, "before": old, "after": list(gm.get_submodule(target).padding)})
+    for node in gm.graph.nodes:  # in execution order
+        if node.op == "call_module" and node.target in before:
+            conv = gm.get_submodule(node.target)
+            changes.append({"conv": node.target, "before": before[node.target], "after": list(conv.padding)})
     return changes
 
 

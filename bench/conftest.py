@@ -6,12 +6,15 @@ in the same test on the same tensor; the table printed at the end is what bench/
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import platform
+from pathlib import Path
 
 import pytest
 import torch
 
-from easier_kernels import ops
+from easier_kernels import data, ops
 from easier_kernels.benchmark import median_seconds, synchronized
 
 _ROWS: list[dict] = []
@@ -34,7 +37,19 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def measure(benchmark):
+def record(benchmark):
+    """record(row): puts a row of figures into the benchmark's extra_info and the summary table."""
+
+    def run(row):
+        row = {"group": benchmark.group, "impl": benchmark.name, **row}
+        benchmark.extra_info.update(row)
+        _ROWS.append(row)
+
+    return run
+
+
+@pytest.fixture
+def measure(benchmark, record):
     """measure(fn, device, group=, name=, others={label: fn}) -> {label: seconds, "self": seconds}
 
     pytest-benchmark times fn (its table and JSON); then fn and every other candidate are timed
@@ -52,13 +67,38 @@ def measure(benchmark):
         times.update({label: median_seconds(other, device) for label, other in others.items()})
         return times
 
-    def record(row):
-        row = {"group": benchmark.group, "impl": benchmark.name, **row}
-        benchmark.extra_info.update(row)
-        _ROWS.append(row)
-
     run.record = record
     return run
+
+
+@pytest.fixture
+def steady_malloc():
+    """Pipeline benchmarks (whole forwards and training steps at batch 128) allocate 4-34 MB per
+    layer output. On this VM faulting in fresh pages costs more than the convolutions, and
+    whether glibc hands freed memory back to the OS depends on its history, so the same forward
+    took 0.4-3.4 s. Inside this fixture freed memory stays in the heap (no mmap, no trim), so
+    timings measure compute; every candidate runs under it alike."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameters
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    yield
+    libc.mallopt(m_mmap_max, 65536)  # glibc's defaults
+    libc.mallopt(m_trim_threshold, 128 * 1024)
+
+
+def load_cifar_images():
+    """Real CIFAR-10 training images and labels (normalized float32 [N, 3, 32, 32]); skips
+    the benchmark without the data."""
+    root = data.find_root(Path(__file__).resolve().parents[2] / "shared" / "data")
+    if root is None or not (root / "cifar10-subset").is_dir():
+        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
+    return data.cifar10_subset(root, "train").tensors
+
+
+@pytest.fixture(scope="session")
+def cifar_images():
+    return load_cifar_images()
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -68,11 +108,13 @@ def pytest_terminal_summary(terminalreporter):
     tr.section("easier_kernels benchmark summary (ratios measured side by side)")
     tr.write_line(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
                   + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    keys = []
+    tables: dict[tuple, list[dict]] = {}  # one table per set of columns (one per benchmark file)
     for row in _ROWS:
-        keys += [k for k in row if k not in keys]
-    tr.write_line("| " + " | ".join(keys) + " |")
-    tr.write_line("|" + "---|" * len(keys))
-    for row in _ROWS:
-        cells = [f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-        tr.write_line("| " + " | ".join(cells) + " |")
+        tables.setdefault(tuple(row), []).append(row)
+    for keys, rows in tables.items():
+        tr.write_line("")
+        tr.write_line("| " + " | ".join(keys) + " |")
+        tr.write_line("|" + "---|" * len(keys))
+        for row in rows:
+            cells = [f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+            tr.write_line("| " + " | ".join(cells) + " |")

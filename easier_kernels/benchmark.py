@@ -65,6 +65,30 @@ def median_seconds(fn: Callable, device: torch.device, *, min_time: float = 0.2,
     return statistics.median(times)
 
 
+def interleaved_times(candidates: dict[str, Callable], device="cpu", *, rounds: int = 10) -> dict[str, list[float]]:
+    """Seconds of each candidate per round, run in turns (A B C A B C ...) after one warm-up each.
+    For steps of a pipeline (a forward, a training step) that take ~a second: a tight loop per
+    candidate would take too long, and turns let slow drifts of the machine hit all alike."""
+    device = torch.device(device)
+    runs = {label: synchronized(fn, device) for label, fn in candidates.items()}
+    for fn in runs.values():
+        fn()
+    times = {label: [] for label in runs}
+    for _ in range(rounds):
+        for label, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], label: str, baseline: str) -> tuple[float, float, float]:
+    """Quartiles (25%, median, 75%) over rounds of time[label] / time[baseline] within the same
+    round: neighbours in time share the machine's state, where absolute times drift by 10%."""
+    q1, median, q3 = statistics.quantiles([a / b for a, b in zip(times[label], times[baseline])], n=4)
+    return q1, median, q3
+
+
 def gbps(x: torch.Tensor, seconds: float, passes: int = 1) -> float:
     """Effective bandwidth: `passes` full passes over x's bytes per call."""
     return passes * x.numel() * x.element_size() / seconds / 1e9

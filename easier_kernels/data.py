@@ -10,18 +10,27 @@ Images are normalized per channel with the training set's statistics.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["cifar10_subset", "fashion_mnist", "SPLITS"]
+__all__ = ["cifar10_subset", "fashion_mnist", "find_root", "SPLITS"]
 
 SPLITS = ("train", "test")
 # per-channel mean / std of the full training sets (the usual published values)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+def find_root(*candidates) -> Path | None:
+    """The first folder holding a dataset: $EASIER_KERNELS_DATA, then the candidates; None if none does."""
+    for root in (os.environ.get("EASIER_KERNELS_DATA"), *candidates):
+        if root and any((Path(root) / folder).is_dir() for folder in ("cifar10-subset", "fashion-mnist")):
+            return Path(root)
+    return None
 
 
 def _normalized(images_nhwc: np.ndarray, mean, std) -> torch.Tensor:

@@ -15,6 +15,14 @@ from torch import nn
 __all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model"]
 
 
+def _build(cls, num_classes, in_channels, width):
+    """Checks the arguments, builds, initializes as torchvision does."""
+    _check_args(num_classes, in_channels, width)
+    model = cls(num_classes, in_channels, width)
+    _init_weights(model)
+    return model
+
+
 def _check_args(num_classes, in_channels, width):
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -99,10 +107,7 @@ class ResNet18(nn.Module):
 
 def resnet18(num_classes=10, in_channels=3, width=1.0):
     """CIFAR ResNet-18 (kuangliu/pytorch-cifar style): 17 nn.ReLU sites."""
-    _check_args(num_classes, in_channels, width)
-    model = ResNet18(num_classes, in_channels, width)
-    _init_weights(model)
-    return model
+    return _build(ResNet18, num_classes, in_channels, width)
 
 
 # ----------------------------------------------------------------------------------------- VGG-16-BN
@@ -137,10 +142,7 @@ class VGG(nn.Module):
 
 def vgg16_bn(num_classes=10, in_channels=3, width=1.0):
     """CIFAR VGG-16 with BatchNorm: 15 nn.ReLU sites (13 conv + 2 classifier)."""
-    _check_args(num_classes, in_channels, width)
-    model = VGG(num_classes, in_channels, width)
-    _init_weights(model)
-    return model
+    return _build(VGG, num_classes, in_channels, width)
 
 
 # -------------------------------------------------------------------------------------- MobileNetV2
@@ -196,10 +198,7 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes=10, in_channels=3, width=1.0):
     """CIFAR MobileNetV2: 35 nn.ReLU6 sites."""
-    _check_args(num_classes, in_channels, width)
-    model = MobileNetV2(num_classes, in_channels, width)
-    _init_weights(model)
-    return model
+    return _build(MobileNetV2, num_classes, in_channels, width)
 
 
 # ------------------------------------------------------------------------------------------ registry

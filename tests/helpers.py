@@ -9,6 +9,7 @@ import sys
 import tempfile
 
 import torch
+import torch.nn as nn
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -80,35 +81,68 @@ def run_python(*args: str, env_updates: dict | None = None, drop_env=(), cwd=Non
 
 
 def data_root():
-    """The folder with the real datasets: $EASIER_KERNELS_DATA, else ../shared/data next to the
-    repository; None when absent (tests that need it skip, saying so)."""
+    """The real datasets: $EASIER_KERNELS_DATA, else ../shared/data next to the repository."""
     from pathlib import Path
 
-    candidates = [os.environ.get("EASIER_KERNELS_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for root in candidates:
-        if root and (Path(root) / "cifar10-subset" / "cifar10_subset.npz").is_file():
-            return Path(root)
-    return None
+    from easier_kernels.data import find_root
+
+    return find_root(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 _CIFAR: dict = {}
 
 
-def cifar_batches(batches: int, batch_size: int, split: str = "train", offset: int = 0) -> list:
+def cifar_batches(batches: int, batch_size: int, split: str = "train") -> list:
     """Real CIFAR-10 images as a list of (images, labels) batches; skips the test without data."""
     import pytest
 
     from easier_kernels import data
 
     root = data_root()
-    if root is None:
+    if root is None or not (root / "cifar10-subset").is_dir():
         pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
     if split not in _CIFAR:
         _CIFAR[split] = data.cifar10_subset(root, split).tensors
     images, labels = _CIFAR[split]
-    start = offset
-    out = []
-    for _ in range(batches):
-        out.append((images[start:start + batch_size], labels[start:start + batch_size]))
-        start += batch_size
-    return out
+    return [(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]) for i in range(batches)]
+
+
+# ---- models the tests share
+
+TORCHVISION_MODELS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+                      "regnet_x_400mf", "convnext_tiny", "swin_t", "vit_b_16"]
+
+
+def torchvision_model(name):
+    from easier_kernels.compat import import_torchvision
+
+    tv = import_torchvision()
+    kwargs = {"image_size": 32} if name == "vit_b_16" else {}  # ViT's position embedding fixes its input size
+    torch.manual_seed(0)
+    return getattr(tv.models, name)(num_classes=10, **kwargs)
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.act(self.conv(x))
+        return x
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.blocks = nn.Sequential(nn.Identity(), Gate())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.relu(self.stem(x))).mean((2, 3)))

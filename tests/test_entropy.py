@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import easier_kernels as ek
 from easier_kernels.entropy import binary_entropy
 from easier_kernels.sites import ACTIVATION_MODULES
-from helpers import cifar_batches
+from helpers import Gate, WithGate, cifar_batches
 
 PAPER = ["resnet18", "vgg16_bn", "mobilenet_v2"]
 
@@ -223,8 +223,6 @@ def test_inplace_call_whose_input_is_read_again():
 
 
 def test_sites_inside_leaf_modules_are_counted():
-    from test_sites import Gate, WithGate
-
     model = WithGate().eval()
     x = torch.randn(4, 3, 8, 8).abs()
     scores = ek.entropy_scores(model, [x], leaf_modules=[Gate])

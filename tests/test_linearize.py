@@ -9,8 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from helpers import cifar_batches
-from test_sites import TORCHVISION_MODELS, torchvision_model
+from helpers import TORCHVISION_MODELS, cifar_batches, torchvision_model
 
 
 def outputs(model, x):

@@ -6,19 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from easier_kernels.compat import import_torchvision
 from easier_kernels.sites import ACTIVATION_MODULES, TraceFailure
-
-TORCHVISION_MODELS = ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-                      "regnet_x_400mf", "convnext_tiny", "swin_t", "vit_b_16"]
-
-
-def torchvision_model(name):
-    tv = import_torchvision()
-    kwargs = {"image_size": 32} if name == "vit_b_16" else {}  # ViT's position embedding fixes its input size
-    torch.manual_seed(0)
-    return getattr(tv.models, name)(num_classes=10, **kwargs)
-
+from helpers import TORCHVISION_MODELS, Gate, WithGate, torchvision_model
 
 def module_calls(model, x):
     """Independent of fx: (module path, input shape) of every activation-module call, in order."""
@@ -117,32 +106,6 @@ def test_names_are_stable_across_traces():
     first = [s.name for s in ek.find_sites(ek.models.resnet18(width=0.25), x)]
     again = [s.name for s in ek.find_sites(ek.models.resnet18(width=0.25), x)]
     assert first == again
-
-
-class Gate(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.act(self.conv(x))
-        return x
-
-
-class WithGate(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.relu = nn.ReLU()
-        self.blocks = nn.Sequential(nn.Identity(), Gate())
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.relu(self.stem(x))).mean((2, 3)))
 
 
 def test_untraceable_module_is_named_with_the_fix():

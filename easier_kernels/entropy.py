@@ -289,7 +289,7 @@ def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", 
 
 
 def _model_device(model: nn.Module, device) -> torch.device:
-    tensors = [t for t in [*model.parameters(), *model.buffers()]]
+    tensors = [*model.parameters(), *model.buffers()]
     own = tensors[0].device if tensors else torch.device("cpu")
     if device is None:
         return own

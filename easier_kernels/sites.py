@@ -71,6 +71,7 @@ class Site:
     channels / channel_dim: the neurons: dim 1 after convolutions, the last dim after linear layers.
     module: path of the activation module called (None for functional and method calls).
     inplace: the call overwrites its input. in_leaf: inside a leaf module (one site per module).
+    index: position in execution order.
     """
 
     name: str

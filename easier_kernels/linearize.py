@@ -17,7 +17,6 @@ the function at the borders, so do it before fine-tuning). Every change is recor
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Iterable
 
 import torch
@@ -63,7 +62,9 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, exact
     done = recipe(gm)
     done["linearized"] += [s.name for s in chosen]
     if exact_fold:
-        done["padding"] += move_padding(gm)
+        for change in move_padding(gm):
+            if change not in done["padding"]:  # a skipped chain is noted once, not at every step
+                done["padding"].append(change)
     gm.meta[_RECIPE_KEY] = done
     gm.recompile()
     _check_runs(model, gm, example_inputs)
@@ -81,12 +82,6 @@ def _mark_linearized(gm: fx.GraphModule, node: fx.Node) -> None:
 # ---- padding moves
 
 
-@dataclasses.dataclass
-class _Link:
-    first: fx.Node
-    second: fx.Node
-
-
 def _conv(gm: fx.GraphModule, node: fx.Node):
     """The node's conv module when padding can move through it (zero padding, integer padding,
     no dilation), else None."""
@@ -100,7 +95,7 @@ def _conv(gm: fx.GraphModule, node: fx.Node):
     return module
 
 
-def _links(gm: fx.GraphModule) -> list[_Link]:
+def _links(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     """conv -> (batch norm | linearized identity)* -> conv paths holding at least one linearized
     site, every intermediate read only by the next step (a branch would see the moved border)."""
     links = []
@@ -112,7 +107,7 @@ def _links(gm: fx.GraphModule) -> list[_Link]:
             node = next(iter(node.users))
             if _conv(gm, node) is not None:
                 if crossed:
-                    links.append(_Link(start, node))
+                    links.append((start, node))
                 break
             if node.op == "call_function" and node.target is linearized:
                 crossed = True
@@ -129,15 +124,15 @@ def move_padding(gm: fx.GraphModule) -> list[dict]:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     before, changes = {}, []
-    for link in reversed(_links(gm)):
-        first, second = gm.get_submodule(link.first.target), gm.get_submodule(link.second.target)
+    for first_node, second_node in reversed(_links(gm)):
+        first, second = gm.get_submodule(first_node.target), gm.get_submodule(second_node.target)
         if not any(second.padding):
             continue
-        shared = [n.target for n in (link.first, link.second) if calls[n.target] > 1]
+        shared = [n.target for n in (first_node, second_node) if calls[n.target] > 1]
         if shared:
-            changes.append({"conv": link.second.target, "skipped": f"module {shared[0]} is called more than once"})
+            changes.append({"conv": second_node.target, "skipped": f"module {shared[0]} is called more than once"})
             continue
-        for node, conv in ((link.first, first), (link.second, second)):
+        for node, conv in ((first_node, first), (second_node, second)):
             before.setdefault(node.target, list(conv.padding))
         first.padding = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(first.padding, first.stride, second.padding))
         second.padding = tuple(0 for _ in second.padding)

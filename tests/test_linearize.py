@@ -155,3 +155,24 @@ def test_every_model_sites_scores_linearize(name):
     assert out.shape == (8, 10) and torch.isfinite(out).all()
     again = ek.entropy_scores(net, batches)  # the linearized model scores again, same names
     assert list(again) == [s.name for s in sites if s.name not in half]
+
+
+class SharedConv(nn.Module):
+    """conv2 runs twice: moving its padding would change its other call too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.act, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.relu(self.conv2(self.act(self.bn(self.conv1(x))))))
+
+
+def test_no_move_through_a_shared_conv():
+    model = SharedConv().eval()
+    x = torch.randn(1, 3, 8, 8)
+    net = ek.linearize(ek.linearize(model, ["act"], x), ["relu"], x)
+    skip = {"conv": "conv2", "skipped": "module conv2 is called more than once"}
+    assert ek.recipe(net)["padding"] == [skip]  # noted once, nothing moved
+    assert [m.padding for m in net.modules() if isinstance(m, nn.Conv2d)] == [(1, 1), (1, 1)]

@@ -112,6 +112,8 @@ class SiteProbe(nn.Module):
         super().__init__()
         self.site, self.mode, self.fused = site, mode, fused
         self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)
+        # unfused probes count only; their call's own activation runs after them
+        self.count_kind, self.count_args = (site.kind, site.kind_args) if fused else ("identity", {})
         self.counting = True
         self.reset()
 
@@ -128,8 +130,7 @@ class SiteProbe(nn.Module):
             self.counts = torch.zeros(x.shape[cdim], dtype=torch.int64, device=x.device)
             self.nan_counts = torch.zeros_like(self.counts)
             self.entropy_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        kind = self.site.kind if self.fused else "identity"
-        kind_args = self.site.kind_args if self.fused else {}
+        kind, kind_args = self.count_kind, self.count_args
         per_channel = x.numel() // max(x.shape[cdim], 1)
         if self.mode == "pooled":
             y = ops.act_count(x, self.counts, kind, cdim, nan_counts=self.nan_counts, **kind_args)
@@ -167,10 +168,7 @@ class EntropyMeter:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.model = sites_mod.trace(model, leaf_modules)
-        all_sites = sites_mod.sites_of(self.model)
-        if not all_sites:
-            raise ValueError(f"{type(model).__name__} has no activation sites to score")
-        self.sites = sites_mod.select(all_sites, sites)
+        self.sites = sites_mod.select(sites_mod.sites_of(self.model, require=True), sites)
         self.probes: dict[str, SiteProbe] = {}
 
         def make_probe(site: Site, fused: bool) -> SiteProbe:

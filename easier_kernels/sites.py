@@ -204,9 +204,10 @@ def _leaf_channel_dim(parent: nn.Module, child_name: str) -> int:
     return -1 if isinstance(previous, _CHANNELS_LAST) else 1
 
 
-def sites_of(gm: fx.GraphModule) -> list[Site]:
+def sites_of(gm: fx.GraphModule, require: bool = False) -> list[Site]:
     """Every site of a traced model, in execution order, without channel counts (those need an
-    example input: `find_sites`). Site nodes carry their site's name in `node.meta["ek_site"]`."""
+    example input: `find_sites`). Site nodes carry their site's name in `node.meta["ek_site"]`.
+    require: a model without sites is an error."""
     sites, seen_leaves = [], set()
     for node in gm.graph.nodes:
         spec = _call_spec(gm, node)
@@ -225,6 +226,11 @@ def sites_of(gm: fx.GraphModule) -> list[Site]:
                     cdim = _leaf_channel_dim(leaf.get_submodule(parent_path), child)
                     sites.append(Site(full, kind, None, cdim, {a: getattr(module, a) for a in arg_names}, full,
                                       bool(getattr(module, "inplace", False)), True, len(sites)))
+    if require and not sites:
+        raise ValueError(
+            f"{gm.__class__.__name__} has no activation sites; supported are the modules "
+            f"{', '.join(t.__name__ for t in ACTIVATION_MODULES)}, their torch.nn.functional forms and x.relu()"
+        )
     return sites
 
 
@@ -272,12 +278,7 @@ def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | Non
     torch.fx must not trace into (their activation modules become one site each).
     """
     gm = trace(model, leaf_modules)
-    sites = sites_of(gm)
-    if not sites:
-        raise ValueError(
-            f"{type(model).__name__} has no activation sites; supported are the modules "
-            f"{', '.join(t.__name__ for t in ACTIVATION_MODULES)}, their torch.nn.functional forms and x.relu()"
-        )
+    sites = sites_of(gm, require=True)
     shapes = _InputShapes(gm)
     handles = [gm.get_submodule(s.module).register_forward_pre_hook(_record_shape(shapes.shapes, s.name))
                for s in sites if s.in_leaf]

@@ -4,14 +4,16 @@
     sites = ek.find_sites(model, example_inputs)       # one Site per activation call
     scores = ek.entropy_scores(model, loader)          # site name -> layer entropy (bits)
     net = ek.linearize(model, scores.ranking()[:2], example_inputs)
+    result = ek.prune(model, train_loader, val_loader, max_drop=1.0)   # the EASIER loop
     counts = ek.ops.count_on(x)                        # per-channel on-counts, int64
 """
 
-from . import data, models, ops
+from . import data, models, ops, train
 from .entropy import EntropyMeter, Scores, entropy_scores
 from .linearize import linearize, recipe
+from .prune import PruneResult, Step, load, prune
 from .sites import Site, find_sites
 
 __version__ = "0.1.0"
 __all__ = ["ops", "models", "data", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
-           "__version__"]
+           "train", "prune", "PruneResult", "Step", "load", "__version__"]

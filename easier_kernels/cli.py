@@ -1,12 +1,236 @@
-"""The `easier-kernels` command line."""
+"""The `easier-kernels` command line: prune, score, backends, bench.
+
+    easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
+    easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
+    easier-kernels score runs/vgg             # the entropy table of a run's current model
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 
+from .prune import atomic_write
+
+PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
+                  "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
+                  "mode": "pooled", "scoring": "ride_along"}
+# options a resumed run may change; every other one must match the run it resumes
+RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+# ---- prune
+
+def _cmd_prune(args) -> int:
+    from . import report
+    from .prune import prune as run_prune
+
+    settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k not in ("func", "command")}
+    out = Path(args.out)
+    resuming = _check_out(out, settings, args.resume)
+    splits, model = _data_and_model(args)
+    if not resuming:
+        atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
+    device = _device(args.device)
+    model.to(device)
+    train, val, test = _loaders(splits, args, model_channels=_channels(model, splits))
+    scores = _baseline(model, train, args, out, device)
+    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": _channels(model, splits)}
+
+    def save(result) -> None:
+        result.settings.update(run_settings)
+        result.save(out / "pruned.pt")
+        report.write_report(result.to_dict(), out)
+
+    result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
+                       layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
+                       scoring=args.scoring, scores=scores, lr=args.lr, device=device, seed=args.seed,
+                       checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save)
+    removed = len(result.linearized)
+    print(f"\nremoved {removed} of {len(result.sites)} activation layers; validation accuracy {result.accuracy:.2f} "
+          f"(baseline {result.baseline_accuracy:.2f})" + (f", test {result.test_accuracy:.2f}" if result.test_accuracy is not None else ""))
+    print(f"stopped: {result.stopped}")
+    print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, pruned.pt (ek.load) and checkpoints/")
+    return 0
+
+
+def _check_out(out: Path, settings: dict, resume: bool) -> bool:
+    """Whether `out` holds this run to resume; an error where it may not take this run (nothing a
+    user wrote is ever overwritten)."""
+    record = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder")
+    if record.exists():
+        try:
+            previous = json.loads(record.read_text())["settings"]
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"{record} is unreadable ({type(exc).__name__}); choose another --out") from None
+        if not resume:
+            raise UsageError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+        differs = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        if differs:
+            shown = ", ".join(f"--{k.replace('_', '-')} {previous.get(k)} (now {settings.get(k)})" for k in differs)
+            raise UsageError(f"--out {out} holds a run started with {shown}; resume with the same options, or choose "
+                             "another --out")
+        return True
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty and holds no run; choose a new or empty folder")
+    return False
+
+
+def _data_and_model(args):
+    from . import data, models
+
+    if args.dataset not in data.DATASETS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+    try:
+        splits = data.load(args.dataset, args.data_root, download=args.download, seed=args.seed, augment=args.augment)
+        torch.manual_seed(args.seed)  # the same initial weights for the same seed
+        tv = args.model not in models.PAPER_MODELS
+        model = models.build(args.model, num_classes=splits.num_classes, in_channels=3 if tv else splits.in_channels,
+                             width=1.0 if tv else args.width)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    if args.train_size is not None:  # a quick run on part of the training split
+        splits.train = torch.utils.data.Subset(splits.train, range(min(args.train_size, len(splits.train))))
+    if args.weights:
+        _load_weights(model, args.weights)
+    return splits, model
+
+
+def _load_weights(model, path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except FileNotFoundError:
+        raise UsageError(f"--weights {path}: no such file") from None
+    except Exception as exc:
+        raise UsageError(f"--weights {path} does not fit --model (a state_dict of that architecture is needed): "
+                         f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def _channels(model, splits) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else splits.in_channels
+
+
+class _RepeatChannels:
+    """Collates grayscale batches as 3-channel ones, for torchvision's models."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, batch):
+        images, labels = torch.utils.data.default_collate(batch)
+        return images.expand(-1, self.channels, -1, -1).contiguous(), labels
+
+
+def _loaders(splits, args, model_channels: int):
+    from torch.utils.data import DataLoader
+
+    collate = _RepeatChannels(model_channels) if model_channels != splits.in_channels else None
+
+    def loader(dataset, shuffle):
+        if dataset is None:
+            return None
+        # no generator of its own: the order comes from torch's global RNG, which checkpoints restore
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
+                          collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+    return loader(splits.train, True), loader(splits.val, False), loader(splits.test, False)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} needs a CUDA GPU; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+
+
+def _baseline(model, train, args, out: Path, device):
+    """Trains the model `--epochs` epochs (unless --weights), the last one with the scores riding
+    along; kept in out/baseline.pt so that a resumed run does not train it again."""
+    from . import train as training
+    from .entropy import EntropyMeter
+
+    if args.weights or args.epochs == 0:
+        if not args.weights:
+            print("note: --epochs 0 and no --weights: pruning an untrained model", file=sys.stderr)
+        return None
+    path = out / "baseline.pt"
+    if path.exists():
+        saved = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        return saved["scores"]
+    meter = EntropyMeter(model, mode=args.mode)
+    try:
+        training.fit(model, train, args.epochs, lr=args.train_lr, meter=meter, device=device, progress=not args.quiet,
+                     desc="baseline")
+        scores = dict(meter.scores())
+    finally:
+        meter.close()
+    atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "scores": scores}, f))
+    return scores
+
+
+# ---- score
+
+def _cmd_score(args) -> int:
+    from . import data, models
+    from .entropy import entropy_scores
+    from .prune import load, read_record
+    from .sites import find_sites
+
+    path = Path(args.path)
+    path = path / "pruned.pt" if path.is_dir() else path
+    try:
+        settings = read_record(path).get("settings", {})
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    if "model" not in settings:
+        raise UsageError(f"{path} was saved from Python (no CLI settings); score it with ek.entropy_scores(ek.load(...).model, ...)")
+    try:
+        builder = lambda: models.build(settings["model"], num_classes=settings["num_classes"],  # noqa: E731
+                                       in_channels=settings["in_channels"], width=settings["width"])
+        result = load(path, builder)
+        splits = data.load(args.dataset or settings["dataset"], args.data_root or settings.get("data_root"),
+                           seed=settings["seed"], augment=settings["augment"])
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    device = _device(args.device)
+    net = result.model.to(device).train()  # the paper counts in train mode; buffers are restored
+    train, _, _ = _loaders(splits, args, settings["in_channels"])
+    scores = entropy_scores(net, train, mode=args.mode, max_batches=args.max_batches)
+    kinds = {s.name: s for s in find_sites(net, torch.zeros(result.example_shape, device=device))}
+    print(f"{path}: {len(scores)} active sites, {len(result.linearized)} linearized; {args.mode} entropy over "
+          f"{scores.batches} batches of {args.dataset or settings['dataset']}")
+    print(f"{'rank':>4}  {'site':<32} {'kind':<10} {'channels':>8}  {'entropy (bits)':>14}")
+    for rank, name in enumerate(scores.ranking(), 1):
+        site = kinds[name]
+        print(f"{rank:>4}  {name:<32} {site.kind:<10} {site.channels:>8}  {scores[name]:>14.4f}")
+    if result.linearized:
+        print("linearized: " + ", ".join(result.linearized))
+    return 0
+
+
+# ---- backends, bench
 
 def _cmd_backends(args) -> int:
     from . import ops
@@ -24,11 +248,9 @@ def _cmd_bench(args) -> int:
 
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
-        print(f"easier-kernels bench: unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("easier-kernels bench: --device cuda needs a CUDA GPU; use --device cpu", file=sys.stderr)
-        return 2
+        raise UsageError("--device cuda needs a CUDA GPU; use --device cpu")
     _cmd_backends(args)
     rows = kernel_report(args.shapes, args.device)
     headers = list(rows[0])
@@ -39,16 +261,86 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="easier-kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="easier-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    prune = sub.add_parser("prune", help="the EASIER loop on a model and dataset; writes a report, plots, checkpoints")
+    d = PRUNE_DEFAULTS
+    prune.add_argument("--model", default=d["model"], help="resnet18, vgg16_bn, mobilenet_v2 (the paper's CIFAR-style "
+                       "models) or a torchvision classification name (torchvision.resnet18 for theirs)")
+    prune.add_argument("--dataset", default=d["dataset"], help="fashion-mnist-mini (shipped, the default), fashion-mnist, "
+                       "cifar10-subset, cifar10, imagefolder")
+    prune.add_argument("--data-root", help="the dataset's folder (not needed for fashion-mnist-mini)")
+    prune.add_argument("--download", action="store_true", help="let torchvision download fashion-mnist / cifar10")
+    prune.add_argument("--weights", help="a trained state_dict for --model (then no baseline training)")
+    prune.add_argument("--width", type=float, default=d["width"], help="channel width multiplier of the paper models")
+    prune.add_argument("--epochs", type=int, default=d["epochs"], help="baseline training epochs (without --weights)")
+    prune.add_argument("--epochs-per-step", type=int, default=d["epochs_per_step"], help="fine-tuning epochs per step")
+    prune.add_argument("--max-steps", type=int, help="stop after this many steps (default: until the accuracy drops)")
+    prune.add_argument("--max-drop", type=float, default=d["max_drop"], help="accuracy points allowed below the baseline")
+    prune.add_argument("--layers-per-step", type=int, default=d["layers_per_step"], help="sites linearized per step")
+    prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
+    prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
+                       help="count during the last fine-tuning epoch, or in a separate pass")
+    prune.add_argument("--no-augment", dest="augment", action="store_false", help="no random flip / 4-pixel shift")
+    prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
+    prune.add_argument("--train-lr", type=float, default=d["train_lr"], help="baseline training learning rate")
+    prune.add_argument("--batch-size", type=int, default=d["batch_size"])
+    prune.add_argument("--train-size", type=int, help="train on the first N images of the training split only")
+    prune.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    prune.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    prune.add_argument("--seed", type=int, default=d["seed"])
+    prune.add_argument("--out", default="easier-run", help="folder for report, plots, checkpoints (default ./easier-run)")
+    prune.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    prune.add_argument("--quiet", action="store_true", help="no progress bars or per-step rows")
+    prune.set_defaults(func=_cmd_prune)
+
+    score = sub.add_parser("score", help="print the entropy table of a pruned model (a run folder or its pruned.pt)")
+    score.add_argument("path", help="a run folder written by `easier-kernels prune --out`, or its pruned.pt")
+    score.add_argument("--dataset", help="score on another dataset than the run's")
+    score.add_argument("--data-root")
+    score.add_argument("--mode", default="pooled", choices=["pooled", "batch_mean"])
+    score.add_argument("--max-batches", type=int, help="score on the first N batches only")
+    score.add_argument("--batch-size", type=int, default=128)
+    score.add_argument("--workers", type=int, default=0)
+    score.add_argument("--device", default="auto")
+    score.set_defaults(func=_cmd_score)
+
     sub.add_parser("backends", help="print the active kernel backends").set_defaults(func=_cmd_backends)
     bench = sub.add_parser("bench", help="a short kernel benchmark (GB/s and ratios against torch)")
     bench.add_argument("--shapes", nargs="+", default=["resnet18-cifar-s1", "vit-b16-mlp"])
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _check(args) -> None:
+    if getattr(args, "max_drop", 0) < 0:
+        raise UsageError(f"--max-drop must be >= 0 accuracy points, not {args.max_drop}")
+    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+    for name in ("epochs", "max_steps", "workers"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, not {value}")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        _check(args)
+        return args.func(args)
+    except UsageError as exc:
+        print(f"easier-kernels {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\neasier-kernels {args.command}: interrupted" + ("; continue with --resume" if args.command == "prune" else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model"]
+__all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model", "build", "torchvision_names"]
 
 
 def _build(cls, num_classes, in_channels, width):
@@ -211,3 +211,29 @@ def paper_model(name, **kwargs):
     if not isinstance(name, str) or name not in PAPER_MODELS:
         raise ValueError(f"unknown model {name!r}; pass one of: {', '.join(PAPER_MODELS)}")
     return PAPER_MODELS[name](**kwargs)
+
+
+def torchvision_names() -> list:
+    """torchvision's classification model names (resnet50, mobilenet_v3_small, swin_t, ...)."""
+    from .compat import import_torchvision
+
+    torchvision = import_torchvision()
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def build(name, *, num_classes=10, in_channels=3, width=1.0):
+    """A fresh (untrained) model by name: one of the paper's CIFAR-style models (with `width`), or a
+    torchvision classification model (3-channel input, its own width). "torchvision.resnet18" names
+    torchvision's where the paper has a model of the same name."""
+    if name in PAPER_MODELS:
+        return PAPER_MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width)
+    name = name.removeprefix("torchvision.")
+    if name not in torchvision_names():
+        raise ValueError(f"unknown model {name!r}; pass one of {', '.join(PAPER_MODELS)} or a torchvision "
+                         "classification model name (e.g. resnet50, mobilenet_v3_small)")
+    if in_channels != 3 or width != 1.0:
+        raise ValueError(f"torchvision's {name} takes 3-channel images at its own width; in_channels and width "
+                         "apply to the paper models only")
+    from .compat import import_torchvision
+
+    return import_torchvision().models.get_model(name, weights=None, num_classes=num_classes)

@@ -1,0 +1,441 @@
+"""The EASIER loop: score, linearize the lowest-entropy sites, fine-tune, evaluate, repeat.
+
+    result = ek.prune(model, train_loader, val_loader, max_drop=1.0, checkpoint_dir="run/")
+    result.model             # the last network that passed (trainable; activations -> identity)
+    result.linearized        # the removed sites, in order
+    result.save("pruned.pt"); ek.load("pruned.pt", lambda: MyNet())   # weights + a JSON recipe
+
+Per step (DESIGN.md, "The method"): the lowest-entropy site goes (`layers_per_step` of them, and
+every site scoring exactly 0), the network is fine-tuned and evaluated; the loop stops when the
+validation accuracy falls below `baseline - max_drop` and returns the last network that passed.
+Scores come from the last fine-tuning epoch (ride-along, as the paper counts them) or from a
+separate pass over `train_loader` in train mode (`scoring="pass"`, and always for the first step).
+
+A checkpoint is written atomically after every step; a run killed at any point and started
+again with `resume=True` ends exactly as an uninterrupted run with the same seed would.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import train as training
+from .entropy import MODES, EntropyMeter, entropy_scores
+from .linearize import linearize, recipe
+from .sites import find_sites
+
+__all__ = ["prune", "PruneResult", "Step", "load", "read_record", "atomic_write"]
+
+SCORING = ("ride_along", "pass")
+_FORMAT = "easier_kernels.prune/1"
+_CHECKPOINT = re.compile(r"step_(\d+)\.pt")
+
+
+@dataclasses.dataclass
+class Step:
+    """One attempted step: the sites removed, the scores they were chosen by (every site active
+    before the step), the validation (and test) accuracy after fine-tuning, and whether it passed."""
+
+    step: int
+    removed: list
+    entropy: dict
+    val_accuracy: float
+    accepted: bool
+    seconds: float
+    test_accuracy: float | None = None
+
+
+@dataclasses.dataclass
+class PruneResult:
+    model: nn.Module
+    linearized: list
+    history: list
+    baseline_accuracy: float
+    accuracy: float
+    stopped: str
+    sites: list
+    max_drop: float
+    mode: str
+    baseline_test_accuracy: float | None = None
+    test_accuracy: float | None = None
+    example_shape: tuple = ()
+    leaf_modules: list = dataclasses.field(default_factory=list)
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: everything but the model (the schema of report.json)."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("model", "history")}
+        record["steps"] = [dataclasses.asdict(s) for s in self.history]
+        record["recipe"] = recipe(self.model)
+        record["example_shape"] = list(self.example_shape)
+        return record
+
+    def save(self, path) -> None:
+        """Weights and a JSON recipe in one file (no pickled code): `ek.load(path, model_fn)` rebuilds it."""
+        saved = {"format": _FORMAT, "record": json.dumps(self.to_dict()), "state_dict": self.model.state_dict()}
+        atomic_write(path, lambda f: torch.save(saved, f))
+
+
+def read_record(path) -> dict:
+    """The JSON record of a saved PruneResult (sites, steps, settings, recipe), without building the model."""
+    return json.loads(_load_file(path)["record"])
+
+
+def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
+    """A saved PruneResult: `model_fn` builds the original (unpruned) architecture, or is that module;
+    the recorded sites are linearized in it (with the same padding moves) and the weights loaded."""
+    saved = _load_file(path)
+    record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
+    original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
+    net = _rebuild(original, record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
+    if recipe(net) != record["recipe"]:
+        raise ValueError(f"{path}: the model from model_fn gives other padding moves than the saved one; pass the "
+                         "architecture the result was pruned from")
+    net.load_state_dict(saved["state_dict"])
+    record["steps"] = [Step(**s) for s in record.pop("steps")]
+    fields = {f.name for f in dataclasses.fields(PruneResult)}
+    return PruneResult(model=net, history=record.pop("steps"), **{k: v for k, v in record.items() if k in fields})
+
+
+def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, epochs_per_step: int = 1,
+          layers_per_step: int = 1, max_steps: int | None = None, mode: str = "pooled", scoring: str = "ride_along",
+          exclude: Iterable[str] = (), finetune: Callable | None = None, evaluate: Callable | None = None,
+          test_loader=None, scores=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
+          example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
+          checkpoint_dir=None, resume: bool = False, progress: bool = True,
+          on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
+    """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
+
+    max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
+    finetune(model, step): your own training of `model` in place (DDP, Lightning, ...); by default
+        `epochs_per_step` epochs of SGD (momentum 0.9, `lr` cosine to 0, `weight_decay`, AMP on CUDA).
+        With scoring="ride_along" the model handed over counts on/off while it trains: the scores
+        cover all the training it gets (the default fine-tuner counts in its last epoch only).
+    evaluate(model) -> accuracy in percent; by default top-1 on `val_loader`.
+    test_loader: also recorded per step (never used to decide).
+    scores: the first step's scores (e.g. from an EntropyMeter during your own training);
+        by default a pass over `train_loader` in train mode.
+    exclude: site names never linearized. seed: seeds torch, numpy and random (None: leave them).
+    checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
+    on_step(result): called after every step and at the end with the result so far.
+    """
+    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring)
+    device = torch.device(device) if device is not None else training.model_device(model)
+    if training.model_device(model) != device:
+        model = copy.deepcopy(model).to(device)
+    example = _example(example_inputs, val_loader if val_loader is not None else train_loader).to(device)
+    leaf_paths = _leaf_paths(model, leaf_modules)
+    site_names = [s.name for s in find_sites(model, example, leaf_modules=leaf_paths)]
+    exclude = set(exclude)
+    if unknown := sorted(exclude - set(site_names)):
+        raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(site_names)}")
+    evaluate = evaluate or (lambda net: training.accuracy(net, val_loader, device=device, progress=progress, desc="val"))
+    if finetune is None:
+        def finetune(net, step, meter=None):
+            training.fit(net, train_loader, epochs_per_step, lr=lr, weight_decay=weight_decay, meter=meter, amp=amp,
+                         device=device, progress=progress, desc=f"step {step}")
+        own_finetune = True
+    else:
+        own_finetune = False
+    test = (lambda net: training.accuracy(net, test_loader, device=device, progress=progress, desc="test")) \
+        if test_loader is not None else (lambda net: None)
+
+    def scoring_pass(net: nn.Module):
+        was_training = net.training
+        net.train()  # the paper counts in train mode; buffers are restored by entropy_scores
+        try:
+            return entropy_scores(net, training._progress(train_loader, progress, "score"), mode=mode,
+                                  leaf_modules=leaf_paths)
+        finally:
+            net.train(was_training)
+
+    settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
+                "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
+                "finetune": "default" if own_finetune else "user", "lr": lr, "weight_decay": weight_decay}
+    loaders = (train_loader, val_loader, test_loader)
+    run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
+    state = run.start(resume) if run else None
+    if state is None:
+        if seed is not None:
+            _seed_everything(seed)
+        baseline = float(evaluate(model))
+        if baseline <= 1.0:
+            warnings.warn(f"baseline accuracy is {baseline}: evaluate must return percent (0-100), as max_drop is in "
+                          "accuracy points", stacklevel=2)
+        state = {"baseline": baseline, "baseline_test": test(model), "linearized": [], "history": [], "done": False,
+                 "stopped": "", "scores": dict(scores if scores is not None else scoring_pass(model))}
+        current = _rebuild(model, [], example, leaf_paths)
+        if run:
+            run.save(state, current, 0)
+    else:
+        current = _rebuild(model, state["history"], example, leaf_paths)
+        current.load_state_dict(state["state_dict"])
+        _set_rng(state["rng"], loaders)
+
+    result = PruneResult(model=current, linearized=list(state["linearized"]), history=[Step(**s) for s in state["history"]],
+                         baseline_accuracy=state["baseline"], accuracy=state["baseline"], stopped=state["stopped"],
+                         sites=site_names, max_drop=max_drop, mode=mode, baseline_test_accuracy=state["baseline_test"],
+                         test_accuracy=state["baseline_test"], example_shape=tuple(example.shape), leaf_modules=leaf_paths,
+                         settings=dict(settings))
+    if accepted := [s for s in result.history if s.accepted]:
+        result.accuracy, result.test_accuracy = accepted[-1].val_accuracy, accepted[-1].test_accuracy
+    threshold = state["baseline"] - max_drop
+    scores = state["scores"]
+    if progress and not state["history"]:
+        _print_row(None, result)
+    while not state["done"]:
+        if max_steps is not None and len(result.history) >= max_steps:
+            state["stopped"] = f"reached max_steps={max_steps}"  # not done: a resume with more steps goes on
+            break
+        candidates = {n: e for n, e in scores.items() if n not in exclude and e == e}  # e == e: not NaN
+        if not candidates:
+            state.update(done=True, stopped="no site left to linearize")
+            break
+        started = time.perf_counter()
+        step = len(result.history) + 1
+        chosen = _choose(candidates, layers_per_step)
+        net = linearize(current, chosen, example, leaf_modules=leaf_paths)
+        remaining = len(scores) > len(chosen)
+        meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
+        try:
+            if own_finetune:
+                finetune(net, step, meter)
+            else:
+                finetune(meter.model if meter is not None else net, step)
+            new_scores = _meter_scores(meter) if meter is not None else (scoring_pass(net) if remaining else {})
+        finally:
+            if meter is not None:
+                meter.close()
+        val = float(evaluate(net))
+        record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
+                      time.perf_counter() - started, test(net))
+        result.history.append(record)
+        state["history"].append(dataclasses.asdict(record))
+        if record.accepted:
+            current, scores = net, dict(new_scores)
+            result.model, result.accuracy, result.test_accuracy = net, val, record.test_accuracy
+            result.linearized += chosen
+            state.update(linearized=list(result.linearized), scores=scores)
+        else:
+            state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
+                                            f"(baseline {state['baseline']:.2f} - max_drop {max_drop})")
+        if progress:
+            _print_row(record, result)
+        if run:
+            run.save(state, current, step)
+        if on_step:
+            on_step(result)
+    result.stopped = state["stopped"]
+    if run:
+        run.save(state, current, len(result.history))
+    if on_step:
+        on_step(result)
+    return result
+
+
+# ---- the loop's pieces
+
+def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring) -> None:
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
+        raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
+    for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, not {value}")
+    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 0):
+        raise ValueError(f"max_steps must be an integer >= 0 or None, not {max_steps}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if scoring not in SCORING:
+        raise ValueError(f"scoring must be one of {', '.join(SCORING)}, not {scoring!r}")
+
+
+def _choose(candidates: dict, k: int) -> list:
+    """The k lowest-entropy sites, and every site scoring exactly 0; ties keep execution order."""
+    ranked = sorted(candidates, key=candidates.__getitem__)
+    return ranked[:k] + [n for n in ranked[k:] if candidates[n] == 0.0]
+
+
+def _meter_scores(meter: EntropyMeter):
+    try:
+        return meter.scores()
+    except RuntimeError as exc:
+        raise ValueError("finetune did not run the model it was given, so nothing was counted; train that module "
+                         "in place, or pass scoring='pass'") from exc
+
+
+def _example(example_inputs, loader) -> torch.Tensor:
+    """One input sample: `example_inputs`, else the first of the loader's first batch."""
+    if example_inputs is not None:
+        return example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ValueError("the loader yielded no batches; check the dataset is not empty")
+    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
+    return inputs[:1].clone()
+
+
+def _leaf_paths(model: nn.Module, leaf_modules) -> list:
+    """Leaf modules as module paths (types resolved), so that the recipe stays plain JSON."""
+    if not leaf_modules:
+        return []
+    leaf_modules = list(leaf_modules)
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    return [name for name, m in model.named_modules() if name and (name in leaf_modules or isinstance(m, types))]
+
+
+def _rebuild(original: nn.Module, steps: list, example: torch.Tensor, leaf_paths: list) -> fx.GraphModule:
+    """The network after the accepted `steps` (dicts), linearized step by step as the run did it, so
+    that names, padding moves and the recipe come out the same."""
+    example = example.to(training.model_device(original))
+    net = linearize(original, [], example, leaf_modules=leaf_paths)
+    for step in steps:
+        if step["accepted"]:
+            net = linearize(net, step["removed"], example, leaf_modules=leaf_paths)
+    return net
+
+
+def _print_row(step: Step | None, result: PruneResult) -> None:
+    from tqdm.auto import tqdm
+
+    from . import report
+
+    if step is None:
+        tqdm.write(report.step_header())
+        tqdm.write(f"baseline: validation accuracy {result.baseline_accuracy:.2f}, {len(result.sites)} sites")
+    else:
+        tqdm.write(report.step_row(result.to_dict(), dataclasses.asdict(step)))
+
+
+# ---- reproducibility
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _generators(loaders) -> list:
+    """The torch.Generators a loader draws its order from (when it was given its own)."""
+    found = []
+    for loader in loaders:
+        for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+    return found
+
+
+def _get_rng(loaders) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "random": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "loaders": [g.get_state() for g in _generators(loaders)],
+    }
+
+
+def _set_rng(rng: dict, loaders) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    *internal, version, gauss = rng["random"]
+    random.setstate((version, tuple(internal), gauss))
+    generators = _generators(loaders)
+    if len(generators) != len(rng["loaders"]):
+        raise ValueError("the loaders have other generators than when the run was checkpointed; pass the same loaders")
+    for generator, saved in zip(generators, rng["loaders"]):
+        generator.set_state(saved)
+
+
+# ---- checkpoints
+
+def _fingerprint(model: nn.Module, site_names: list) -> str:
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    text = json.dumps([type(model).__name__, site_names, shapes], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def atomic_write(path, write: Callable) -> None:
+    """`write(binary file)` into a temporary file in the same folder, flushed, then renamed over
+    `path`: a kill leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_file(path) -> dict:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        raise ValueError(f"{path} was not written by easier_kernels' prune (format {_FORMAT}); pass a file from "
+                         "PruneResult.save or a checkpoint_dir")
+    return saved
+
+
+class _Run:
+    """A checkpoint folder: `step_NNN.pt` after every step (NNN = steps attempted so far)."""
+
+    def __init__(self, folder, fingerprint: str, settings: dict, loaders: tuple):
+        self.folder, self.fingerprint, self.settings, self.loaders = Path(folder), fingerprint, settings, loaders
+
+    def checkpoints(self) -> list:
+        found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt") if (m := _CHECKPOINT.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def start(self, resume: bool) -> dict | None:
+        """The state to resume from, or None for a fresh run (after checking the folder may be used)."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"checkpoint_dir {self.folder} is a file; pass a folder")
+        checkpoints = self.checkpoints() if self.folder.is_dir() else []
+        if checkpoints and not resume:
+            raise ValueError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
+                             "it, or choose another folder")
+        if not checkpoints:
+            return None
+        saved = _load_file(checkpoints[-1])
+        if saved["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
+                             "that run was started with")
+        differs = {k: (v, self.settings.get(k)) for k, v in saved["settings"].items() if self.settings.get(k) != v}
+        if differs:
+            shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items())
+            raise ValueError(f"{self.folder} was started with {shown}; resume with the same options or choose another folder")
+        return saved["state"]
+
+    def save(self, state: dict, model: nn.Module, step: int) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        state = dict(state, state_dict=model.state_dict(), rng=_get_rng(self.loaders))
+        saved = {"format": _FORMAT, "fingerprint": self.fingerprint, "settings": self.settings, "state": state}
+        atomic_write(self.folder / f"step_{step:03d}.pt", lambda f: torch.save(saved, f))

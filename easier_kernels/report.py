@@ -1,0 +1,315 @@
+"""The report files of a pruning run: report.json, report.md, entropy.png and accuracy.png.
+
+    from easier_kernels import report
+    paths = report.write_report(run, "runs/resnet18")   # run: the dict ek.prune returns
+    print(report.step_header(run))                      # a CLI's live table, one row per step
+    print(report.step_row(run, step))
+
+The run dict (accuracies in percent): baseline_accuracy, baseline_test_accuracy?, max_drop,
+accuracy, test_accuracy?, sites (execution order), linearized, stopped, mode, settings?, and
+steps: [{step, removed, entropy (site -> bits, for the sites active before the step),
+val_accuracy, test_accuracy?, accepted, seconds}].
+
+matplotlib is imported only when a plot is drawn, and only as a Figure on the Agg canvas, so
+no GUI backend is chosen and pyplot's global figure list is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "entropy_matrix", "accuracy_series",
+           "step_header", "step_row", "COLUMNS"]
+
+COLUMNS = ("step", "removed", "entropy (bits)", "val acc", "drop", "test acc", "kept", "seconds")
+_LEFT = {1, 6}  # text columns; the rest are numbers, right-aligned in the terminal
+_GREY = "#d9d9d9"  # masked heatmap cells: already linearized, or no score
+
+
+def write_report(run: dict, out_dir) -> dict[str, Path]:
+    """Write report.json, report.md, entropy.png and accuracy.png into out_dir (created if
+    missing), each atomically, and return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md",
+             "entropy_plot": out / "entropy.png", "accuracy_plot": out / "accuracy.png"}
+    # Non-finite floats become null: NaN is not JSON, and other tools should read the file.
+    text = json.dumps(_finite(run), indent=2, default=str) + "\n"
+    _atomic_write(paths["json"], lambda f: f.write(text.encode()))
+    _atomic_write(paths["markdown"], lambda f: f.write(markdown(run).encode()))
+    entropy_heatmap(run, paths["entropy_plot"])
+    accuracy_plot(run, paths["accuracy_plot"])
+    return paths
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(binary file) into a temp file beside path, fsync, then rename over path, so a crash
+    or a reader never sees a half-written file. os.open (not mkstemp) so the umask sets the mode,
+    not 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+# ---- Table cells, shared by the markdown table and the terminal rows
+
+def _num(x, fmt: str = ".2f") -> str:
+    """x formatted, or "-" when missing or NaN."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _cells(run: dict, step: dict) -> list:
+    """One step's cells in COLUMNS order, as strings; removed and entropy are lists (one per site)."""
+    removed = list(step.get("removed", []))
+    entropy = step.get("entropy") or {}
+    val = step.get("val_accuracy")
+    drop = None if val is None else round(run["baseline_accuracy"] - val, 2) + 0.0  # no "-0.00"
+    return [str(step.get("step", "")), removed, [_num(entropy.get(s), ".3f") for s in removed], _num(val),
+            _num(drop), _num(step.get("test_accuracy")), "yes" if step.get("accepted") else "rejected",
+            _num(step.get("seconds"), ".1f")]
+
+
+def _widths(run: dict | None) -> list[int]:
+    """Terminal column widths. "removed" is 24 wide, or the run's longest site name, so a header
+    printed before the run is known still lines up with the rows of usual models."""
+    removed = max([24, *map(len, (run or {}).get("sites") or [])])
+    return [max(len(c), w) for c, w in zip(COLUMNS, (4, removed, 0, 7, 6, 8, 8, 7))]
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) if i in _LEFT else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+
+def step_header(run: dict | None = None) -> str:
+    """The header and rule of the terminal table. Pass the run (its sites suffice) when a site name
+    may be longer than 24 characters, so the columns line up with step_row's."""
+    widths = _widths(run)
+    return _line(list(COLUMNS), widths) + "\n" + _line(["-" * w for w in widths], widths)
+
+
+def step_row(run: dict, step: dict) -> str:
+    """One fixed-width terminal row for a step; a step that removed several sites continues on
+    one line per further site (name and entropy only)."""
+    cells, widths = _cells(run, step), _widths(run)
+    removed, entropy = cells[1] or ["-"], cells[2] or ["-"]
+    lines = [_line([cells[0], removed[0], entropy[0], *cells[3:]], widths)]
+    lines += [_line(["", r, e, "", "", "", "", ""], widths) for r, e in zip(removed[1:], entropy[1:])]
+    return "\n".join(lines)
+
+
+# ---- Markdown
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2f}%"
+
+
+def markdown(run: dict) -> str:
+    """A human-readable report: summary, settings, one table row per step, and the two plots."""
+    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    final = base if run.get("accuracy") is None else run["accuracy"]
+    sites, removed = run.get("sites") or [], run.get("linearized") or []
+    test = lambda key: f", test {_pct(run[key])}" if run.get(key) is not None else ""  # noqa: E731
+    names = ": " + ", ".join(f"`{s}`" for s in removed) if removed else ""
+    lines = ["# EASIER pruning report", "",
+             f"- **Baseline accuracy**: validation {_pct(base)}{test('baseline_test_accuracy')}",
+             f"- **Final accuracy**: validation {_pct(final)}{test('test_accuracy')} "
+             f"(drop {base - final:.2f} points, {max_drop:.2f} allowed)",
+             f"- **Layers removed**: {len(removed)} of {len(sites)}{names}",
+             f"- **Stopped**: {run.get('stopped') or '-'}",
+             f"- **Scoring mode**: {run.get('mode') or '-'}", ""]
+    if run.get("settings"):
+        lines += ["## Settings", "", _md_row(["setting", "value"]), _md_row(["---", "---"])]
+        lines += [_md_row([k, v if isinstance(v, str) else json.dumps(v, default=str)])
+                  for k, v in run["settings"].items()]
+        lines.append("")
+    lines += ["## Steps", ""]
+    if run.get("steps"):
+        lines += [_md_row(COLUMNS), _md_row(["---:", "---", "---:", "---:", "---:", "---:", "---", "---:"])]
+        for step in run["steps"]:
+            cells = _cells(run, step)
+            cells[1] = ", ".join(f"`{s}`" for s in cells[1])
+            cells[2] = ", ".join(cells[2])
+            lines.append(_md_row(cells))
+    else:
+        lines.append("No step was attempted; the model is the unpruned baseline.")
+    lines += ["", "drop = baseline validation accuracy - step validation accuracy (points); "
+              "entropy = layer entropy of the removed site(s) when they were chosen.", "",
+              "## Plots", "", "![Layer entropy per step](entropy.png)", "",
+              "![Accuracy against layers removed](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+# ---- Plot data (pure)
+
+def entropy_matrix(run: dict) -> tuple[np.ndarray, list[str]]:
+    """(entropy in bits [sites, steps], site names in execution order); NaN where a site has no
+    score at a step (linearized earlier, null or NaN)."""
+    names = list(run.get("sites") or [])
+    steps = run.get("steps", [])
+    values = np.full((len(names), len(steps)), np.nan)
+    for j, step in enumerate(steps):
+        entropy = step.get("entropy") or {}
+        for i, name in enumerate(names):
+            if entropy.get(name) is not None:
+                values[i, j] = entropy[name]
+    return values, names
+
+
+def accuracy_series(run: dict) -> tuple[dict, dict]:
+    """(accepted, rejected) points, each {"x", "val", "test", "removed"} lists; x = layers removed.
+    The accepted path starts at the baseline (x = 0); a rejected step sits where it would have
+    landed, counted from the last accepted step. A missing test accuracy is NaN."""
+    nan = lambda x: math.nan if x is None else x  # noqa: E731
+    accepted = {"x": [0], "val": [run["baseline_accuracy"]], "test": [nan(run.get("baseline_test_accuracy"))],
+                "removed": [[]]}
+    rejected = {"x": [], "val": [], "test": [], "removed": []}
+    count = 0
+    for step in run.get("steps", []):
+        x = count + len(step.get("removed", []))
+        points = accepted if step.get("accepted") else rejected
+        count = x if step.get("accepted") else count
+        points["x"].append(x)
+        points["val"].append(nan(step.get("val_accuracy")))
+        points["test"].append(nan(step.get("test_accuracy")))
+        points["removed"].append(list(step.get("removed", [])))
+    return accepted, rejected
+
+
+# ---- Plots
+
+def _figure(width: float, height: float):
+    """A pyplot-free Figure on the Agg canvas (no GUI backend, no global state to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path) -> Path:
+    path = Path(path)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
+def entropy_heatmap(run: dict, path) -> Path:
+    """Heatmap of layer entropy: sites (execution order) x steps; grey = no score (linearized
+    earlier); a box marks the site(s) each step removed, dashed when the step was rejected."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    values, names = entropy_matrix(run)
+    steps = run.get("steps", [])
+    if not steps:  # one blank column keeps the site axis and colour scale readable
+        values = np.full((len(names), 1), np.nan)
+    n_sites, n_cols = values.shape
+    fig = _figure(max(5.6, 3.4 + 0.62 * n_cols), 2.2 + 0.24 * max(n_sites, 4))  # the legend needs 5.6
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_GREY)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto",
+                      interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="layer entropy (bits)", fraction=0.08, pad=0.02, aspect=30)
+
+    ax.set_yticks(range(n_sites), names, fontsize=7.5)
+    labels = [f"step {s.get('step', j + 1)}" + ("" if s.get("accepted") else "\nrejected") for j, s in enumerate(steps)]
+    ax.set_xticks(range(n_cols), labels or ["no step"], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_xticks(np.arange(-0.5, n_cols), minor=True)  # thin white grid between cells
+    ax.set_yticks(np.arange(-0.5, n_sites), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.8)
+    ax.tick_params(which="minor", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+    if n_cols <= 16 and n_sites:  # values in the cells while they fit
+        for (i, j), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if v < 0.6 else "black")
+    row = {name: i for i, name in enumerate(names)}
+    for j, step in enumerate(steps):
+        style = "-" if step.get("accepted") else (0, (2, 1.5))
+        for name in step.get("removed", []):
+            if name in row:
+                ax.add_patch(Rectangle((j - 0.45, row[name] - 0.42), 0.9, 0.84, fill=False, edgecolor="#e41a1c",
+                                       linewidth=2, linestyle=style))
+
+    handles = [Line2D([], [], color="#e41a1c", linewidth=2, label="removed (accepted)"),
+               Line2D([], [], color="#e41a1c", linewidth=2, linestyle=(0, (2, 1.5)), label="tried, rejected"),
+               Patch(facecolor=_GREY, label="linearized earlier / no score")]
+    if steps:
+        fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=7.5, frameon=False)
+    ax.set_title("Layer entropy of each activation site, per pruning step"
+                 + ("" if steps else "\n(no step was attempted)"), fontsize=10)
+    return _save_png(fig, path)
+
+
+def accuracy_plot(run: dict, path) -> Path:
+    """Validation (and test) accuracy against the number of layers removed, with the stopping
+    threshold; rejected steps are red crosses off the accepted line."""
+    from matplotlib.ticker import MaxNLocator
+
+    accepted, rejected = accuracy_series(run)
+    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    has_test = not all(math.isnan(t) for t in accepted["test"] + rejected["test"])
+    fig = _figure(7.0, 4.4)
+    ax = fig.add_subplot()
+    ax.plot(accepted["x"], accepted["val"], "o-", color="C0", label="validation")
+    if has_test:
+        ax.plot(accepted["x"], accepted["test"], "s--", color="C1", markersize=5, label="test")
+    if rejected["x"]:
+        ax.plot(rejected["x"], rejected["val"], "x", color="#e41a1c", markersize=10, markeredgewidth=2.5,
+                label="rejected step (validation)")
+        if has_test and not all(map(math.isnan, rejected["test"])):
+            ax.plot(rejected["x"], rejected["test"], "+", color="#e41a1c", markersize=10, markeredgewidth=2,
+                    label="rejected step (test)")
+    if len(run.get("steps", [])) <= 12:  # name what each step removed while the labels fit
+        for names, x, y in [*zip(accepted["removed"], accepted["x"], accepted["val"]),
+                            *zip(rejected["removed"], rejected["x"], rejected["val"])]:
+            ax.annotate("\n".join(names), (x, y), xytext=(0, 9), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=6.5, color="0.35")
+    ax.axhline(base - max_drop, color="0.3", linestyle="--", linewidth=1.2,
+               label=f"stop below ({base - max_drop:.2f}% = baseline - {max_drop:g})")
+    ax.axhline(base, color="0.6", linestyle=":", linewidth=1, label=f"baseline ({base:.2f}%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right = max(accepted["x"] + rejected["x"] + [1])  # integer ticks need a range >= 1
+    ax.set_xlim(-0.3 - 0.02 * right, right + 0.3 + 0.03 * right)
+    ax.set_xlabel("layers removed (linearized activation sites)")
+    ax.set_ylabel("accuracy (%)")
+    sites = len(run.get("sites") or [])
+    ax.set_title(f"Accuracy while pruning: {len(run.get('linearized', []))} of {sites} sites removed", fontsize=10)
+    ax.margins(y=0.15)
+    ax.grid(True, alpha=0.35)
+    ax.legend(fontsize=8, loc="best")
+    return _save_png(fig, path)

@@ -1,0 +1,124 @@
+"""The training and evaluation `ek.prune` runs unless given its own: SGD with momentum, a cosine
+learning rate, mixed precision on CUDA.
+
+    ek.train.fit(model, loader, epochs=3, lr=0.1)         # trains in place, returns the last epoch's mean loss
+    ek.train.accuracy(model, loader)                      # top-1 in percent, in eval mode
+
+Batches are `(inputs, targets)` pairs; the loss is cross-entropy. `meter=` makes the last epoch
+ride along: forwards go through `meter.model` (which shares the model's parameters), paused in the
+earlier epochs, so the scores come from the last epoch only, as the paper counts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["fit", "accuracy", "model_device"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _progress(iterable, progress: bool, desc: str):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _pair(batch, device):
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise TypeError(f"training needs (inputs, targets) batches, got {type(batch).__name__}")
+    inputs, targets = batch[0], batch[1]
+    if not inputs.is_floating_point():
+        raise TypeError(f"batch inputs are {inputs.dtype}; make the loader yield float tensors (e.g. images.float() / 255)")
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device, amp: bool | None):
+    """bf16 autocast where it is native (CUDA with bf16, else fp16 with a grad scaler); off on CPU
+    unless asked for, as CPUs without AMX run bf16 convolutions slower than float32."""
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
+        meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train") -> float:
+    """Trains `model` in place for `epochs` epochs with SGD and a cosine learning rate (per batch,
+    from `lr` to 0). Returns the mean loss of the last epoch; a non-finite loss raises."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, not {epochs}")
+    device = torch.device(device) if device is not None else model_device(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch if per_epoch else epochs)
+    autocast, scaler = _autocast(device, amp)
+    forward = meter.model if meter is not None else model
+    was_training = model.training
+    forward.train()
+    try:
+        for epoch in range(epochs):
+            paused = meter.paused() if meter is not None and epoch < epochs - 1 else contextlib.nullcontext()
+            loss_sum, batches = torch.zeros((), device=device), 0
+            with paused:
+                for batch in _progress(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
+                    inputs, targets = _pair(batch, device)
+                    with autocast():
+                        loss = F.cross_entropy(forward(inputs), targets)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is None:
+                        loss.backward()
+                        optimizer.step()
+                    else:
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    if per_epoch:
+                        schedule.step()
+                    loss_sum += loss.detach().float()
+                    batches += 1
+            if not per_epoch:
+                schedule.step()
+            if batches == 0:
+                raise ValueError("the training loader yielded no batches; check the dataset is not empty")
+            mean_loss = loss_sum.item() / batches  # one sync per epoch
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; lower the learning rate")
+    finally:
+        model.train(was_training)
+    return mean_loss
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, desc: str = "eval") -> float:
+    """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    was_training = model.training
+    model.eval()
+    correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
+    try:
+        for batch in _progress(loader, progress, desc):
+            inputs, targets = _pair(batch, device)
+            correct += (model(inputs).argmax(-1) == targets).sum()
+            total += targets.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation loader yielded no samples; check the dataset is not empty")
+    return 100.0 * correct.item() / total

@@ -1,0 +1,191 @@
+"""report: the files of a pruning run (json, markdown, two PNGs), the heatmap's data, the terminal
+table rows, and the edge cases (no step, missing optional fields, NaN entropy, rejected last step)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from easier_kernels import report
+
+SITES = ["conv1_relu"] + [f"layer{l}_{b}_relu{r}" for l in range(1, 5) for b in range(2) for r in (1, 2)]
+# (removed, val, test, accepted); step 3 removes two sites at once, the last step is rejected
+PLAN = [(["layer4_1_relu2"], 91.1, 90.6, True), (["layer4_0_relu2"], 90.9, None, True),
+        (["layer3_1_relu2", "layer4_1_relu1"], 90.6, 90.2, True), (["layer3_0_relu1"], 90.4, 89.9, True),
+        (["layer2_1_relu2"], 89.9, 89.1, False)]
+DROPS = ["0.20", "0.40", "0.70", "0.90", "1.40"]
+
+
+def entropy_of(site, step):
+    return round(0.95 - 0.05 * SITES.index(site) - 0.01 * step, 3)
+
+
+def make_run(plan=PLAN, **overrides):
+    steps, gone = [], []
+    for k, (removed, val, test, ok) in enumerate(plan, 1):
+        steps.append({"step": k, "removed": removed, "entropy": {s: entropy_of(s, k) for s in SITES if s not in gone},
+                      "val_accuracy": val, "test_accuracy": test, "accepted": ok, "seconds": 10.0 + k})
+        gone += removed if ok else []
+    accepted = [s for s in steps if s["accepted"]]
+    run = {"baseline_accuracy": 91.3, "baseline_test_accuracy": 90.8, "max_drop": 1.0,
+           "accuracy": accepted[-1]["val_accuracy"] if accepted else 91.3,
+           "test_accuracy": accepted[-1]["test_accuracy"] if accepted else 90.8, "sites": SITES, "linearized": gone,
+           "stopped": "validation accuracy 89.9 < 90.3 (baseline 91.3 - max_drop 1.0)", "mode": "pooled",
+           "steps": steps, "settings": {"model": "resnet18", "dataset": "cifar10", "epochs": 5}}
+    run.update(overrides)
+    return run
+
+
+def check_png(path, min_side=200):
+    from matplotlib.image import imread
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) >= min_side
+    return image.shape
+
+
+def test_write_report_files_and_json_round_trip(tmp_path):
+    run = make_run()
+    paths = report.write_report(run, tmp_path / "new" / "dir")  # created if missing
+    assert set(paths) == {"json", "markdown", "entropy_plot", "accuracy_plot"}
+    assert all(p.is_file() and p.parent == tmp_path / "new" / "dir" for p in paths.values())
+    assert json.loads(paths["json"].read_text()) == run
+    assert paths["markdown"].read_text() == report.markdown(run)
+    check_png(paths["entropy_plot"])
+    check_png(paths["accuracy_plot"])
+
+
+def test_heatmap_height_grows_with_sites(tmp_path):
+    many = make_run(plan=[], sites=[f"features_{i}_relu" for i in range(40)])
+    small, big = report.entropy_heatmap(make_run(), tmp_path / "a.png"), report.entropy_heatmap(many, tmp_path / "b.png")
+    assert check_png(big)[0] > 1.5 * check_png(small)[0]
+
+
+def test_rewrite_replaces_files_and_leaves_no_temp_files(tmp_path):
+    report.write_report(make_run(), tmp_path)
+    (tmp_path / "report.json").write_text("x" * 100_000)  # longer than any report: must not survive
+    second = make_run(plan=PLAN[:2], stopped="max steps")
+    report.write_report(second, tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text()) == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "entropy.png", "report.json", "report.md"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0600
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
+    report.write_report(make_run(), tmp_path)
+    monkeypatch.setattr(report, "markdown", lambda run: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        report.write_report(make_run(plan=PLAN[:1]), tmp_path)
+    assert len(list(tmp_path.iterdir())) == 4 and not list(tmp_path.glob(".*"))
+    # each file is replaced whole: report.json was already new when report.md failed
+    assert json.loads((tmp_path / "report.json").read_text()) == make_run(plan=PLAN[:1])
+
+
+def test_markdown_content():
+    text = report.markdown(make_run())
+    for removed, *_ in PLAN:
+        assert all(f"`{site}`" in text for site in removed)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 5
+    for row, drop, (_, val, test, ok) in zip(rows, DROPS, PLAN):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3:7] == [f"{val:.2f}", drop, "-" if test is None else f"{test:.2f}", "yes" if ok else "rejected"]
+    assert f"{entropy_of('layer3_1_relu2', 3):.3f}, {entropy_of('layer4_1_relu1', 3):.3f}" in rows[2]
+    assert "| step | removed | entropy (bits) | val acc | drop | test acc | kept | seconds |" in text
+    assert "5 of 17" in text and "91.30%" in text and "90.40%" in text and "pooled" in text
+    assert "validation accuracy 89.9 < 90.3" in text and "| epochs | 5 |" in text
+    assert "](entropy.png)" in text and "](accuracy.png)" in text
+
+
+def test_entropy_matrix_values():
+    values, names = report.entropy_matrix(make_run())
+    assert names == SITES and values.shape == (17, 5)
+    gone = {"layer4_1_relu2": 1, "layer4_0_relu2": 2, "layer3_1_relu2": 3, "layer4_1_relu1": 3, "layer3_0_relu1": 4}
+    for i, site in enumerate(SITES):
+        for j in range(5):
+            if site in gone and j >= gone[site]:  # linearized at an earlier step
+                assert math.isnan(values[i, j])
+            else:
+                assert values[i, j] == entropy_of(site, j + 1)
+
+
+def test_nan_and_null_entropy_are_masked(tmp_path):
+    run = make_run()
+    run["steps"][0]["entropy"]["conv1_relu"] = float("nan")
+    run["steps"][1]["entropy"]["layer1_0_relu1"] = None
+    run["steps"][2]["entropy"]["layer3_1_relu2"] = float("nan")  # a removed site without a score
+    values, _ = report.entropy_matrix(run)
+    assert math.isnan(values[0, 0]) and math.isnan(values[1, 1]) and values[1, 0] == entropy_of("layer1_0_relu1", 1)
+    assert np.isnan(values).sum() == 2 + 1 + (0 + 1 + 2 + 4 + 5)  # set above + linearized cells
+    paths = report.write_report(run, tmp_path)
+    saved = json.loads(paths["json"].read_text())  # strict JSON: NaN is written as null
+    assert saved["steps"][0]["entropy"]["conv1_relu"] is None and "NaN" not in paths["json"].read_text()
+    assert "`layer3_1_relu2`, `layer4_1_relu1` | -, " in paths["markdown"].read_text()
+    check_png(paths["entropy_plot"])
+
+
+def test_zero_steps(tmp_path):
+    run = make_run(plan=[], stopped="max_drop 0: nothing can be removed")
+    paths = report.write_report(run, tmp_path)
+    text = paths["markdown"].read_text()
+    assert "No step was attempted" in text and "0 of 17" in text and "](entropy.png)" in text
+    assert report.entropy_matrix(run)[0].shape == (17, 0)
+    accepted, rejected = report.accuracy_series(run)
+    assert accepted["x"] == [0] and rejected["x"] == []
+    check_png(paths["entropy_plot"])
+    check_png(paths["accuracy_plot"])
+
+
+def test_missing_optional_fields(tmp_path):
+    run = make_run(plan=[(r, v, None, ok) for r, v, _, ok in PLAN], baseline_test_accuracy=None, test_accuracy=None)
+    del run["settings"]
+    paths = report.write_report(run, tmp_path)
+    text = paths["markdown"].read_text()
+    assert "Settings" not in text and "test " not in text.split("## Steps")[0]
+    assert all(math.isnan(t) for t in report.accuracy_series(run)[0]["test"])
+    check_png(paths["accuracy_plot"])
+
+
+def test_accuracy_series_x_is_layers_removed():
+    accepted, rejected = report.accuracy_series(make_run())
+    assert accepted["x"] == [0, 1, 2, 4, 5] and accepted["val"] == [91.3, 91.1, 90.9, 90.6, 90.4]
+    assert math.isnan(accepted["test"][2]) and accepted["test"][0] == 90.8
+    assert accepted["removed"][3] == ["layer3_1_relu2", "layer4_1_relu1"] and accepted["removed"][0] == []
+    assert rejected == {"x": [6], "val": [89.9], "test": [89.1], "removed": [["layer2_1_relu2"]]}  # where the rejected step would have landed
+
+
+def test_terminal_rows_align():
+    run = make_run()
+    header, rule = report.step_header(run).splitlines()
+    rows = [report.step_row(run, step) for step in run["steps"]]
+    assert len(rows[2].splitlines()) == 2  # two removed sites: a continuation line
+    first_lines = [row.splitlines()[0] for row in rows]
+    assert {len(line) for line in [header, rule, *first_lines]} == {len(header)}
+    assert report.step_header() == report.step_header(run)  # usual names fit the default width
+    long = make_run(sites=SITES + ["features_17_conv_0_2_hardtanh_x"])
+    assert len(report.step_header(long).splitlines()[0]) == len(report.step_row(long, long["steps"][0]))
+    for column in ("val acc", "drop", "seconds"):  # numbers right-aligned under their header
+        end = header.index(column) + len(column)
+        assert all(line[end - 1] != " " and (end == len(line) or line[end] == " ") for line in first_lines)
+    assert rows[4].split()[-2:] == ["rejected", "15.0"] and "1.40" in rows[4]
+    assert rows[2].splitlines()[1].split() == ["layer4_1_relu1", f"{entropy_of('layer4_1_relu1', 3):.3f}"]
+
+
+def test_matplotlib_lazy_and_pyplot_free(tmp_path):
+    """Importing report loads no matplotlib; plotting never imports pyplot (no GUI backend, no
+    global figures). report.py is loaded by path in a fresh interpreter, skipping torch's import."""
+    (tmp_path / "run.json").write_text(json.dumps(make_run()))
+    code = ("import importlib.util as u, json, sys; spec = u.spec_from_file_location('report', sys.argv[1]);"
+            "report = u.module_from_spec(spec); spec.loader.exec_module(report);"
+            "assert 'matplotlib' not in sys.modules;"
+            "report.write_report(json.load(open(sys.argv[2] + '/run.json')), sys.argv[2]);"
+            "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code, report.__file__, str(tmp_path)], check=True)
+    assert (tmp_path / "entropy.png").is_file()

@@ -41,10 +41,10 @@ def _cmd_prune(args) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k not in ("func", "command")}
     out = Path(args.out)
     resuming = _check_out(out, settings, args.resume)
+    device = _device(args.device)
     splits, model = _data_and_model(args)
     if not resuming:
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
-    device = _device(args.device)
     model.to(device)
     train, val, test = _loaders(splits, args, model_channels=_channels(model, splits))
     scores = _baseline(model, train, args, out, device)

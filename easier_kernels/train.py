@@ -67,6 +67,8 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    if per_epoch == 0:
+        raise ValueError("the training loader yielded no batches; check the dataset is not empty")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch if per_epoch else epochs)
     autocast, scaler = _autocast(device, amp)
     forward = meter.model if meter is not None else model

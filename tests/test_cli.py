@@ -23,3 +23,121 @@ def test_bad_shape_is_a_one_line_error_with_exit_code_2():
     out = run_python("-m", "easier_kernels.cli", "bench", "--shapes", "nope")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "unknown shape 'nope'" in out.stderr
+
+
+# ---- prune and score
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import easier_kernels as ek  # noqa: E402
+
+QUICK = ["--width", "0.125", "--epochs", "1", "--train-size", "256", "--max-drop", "100", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert cli.main(["prune", *QUICK, "--max-steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def test_prune_writes_the_report_plots_checkpoints_and_a_loadable_model(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"run.json", "baseline.pt", "pruned.pt", "report.json", "report.md", "entropy.png", "accuracy.png",
+            "checkpoints"} <= names
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000.pt", "step_001.pt", "step_002.pt"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["sites"]) == 17 and len(report["steps"]) == 2
+    assert report["linearized"] == [n for s in report["steps"] for n in s["removed"]]
+    for step in report["steps"]:
+        assert set(step) >= {"removed", "entropy", "val_accuracy", "test_accuracy"}
+        assert step["removed"][0] == min(step["entropy"], key=step["entropy"].get)
+    assert 0 <= report["baseline_accuracy"] <= 100 and report["settings"]["dataset"] == "fashion-mnist-mini"
+    markdown = (run_dir / "report.md").read_text()
+    assert "](entropy.png)" in markdown and "](accuracy.png)" in markdown and report["linearized"][0] in markdown
+    for png in ("entropy.png", "accuracy.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    settings = report["settings"]
+    result = ek.load(run_dir / "pruned.pt", lambda: ek.models.build(settings["model"], num_classes=10, in_channels=1,
+                                                                     width=settings["width"]))
+    assert result.linearized == report["linearized"]
+    assert result.model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
+    assert cli.main(["score", str(run_dir), "--max-batches", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 15  # 17 sites, 2 linearized
+    entropies = [float(line.split()[-1]) for line in rows]
+    assert entropies == sorted(entropies) and all(0 <= e <= 1 for e in entropies)
+    assert "linearized: " in out
+
+
+def test_resume_continues_a_run_with_more_steps(run_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    assert cli.main(["prune", *QUICK, "--max-steps", "3", "--out", str(out), "--resume"]) == 0
+    before, after = json.loads((run_dir / "report.json").read_text()), json.loads((out / "report.json").read_text())
+    assert len(after["steps"]) == 3 and after["steps"][:2] == before["steps"][:2]
+    assert after["baseline_accuracy"] == before["baseline_accuracy"]
+
+
+def _one_line_error(capsys, argv, match):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and match in err, err
+    return err
+
+
+def test_a_run_folder_is_never_overwritten(run_dir, capsys):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    _one_line_error(capsys, ["prune", *QUICK, "--out", str(run_dir)], "already holds a run; pass --resume")
+    _one_line_error(capsys, ["prune", *QUICK, "--out", str(run_dir), "--resume", "--width", "0.25"],
+                    "holds a run started with --width 0.125 (now 0.25)")
+    _one_line_error(capsys, ["prune", *QUICK, "--out", str(run_dir), "--resume", "--model", "vgg16_bn"],
+                    "--model resnet18 (now vgg16_bn)")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--dataset", "cifar10-subset"], "needs --data-root"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["--max-drop", "-1"], "--max-drop must be >= 0"),
+    (["--epochs-per-step", "0"], "--epochs-per-step must be >= 1"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+])
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):
+    _one_line_error(capsys, ["prune", *argv, "--out", str(tmp_path / "out")], match)
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_missing_empty_or_unreadable_data_is_one_line(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    _one_line_error(capsys, ["prune", "--dataset", "cifar10-subset", "--data-root", str(tmp_path / "nowhere"), *out],
+                    str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["prune", "--dataset", "imagefolder", "--data-root", str(tmp_path / "empty"), *out], "empty")
+    (tmp_path / "bad" / "cifar10-subset").mkdir(parents=True)
+    (tmp_path / "bad" / "cifar10-subset" / "cifar10_subset.npz").write_bytes(b"garbage")
+    _one_line_error(capsys, ["prune", "--dataset", "cifar10-subset", "--data-root", str(tmp_path / "bad"), *out],
+                    "cifar10_subset.npz")
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_of_something_else_is_one_line(tmp_path, capsys):
+    (tmp_path / "x.pt").write_bytes(b"garbage")
+    _one_line_error(capsys, ["score", str(tmp_path / "x.pt")], "not a readable easier_kernels file")
+    _one_line_error(capsys, ["score", str(tmp_path)], "no such file")
+
+
+def test_bad_input_from_the_shell_has_no_traceback():
+    out = run_python("-m", "easier_kernels.cli", "prune", "--dataset", "cifar10-subset")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--data-root" in out.stderr

@@ -401,9 +401,8 @@ def _one_line(e: BaseException) -> str:
 # ---- the older helpers: whole splits normalized with the published statistics
 
 
-def _normalized(images_nhwc: np.ndarray, mean, std) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).float().div_(255)
-    return ((x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)).contiguous()
+def _published(images_labels, mean, std) -> TensorDataset:
+    return TensorDataset(*ImageDataset(*images_labels, mean, std).tensors)
 
 
 def _check(root, folder: str, split: str) -> Path:
@@ -418,13 +417,11 @@ def _check(root, folder: str, split: str) -> Path:
 def cifar10_subset(root, split: str = "train") -> TensorDataset:
     """The CIFAR-10 subset (5,085 train + 1,017 test images), from cifar10_subset.npz."""
     path = _check(root, "cifar10-subset", split) / "cifar10_subset.npz"
-    with np.load(path) as arrays:
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-    return TensorDataset(_normalized(images, CIFAR10_MEAN, CIFAR10_STD), torch.from_numpy(labels.astype(np.int64)))
+    arrays = _npz(path, (f"{split}_images", f"{split}_labels"))
+    return _published(_checked(arrays[f"{split}_images"], arrays[f"{split}_labels"], path), CIFAR10_MEAN, CIFAR10_STD)
 
 
 def fashion_mnist(root, split: str = "train") -> TensorDataset:
     """Fashion-MNIST (60,000 train + 10,000 test images, 28x28 grayscale), from the IDX files."""
-    images, labels = _idx_split(_check(root, "fashion-mnist", split), split)
-    return TensorDataset(_normalized(images[..., None], FASHION_MNIST_MEAN, FASHION_MNIST_STD),
-                         torch.from_numpy(labels.astype(np.int64)))
+    folder = _check(root, "fashion-mnist", split)
+    return _published(_checked(*_idx_split(folder, split), folder), FASHION_MNIST_MEAN, FASHION_MNIST_STD)

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -145,13 +146,11 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     if unknown := sorted(exclude - set(site_names)):
         raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(site_names)}")
     evaluate = evaluate or (lambda net: training.accuracy(net, val_loader, device=device, progress=progress, desc="val"))
-    if finetune is None:
-        def finetune(net, step, meter=None):
-            training.fit(net, train_loader, epochs_per_step, lr=lr, weight_decay=weight_decay, meter=meter, amp=amp,
-                         device=device, progress=progress, desc=f"step {step}")
-        own_finetune = True
-    else:
-        own_finetune = False
+
+    def default_finetune(net, step, meter):
+        training.fit(net, train_loader, epochs_per_step, lr=lr, weight_decay=weight_decay, meter=meter, amp=amp,
+                     device=device, progress=progress, desc=f"step {step}")
+
     test = (lambda net: training.accuracy(net, test_loader, device=device, progress=progress, desc="test")) \
         if test_loader is not None else (lambda net: None)
 
@@ -159,14 +158,14 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         was_training = net.training
         net.train()  # the paper counts in train mode; buffers are restored by entropy_scores
         try:
-            return entropy_scores(net, training._progress(train_loader, progress, "score"), mode=mode,
+            return entropy_scores(net, training.progress_bar(train_loader, progress, "score"), mode=mode,
                                   leaf_modules=leaf_paths)
         finally:
             net.train(was_training)
 
     settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
                 "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
-                "finetune": "default" if own_finetune else "user", "lr": lr, "weight_decay": weight_decay}
+                "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay}
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None
@@ -198,7 +197,9 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     scores = state["scores"]
     if progress and not state["history"]:
         _print_row(None, result)
+    saved = False  # whether the last state is checkpointed and reported
     while not state["done"]:
+        saved = False
         if max_steps is not None and len(result.history) >= max_steps:
             state["stopped"] = f"reached max_steps={max_steps}"  # not done: a resume with more steps goes on
             break
@@ -213,8 +214,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
         try:
-            if own_finetune:
-                finetune(net, step, meter)
+            if finetune is None:
+                default_finetune(net, step, meter)
             else:
                 finetune(meter.model if meter is not None else net, step)
             new_scores = _meter_scores(meter) if meter is not None else (scoring_pass(net) if remaining else {})
@@ -234,17 +235,20 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         else:
             state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
                                             f"(baseline {state['baseline']:.2f} - max_drop {max_drop})")
+            result.stopped = state["stopped"]
         if progress:
             _print_row(record, result)
         if run:
             run.save(state, current, step)
         if on_step:
             on_step(result)
-    result.stopped = state["stopped"]
-    if run:
-        run.save(state, current, len(result.history))
-    if on_step:
-        on_step(result)
+        saved = True
+    if not saved:
+        result.stopped = state["stopped"]
+        if run:
+            run.save(state, current, len(result.history))
+        if on_step:
+            on_step(result)
     return result
 
 
@@ -315,7 +319,7 @@ def _print_row(step: Step | None, result: PruneResult) -> None:
     from . import report
 
     if step is None:
-        tqdm.write(report.step_header())
+        tqdm.write(report.step_header(result.to_dict()))
         tqdm.write(f"baseline: validation accuracy {result.baseline_accuracy:.2f}, {len(result.sites)} sites")
     else:
         tqdm.write(report.step_row(result.to_dict(), dataclasses.asdict(step)))
@@ -375,19 +379,22 @@ def _fingerprint(model: nn.Module, site_names: list) -> str:
 
 
 def atomic_write(path, write: Callable) -> None:
-    """`write(binary file)` into a temporary file in the same folder, flushed, then renamed over
-    `path`: a kill leaves either the old file or the new one, never a torn one."""
+    """`write(binary file)` into a temporary file beside `path`, fsync, then rename over `path`: a
+    kill leaves either the old file or the new one, never a torn one. os.open (not mkstemp), so
+    the umask sets the mode, not 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
 
 
 def _load_file(path) -> dict:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from .prune import atomic_write
 
 __all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "entropy_matrix", "accuracy_series",
            "step_header", "step_row", "COLUMNS"]
@@ -41,28 +42,11 @@ def write_report(run: dict, out_dir) -> dict[str, Path]:
              "entropy_plot": out / "entropy.png", "accuracy_plot": out / "accuracy.png"}
     # Non-finite floats become null: NaN is not JSON, and other tools should read the file.
     text = json.dumps(_finite(run), indent=2, default=str) + "\n"
-    _atomic_write(paths["json"], lambda f: f.write(text.encode()))
-    _atomic_write(paths["markdown"], lambda f: f.write(markdown(run).encode()))
+    atomic_write(paths["json"], lambda f: f.write(text.encode()))
+    atomic_write(paths["markdown"], lambda f: f.write(markdown(run).encode()))
     entropy_heatmap(run, paths["entropy_plot"])
     accuracy_plot(run, paths["accuracy_plot"])
     return paths
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(binary file) into a temp file beside path, fsync, then rename over path, so a crash
-    or a reader never sees a half-written file. os.open (not mkstemp) so the umask sets the mode,
-    not 0600."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _finite(x):
@@ -217,7 +201,7 @@ def _figure(width: float, height: float):
 
 def _save_png(fig, path) -> Path:
     path = Path(path)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 

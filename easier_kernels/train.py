@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["fit", "accuracy", "model_device"]
+__all__ = ["fit", "accuracy", "model_device", "progress_bar"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -26,7 +26,8 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _progress(iterable, progress: bool, desc: str):
+def progress_bar(iterable, progress: bool, desc: str):
+    """`iterable` with a tqdm bar that disappears when done (or as is, without progress)."""
     if not progress:
         return iterable
     from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
             paused = meter.paused() if meter is not None and epoch < epochs - 1 else contextlib.nullcontext()
             loss_sum, batches = torch.zeros((), device=device), 0
             with paused:
-                for batch in _progress(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
+                for batch in progress_bar(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
                     inputs, targets = _pair(batch, device)
                     with autocast():
                         loss = F.cross_entropy(forward(inputs), targets)
@@ -115,7 +116,7 @@ def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, d
     model.eval()
     correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     try:
-        for batch in _progress(loader, progress, desc):
+        for batch in progress_bar(loader, progress, desc):
             inputs, targets = _pair(batch, device)
             correct += (model(inputs).argmax(-1) == targets).sum()
             total += targets.numel()

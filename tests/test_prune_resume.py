@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ WORKER = str(Path(__file__).with_name("prune_worker.py"))
 
 def _start(checkpoint_dir, result_path) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, WORKER, str(checkpoint_dir), str(result_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=Path(WORKER).parent.parent.parent)
+                               stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     assert process.stdout.readline().strip() == "ready", process.stderr.read()
     return process
 

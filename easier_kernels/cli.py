@@ -46,9 +46,10 @@ def _cmd_prune(args) -> int:
     if not resuming:
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
     model.to(device)
-    train, val, test = _loaders(splits, args, model_channels=_channels(model, splits))
+    channels = _channels(model, splits)
+    train, val, test = _loaders(splits, args, model_channels=channels)
     scores = _baseline(model, train, args, out, device)
-    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": _channels(model, splits)}
+    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": channels}
 
     def save(result) -> None:
         result.settings.update(run_settings)

@@ -163,13 +163,14 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         finally:
             net.train(was_training)
 
+    # the options a resumed run must share with the run it resumes
     settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
                 "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
                 "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay}
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None
-    if state is None:
+    if state is None:  # a fresh run: baseline accuracy and the first scores
         if seed is not None:
             _seed_everything(seed)
         baseline = float(evaluate(model))
@@ -181,7 +182,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         current = _rebuild(model, [], example, leaf_paths)
         if run:
             run.save(state, current, 0)
-    else:
+    else:  # a resumed run: the network, the loop state and every RNG as checkpointed
         current = _rebuild(model, state["history"], example, leaf_paths)
         current.load_state_dict(state["state_dict"])
         _set_rng(state["rng"], loaders)
@@ -209,7 +210,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
             break
         started = time.perf_counter()
         step = len(result.history) + 1
-        chosen = _choose(candidates, layers_per_step)
+        chosen = _choose(candidates, layers_per_step)  # linearize, fine-tune (counting), evaluate
         net = linearize(current, chosen, example, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
@@ -222,7 +223,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         finally:
             if meter is not None:
                 meter.close()
-        val = float(evaluate(net))
+        val = float(evaluate(net))  # accept or stop; then checkpoint and report
         record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
                       time.perf_counter() - started, test(net))
         result.history.append(record)

@@ -246,7 +246,7 @@ def _buffers_kept(model: nn.Module):
                 buffer.copy_(value)
 
 
-def _batch_inputs(batch, device) -> tuple:
+def batch_inputs(batch, device) -> tuple:
     """A loader batch -> the model's positional inputs: a tensor, or (inputs, targets, ...)."""
     if isinstance(batch, torch.Tensor):
         inputs = batch
@@ -277,7 +277,7 @@ def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", 
             for batch in loader:
                 if max_batches is not None and batches >= max_batches:
                     break
-                meter.model(*_batch_inputs(batch, device))
+                meter.model(*batch_inputs(batch, device))
                 batches += 1
     finally:
         meter.close()

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .entropy import batch_inputs
+
 __all__ = ["fit", "accuracy", "model_device", "progress_bar"]
 
 
@@ -38,10 +40,8 @@ def progress_bar(iterable, progress: bool, desc: str):
 def _pair(batch, device):
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
         raise TypeError(f"training needs (inputs, targets) batches, got {type(batch).__name__}")
-    inputs, targets = batch[0], batch[1]
-    if not inputs.is_floating_point():
-        raise TypeError(f"batch inputs are {inputs.dtype}; make the loader yield float tensors (e.g. images.float() / 255)")
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    (inputs,) = batch_inputs(batch, device)
+    return inputs, batch[1].to(device, non_blocking=True)
 
 
 def _autocast(device: torch.device, amp: bool | None):

@@ -426,6 +426,8 @@ class _Run:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"checkpoint_dir {self.folder} is a file; pass a folder")
         checkpoints = self.checkpoints() if self.folder.is_dir() else []
+        for stale in self.folder.glob(".step_*.tmp") if self.folder.is_dir() else ():  # left by a killed write
+            stale.unlink(missing_ok=True)
         if checkpoints and not resume:
             raise ValueError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
                              "it, or choose another folder")

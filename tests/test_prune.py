@@ -163,10 +163,12 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
         ek.prune(small_model(width=0.25), train, val, max_steps=1, resume=True, **options)
     with pytest.raises(ValueError, match=r"started with max_drop=100.0 \(now 2.0\)"):
         ek.prune(small_model(), train, val, max_steps=1, resume=True, **dict(options, max_drop=2.0))
+    (tmp_path / ".step_002.pt.999.deadbeef.tmp").write_bytes(b"half a checkpoint")  # a write killed midway
     # a larger max_steps goes on from where the run stopped; the baseline is not evaluated again
     more = ek.prune(small_model(), train, val, max_steps=3, resume=True, evaluate=scripted([68.0, 67.0]), **options)
     assert more.history[0] == first.history[0] and len(more.history) == 3
     assert more.baseline_accuracy == 70.0 and more.accuracy == 67.0
+    assert not list(tmp_path.glob("*.tmp")), "the stale temporary file was not cleared"
     # a finished run resumes to its result at once
     again = ek.prune(small_model(), train, val, max_steps=3, resume=True, evaluate=scripted([]), **options)
     assert again.linearized == more.linearized

@@ -39,18 +39,17 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert len(expected.linearized) == 4
 
     # kill at spread-out moments of the work (imports excluded), each time resuming what is there
-    checkpoints, kills, delay = tmp_path / "checkpoints", 0, 0.15 * duration
+    checkpoints, kills, delay = tmp_path / "checkpoints", 0, 0.12 * duration
     while True:
         process = _start(checkpoints, tmp_path / "resumed.pt")
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
-            process.wait()
-            assert process.returncode == -signal.SIGKILL
-            kills += 1
-            delay *= 1.6
-            continue
+            if process.wait() == -signal.SIGKILL:  # (else it finished just before the signal)
+                kills += 1
+                delay *= 1.35
+                continue
         _finish(process)
         break
     assert kills >= 3, "the run finished before it could be killed several times: make the worker slower"

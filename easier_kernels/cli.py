@@ -49,7 +49,7 @@ def _cmd_prune(args) -> int:
     channels = _channels(model, splits)
     train, val, test = _loaders(splits, args, model_channels=channels)
     scores = _baseline(model, train, args, out, device)
-    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": channels}
+    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": channels, "data_root": args.data_root}
 
     def save(result) -> None:
         result.settings.update(run_settings)
@@ -93,16 +93,14 @@ def _check_out(out: Path, settings: dict, resume: bool) -> bool:
 
 
 def _data_and_model(args):
-    from . import data, models
+    from . import data
 
     if args.dataset not in data.DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
     try:
         splits = data.load(args.dataset, args.data_root, download=args.download, seed=args.seed, augment=args.augment)
         torch.manual_seed(args.seed)  # the same initial weights for the same seed
-        tv = args.model not in models.PAPER_MODELS
-        model = models.build(args.model, num_classes=splits.num_classes, in_channels=3 if tv else splits.in_channels,
-                             width=1.0 if tv else args.width)
+        model = _build_model(args.model, splits.num_classes, splits.in_channels, args.width)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     if args.train_size is not None:  # a quick run on part of the training split
@@ -110,6 +108,16 @@ def _data_and_model(args):
     if args.weights:
         _load_weights(model, args.weights)
     return splits, model
+
+
+def _build_model(name: str, num_classes: int, data_channels: int, width: float):
+    """The paper's models take the data's channels and --width; torchvision's take 3 channels
+    (grayscale is repeated) at their own width."""
+    from . import models
+
+    if name in models.PAPER_MODELS:
+        return models.build(name, num_classes=num_classes, in_channels=data_channels, width=width)
+    return models.build(name, num_classes=num_classes)
 
 
 def _load_weights(model, path) -> None:
@@ -194,7 +202,7 @@ def _baseline(model, train, args, out: Path, device):
 # ---- score
 
 def _cmd_score(args) -> int:
-    from . import data, models
+    from . import data
     from .entropy import entropy_scores
     from .prune import load, read_record
     from .sites import find_sites
@@ -208,9 +216,8 @@ def _cmd_score(args) -> int:
     if "model" not in settings:
         raise UsageError(f"{path} was saved from Python (no CLI settings); score it with ek.entropy_scores(ek.load(...).model, ...)")
     try:
-        builder = lambda: models.build(settings["model"], num_classes=settings["num_classes"],  # noqa: E731
-                                       in_channels=settings["in_channels"], width=settings["width"])
-        result = load(path, builder)
+        result = load(path, lambda: _build_model(settings["model"], settings["num_classes"], settings["in_channels"],
+                                                 settings["width"]))
         splits = data.load(args.dataset or settings["dataset"], args.data_root or settings.get("data_root"),
                            seed=settings["seed"], augment=settings["augment"])
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

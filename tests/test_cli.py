@@ -77,6 +77,15 @@ def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
     assert "linearized: " in out
 
 
+def test_a_torchvision_model_on_grayscale_images(tmp_path, capsys):
+    out = tmp_path / "tv"
+    assert cli.main(["prune", "--model", "mobilenet_v3_small", "--epochs", "1", "--train-size", "128", "--max-steps", "1",
+                     "--max-drop", "100", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["settings"]["in_channels"] == 3  # images repeated to RGB
+    assert cli.main(["score", str(out), "--max-batches", "1", "--device", "cpu"]) == 0
+    assert "32 active sites, 1 linearized" in capsys.readouterr().out
+
+
 def test_resume_continues_a_run_with_more_steps(run_dir, tmp_path):
     import shutil
 

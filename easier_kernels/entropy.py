@@ -286,12 +286,19 @@ def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", 
     return meter.scores()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (else buffers) live; CPU for a model without either."""
+    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def _model_device(model: nn.Module, device) -> torch.device:
-    tensors = [*model.parameters(), *model.buffers()]
-    own = tensors[0].device if tensors else torch.device("cpu")
+    """`device`, checked against the model's; the model's own when None. A model without tensors runs anywhere."""
+    own = model_device(model)
     if device is None:
         return own
     device = torch.device(device)
-    if tensors and own.type != device.type:
+    has_tensors = next(iter([*model.parameters(), *model.buffers()]), None) is not None
+    if has_tensors and own.type != device.type:
         raise ValueError(f"the model is on {own} but device={device}; move it first with model.to('{device}')")
     return device

@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import train as training
-from .entropy import MODES, EntropyMeter, entropy_scores
+from .entropy import MODES, EntropyMeter, batch_inputs, entropy_scores, model_device
 from .linearize import linearize, recipe
 from .sites import find_sites
 
@@ -136,8 +136,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     on_step(result): called after every step and at the end with the result so far.
     """
     _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring)
-    device = torch.device(device) if device is not None else training.model_device(model)
-    if training.model_device(model) != device:
+    device = torch.device(device) if device is not None else model_device(model)
+    if model_device(model) != device:
         model = copy.deepcopy(model).to(device)
     example = _example(example_inputs, val_loader if val_loader is not None else train_loader).to(device)
     leaf_paths = _leaf_paths(model, leaf_modules)
@@ -290,7 +290,7 @@ def _example(example_inputs, loader) -> torch.Tensor:
     batch = next(iter(loader), None)
     if batch is None:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
-    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
+    (inputs,) = batch_inputs(batch, "cpu")
     return inputs[:1].clone()
 
 
@@ -306,7 +306,7 @@ def _leaf_paths(model: nn.Module, leaf_modules) -> list:
 def _rebuild(original: nn.Module, steps: list, example: torch.Tensor, leaf_paths: list) -> fx.GraphModule:
     """The network after the accepted `steps` (dicts), linearized step by step as the run did it, so
     that names, padding moves and the recipe come out the same."""
-    example = example.to(training.model_device(original))
+    example = example.to(model_device(original))
     net = linearize(original, [], example, leaf_modules=leaf_paths)
     for step in steps:
         if step["accepted"]:

@@ -18,14 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .entropy import batch_inputs
+from .entropy import batch_inputs, model_device
 
-__all__ = ["fit", "accuracy", "model_device", "progress_bar"]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+__all__ = ["fit", "accuracy", "progress_bar"]
 
 
 def progress_bar(iterable, progress: bool, desc: str):

@@ -1,4 +1,5 @@
-"""Streaming on/off counts: `count_on` and `act_count`, registered with torch.library.
+"""Streaming on/off counts (`count_on`, `act_count`) and the fused conv block (`conv_block`, in
+conv_block.py), registered with torch.library.
 
     counts = ek.ops.count_on(x, channel_dim=1)            # int64 [C]: how many x >= 0 per channel
     y = ek.ops.act_count(x, counts, "relu")               # y = relu(x); counts += count_on(x)
@@ -15,7 +16,7 @@ import torch
 from . import kinds
 from .backends import BACKENDS, available_backends, backend_name, kernels, use_backend
 
-__all__ = ["count_on", "act_count", "available_backends", "use_backend", "BACKENDS", "KINDS"]
+__all__ = ["count_on", "act_count", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
 
 KINDS = kinds.KINDS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -164,3 +165,6 @@ def act_count(
     if nan_counts is None:
         _raise_on_nan(nans, "act_count")
     return y
+
+
+from .conv_block import conv_block  # noqa: E402  (it adds to the op namespace defined above)

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import importlib.util
 import os
+import types
 
 import torch
 
@@ -103,15 +104,16 @@ def _default_backend(device_type: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def kernels(name: str):
-    """The module-like object holding `count_on` and `act_count` for a backend."""
+    """The module-like object holding `count_on`, `act_count` and `conv_block` for a backend."""
     if name == "reference":
         from . import reference
 
         return reference
     if name == "triton":
-        from . import triton_kernels
+        from . import triton_conv_block, triton_kernels
 
-        return triton_kernels
+        return types.SimpleNamespace(count_on=triton_kernels.count_on, act_count=triton_kernels.act_count,
+                                     conv_block=triton_conv_block.conv_block)
     from .native import NativeBackend
 
     return NativeBackend(native_extension(), "cpu" if name == "cpp" else "cuda")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import kinds
 
@@ -22,3 +23,14 @@ def count_on(x, counts, nan_counts, channel_dim):
 def act_count(x, counts, nan_counts, channel_dim, kind, param):
     count_on(x, counts, nan_counts, channel_dim)
     return kinds.forward(x, kind, param)
+
+
+def conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, param):
+    """Two separate convolutions (kernel layouts: pointwise [O, I], depthwise [C, kh, kw])."""
+    pointwise = lambda t, w, b: F.conv2d(t, w[:, :, None, None], b)  # noqa: E731
+    depthwise = lambda t, w, b: F.conv2d(t, w[:, None], b, stride=stride, padding=padding, groups=w.shape[0])  # noqa: E731
+    first, second = (pointwise, depthwise) if pattern == "pw_dw" else (depthwise, pointwise)
+    out = second(first(x, w1, b1), w2, b2)
+    if residual is not None:
+        out = out + residual
+    return kinds.forward(out, kind, param)

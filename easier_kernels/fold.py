@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import operator
 
 import torch
@@ -27,9 +28,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from . import benchmark, ops
 from . import sites as sites_mod
 from .entropy import model_device
-from .linearize import linearized, recipe
+from .linearize import from_recipe, linearized, recipe
 
-__all__ = ["fold", "decisions", "format_decisions", "FusedConvBlock", "dense_weight", "compose_conv", "add_identity",
+__all__ = ["fold", "decisions", "format_decisions", "save_folded", "load_folded", "FusedConvBlock", "dense_weight", "compose_conv", "add_identity",
            "compose_linear"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -294,28 +295,30 @@ def fused_pattern(first: nn.Module, second: nn.Module) -> str | None:
 def merged_layer(layers: list[nn.Module], identity: bool = False) -> tuple[nn.Module, bool]:
     """The layers as one (conv or linear), and whether that is exact: for convs, only when every
     conv after the first has no padding (`linearize(exact_fold=True)` arranges that). `identity`
-    adds the skip `+ x` into the weights."""
+    adds the skip `+ x` into the weights. Composed in float64, stored in the layers' dtype."""
     first = layers[0]
+    dtype = first.weight.dtype
+    double = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    w, b = double(first.weight), double(first.bias)
     if isinstance(first, nn.Linear):
-        w, b = first.weight, first.bias
         for layer in layers[1:]:
-            w, b = compose_linear(w, b, layer.weight, layer.bias)
+            w, b = compose_linear(w, b, double(layer.weight), double(layer.bias))
         if identity:
             w = w + torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-        merged = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        merged = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype)
         _assign(merged, w, b)
         return merged, True
-    w, b, groups = first.weight, first.bias, first.groups
-    stride, padding = first.stride, first.padding
+    groups, stride, padding = first.groups, first.stride, first.padding
     for conv in layers[1:]:
-        w, b, groups = compose_conv(w, b, conv.weight, conv.bias, stride1=stride, groups1=groups, groups2=conv.groups)
+        w, b, groups = compose_conv(w, b, double(conv.weight), double(conv.bias), stride1=stride, groups1=groups,
+                                    groups2=conv.groups)
         padding = tuple(p + s * q for p, s, q in zip(padding, stride, conv.padding))
         stride = tuple(s * t for s, t in zip(stride, conv.stride))
     if identity:
         w, b = add_identity(w, b, padding=padding, groups=groups)
     exact = all(not any(c.padding) for c in layers[1:])
     merged = type(first)(w.shape[1] * groups, w.shape[0], w.shape[2:], stride=stride, padding=padding, groups=groups,
-                         bias=b is not None, device=w.device, dtype=w.dtype)
+                         bias=b is not None, device=w.device, dtype=dtype)
     _assign(merged, w, b)
     return merged, exact
 
@@ -535,8 +538,8 @@ def _time(run, key, x: torch.Tensor, device: torch.device) -> float:
 # ---- rewriting the graph
 
 
-def _rewrite(gm: fx.GraphModule, chain: _Chain, decision: dict) -> None:
-    """Replaces the chain's nodes by the chosen plan's segments."""
+def _rewrite(gm: fx.GraphModule, chain: _Chain, decision: dict) -> tuple[fx.Node, fx.Node]:
+    """Replaces the chain's nodes by the chosen plan's segments: (old last node, its replacement)."""
     plan = parse_plan(decision["choice"], len(chain.layers))
     segments = list(_segments(plan))
     built = decision.pop("_built")
@@ -563,6 +566,7 @@ def _rewrite(gm: fx.GraphModule, chain: _Chain, decision: dict) -> None:
     for node in reversed(nodes[nodes.index(chain.layers[0]):nodes.index(last) + 1]):  # the old chain, last first
         if not node.users and (node in chain.layers or node in (chain.end, chain.act) or _passthrough(gm, node)):
             graph.erase_node(node)
+    return last, out
 
 
 def _drop_identities(gm: fx.GraphModule) -> None:
@@ -629,8 +633,11 @@ def fold(model: nn.Module, example_inputs, *, decide="measure", device=None, all
         capture.run(*args)
         decisions = [_decide(gm, chain, capture.values, decide, allow_inexact, device) for chain in chains]
         del capture
+        replaced = {}  # a chain's old last node -> its new output, for the chains that read it as a residual
         for chain, decision in zip(chains, decisions):
-            _rewrite(gm, chain, decision)
+            chain.residual = replaced.get(chain.residual, chain.residual)
+            old, new = _rewrite(gm, chain, decision)
+            replaced[old] = new
         _drop_identities(gm)
         gm.graph.lint()
         gm.delete_all_unused_submodules()
@@ -660,3 +667,46 @@ def format_decisions(rows: list[dict]) -> str:
         lines.append(f"{row['chain']:<28} {len(row['layers']):>6} {'x'.join(map(str, row['input'])):<18} "
                      f"{row['choice']:<16} {cands or row['why']}")
     return "\n".join(lines)
+
+
+# ---- saving: weights plus a JSON recipe, no pickled code (like PruneResult.save)
+
+
+def save_folded(folded: fx.GraphModule, path) -> None:
+    """Writes `folded`'s weights and recipe (linearized sites, paddings, fold decisions) atomically;
+    `load_folded(path, model_fn)` rebuilds it."""
+    from .prune import atomic_write
+
+    done = recipe(folded)
+    if "fold" not in done:
+        raise ValueError("save_folded: this module was not made by ek.fold; save a PruneResult with .save() instead")
+    saved = {"format": _FORMAT, "record": json.dumps(done), "state_dict": folded.state_dict()}
+    atomic_write(path, lambda f: torch.save(saved, f))
+
+
+def load_folded(path, model_fn, *, leaf_modules=None) -> fx.GraphModule:
+    """A module saved by `save_folded`: `model_fn` builds the original (unpruned) architecture, or
+    is that module; the recipe's sites are linearized in it, its chains folded with the saved
+    decisions (no timing), then the saved weights loaded."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+        raise ValueError(f"{path} was not written by ek.save_folded (format {_FORMAT})")
+    done = json.loads(saved["record"])
+    record = done["fold"]
+    original = model_fn if isinstance(model_fn, nn.Module) else model_fn()
+    example = tuple(torch.zeros(shape) for shape in record["example_shape"])
+    net = from_recipe(original, done, example, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
+    replay = {row["chain"]: row["choice"] for row in record["decisions"]}
+    folded = fold(net, example, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], leaf_modules=leaf_modules)
+    chains = [row["chain"] for row in decisions(folded)]
+    if chains != list(replay):
+        raise ValueError(f"{path}: the model from model_fn has other linear chains than the saved one "
+                         f"({chains} vs {list(replay)}); pass the architecture it was folded from")
+    folded.load_state_dict(saved["state_dict"])
+    folded.meta["easier_kernels"] = done  # the saved decision table, with its timings
+    return folded

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import sites as sites_mod
 
-__all__ = ["linearize", "recipe", "linearized"]
+__all__ = ["linearize", "recipe", "linearized", "from_recipe"]
 
 _RECIPE_KEY = "easier_kernels"
 
@@ -68,6 +68,17 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, exact
     gm.meta[_RECIPE_KEY] = done
     gm.recompile()
     _check_runs(model, gm, example_inputs)
+    return gm
+
+
+def from_recipe(model: nn.Module, done: dict, example_inputs, *, leaf_modules: Iterable | None = None) -> fx.GraphModule:
+    """`model` linearized as a `recipe` says: the same sites, the same final paddings (however many
+    steps the recipe's network took to get there). Rebuilds a saved network's structure."""
+    gm = linearize(model, done["linearized"], example_inputs, exact_fold=False, leaf_modules=leaf_modules)
+    for change in done["padding"]:
+        if "after" in change:
+            gm.get_submodule(change["conv"]).padding = tuple(change["after"])
+    gm.meta[_RECIPE_KEY] = {"linearized": list(done["linearized"]), "padding": copy.deepcopy(done["padding"])}
     return gm
 
 

@@ -122,6 +122,16 @@ def torchvision_model(name):
     return getattr(tv.models, name)(num_classes=10, **kwargs)
 
 
+def paper_or_torchvision(name):
+    """"paper-<name>": the paper's CIFAR model at width 0.25; else a torchvision model."""
+    if name.startswith("paper-"):
+        import easier_kernels as ek
+
+        torch.manual_seed(0)
+        return ek.models.paper_model(name[6:], width=0.25)
+    return torchvision_model(name)
+
+
 class Gate(nn.Module):
     """Data-dependent control flow: torch.fx cannot trace it."""
 

@@ -1,4 +1,5 @@
-"""The weight algebra of folding against the layers it replaces, in float64 on random weights."""
+"""Folding: the weight algebra against the layers it replaces (float64, random weights), then
+`ek.fold` on whole models against their eval outputs (float32)."""
 
 import pytest
 import torch
@@ -6,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from helpers import TORCHVISION_MODELS, paper_or_torchvision
+
 import easier_kernels as ek
-from easier_kernels.fold import add_identity, compose_conv, compose_linear, dense_weight
+from easier_kernels.fold import add_identity, compose_conv, compose_linear, decisions, dense_weight
 
 CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -132,3 +135,217 @@ def test_a_linearized_chain_folds_exactly_into_one_conv(stride):
     w, b, groups = compose_conv(w1, b1, conv2.weight, conv2.bias, stride1=stride)
     folded = F.conv2d(x, w, b, stride=stride, padding=conv1.padding)
     torch.testing.assert_close(folded, net(x), rtol=1e-12, atol=1e-12)
+
+
+# ---- ek.fold: the graph pass
+
+
+def randomize_batch_norms(model, seed=0):
+    """Batch norms that do something in eval mode (fresh ones are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+    return model
+
+
+def relative_error(got, expected):
+    got, expected = got.detach(), expected.detach()
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def linearized_model(name, fraction=0.5, seed=0, exact_fold=True, size=32):
+    model = randomize_batch_norms(paper_or_torchvision(name), seed).eval()
+    with torch.no_grad():  # torchvision's ViT starts with a zero head: its outputs would all be 0
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(std=0.02)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    names = [s.name for s in ek.find_sites(model, x)]
+    chosen = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return ek.linearize(model, chosen[: round(len(names) * fraction)], x, exact_fold=exact_fold).eval(), x
+
+
+@pytest.mark.parametrize("name", [f"paper-{n}" for n in ("resnet18", "vgg16_bn", "mobilenet_v2")] + TORCHVISION_MODELS)
+def test_fold_equals_the_model_on_every_model(name):
+    """Done means: a random half of the sites linearized with exact_fold=True, every chain merged,
+    batch norms folded: the folded module computes the same outputs (float32, rel. error 1e-5)."""
+    net, x = linearized_model(name)
+    folded = ek.fold(net, x, decide="merge")
+    expected = net(x)
+    assert relative_error(folded(x), expected) <= 1e-5
+    record = ek.recipe(folded)["fold"]
+    assert record["relative_error"] <= 1e-5
+    assert record["batch_norms"] == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert decisions(folded) or not name.startswith("paper-")
+    assert ek.recipe(folded)["linearized"] == ek.recipe(net)["linearized"]  # the linearize recipe travels along
+
+
+PLAN_MODELS = ["paper-mobilenet_v2", "paper-resnet18", "paper-vgg16_bn", "swin_t"]
+
+
+@pytest.mark.parametrize("name", PLAN_MODELS)
+def test_every_plan_of_every_chain_is_exact(name):
+    """Each chain's every candidate (separate, merges of any run of layers, fused pairs) computes
+    the chain: replayed plan by plan over all chains at once."""
+    from easier_kernels.fold import find_chains, fold_batch_norms, plan_label, plans
+
+    net, x = linearized_model(name, fraction=0.6, seed=1)
+    gm = ek.sites.trace(net).eval()
+    fold_batch_norms(gm)
+    chains = {c.name: [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in c.layers])] for c in find_chains(gm)}
+    assert chains, "no chain to fold: pick another seed"
+    expected = net(x)
+    for k in range(max(len(p) for p in chains.values())):
+        replay = {chain: labels[k % len(labels)] for chain, labels in chains.items()}
+        folded = ek.fold(net, x, decide=replay)
+        assert relative_error(folded(x), expected) <= 1e-5, replay
+        assert [r["choice"] for r in decisions(folded)] == list(replay.values())
+    fused = [label for labels in chains.values() for label in labels if "fused" in label]
+    assert fused or name != "paper-mobilenet_v2"  # MobileNetV2's pw/dw pairs are fused candidates
+
+
+def test_measure_keeps_the_fastest_exact_plan_and_records_the_table():
+    net, x = linearized_model("paper-mobilenet_v2", fraction=0.5, seed=2)
+    folded = ek.fold(net, x, decide="measure")
+    rows = decisions(folded)
+    assert rows
+    for row in rows:
+        assert "separate" in row["candidates_ms"]  # never slower than not folding: it is always a candidate
+        exact = {k: v for k, v in row["candidates_ms"].items() if k not in row["border_error"]}
+        assert row["choice"] == min(exact, key=exact.get)
+    text = ek.format_decisions(rows)
+    assert all(row["chain"] in text for row in rows)
+    assert relative_error(folded(x), net(x)) <= 1e-5
+
+
+def test_a_chain_not_prepared_for_folding_is_measured_and_merged_only_when_allowed():
+    model = randomize_batch_norms(ConvBnActConv(1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    net = ek.linearize(model, ["act"], x, exact_fold=False).eval()  # conv2 keeps its padding: merging is off at borders
+    kept = ek.fold(net, x, decide="merge")
+    (row,) = decisions(kept)
+    assert row["choice"] == "separate" and "not exact" in row["why"]
+    assert row["border_error"]["merge2"] > 1e-3
+    assert relative_error(kept(x), net(x)) <= 1e-6
+    merged = ek.fold(net, x, decide="merge", allow_inexact=True)
+    assert decisions(merged)[0]["choice"] == "merge2"
+    error = ek.recipe(merged)["fold"]["relative_error"]
+    assert error > 1e-3 and error == pytest.approx(relative_error(merged(x), net(x)), rel=1e-3)
+    measured = ek.fold(net, x, decide="measure")  # an inexact plan is timed and shown, never chosen
+    (row,) = decisions(measured)
+    assert "merge2" in row["candidates_ms"] and row["choice"] == "separate"
+
+
+class TokenMLP(nn.Module):
+    """A transformer MLP on tokens [N, L, C] with a residual: x + fc2(drop(gelu(fc1(norm(x)))))."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.norm, self.fc1, self.act, self.drop, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.GELU(), nn.Dropout(0.1), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+
+def test_transformer_mlp_with_gelu_linearized_is_one_linear():
+    model = TokenMLP().eval()
+    x = torch.randn(2, 5, 16)
+    net = ek.linearize(model, ["act"], x).eval()
+    folded = ek.fold(net, x, decide="merge")
+    linears = [m for m in folded.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].weight.shape == (16, 16)
+    assert relative_error(folded(x), net(x)) <= 1e-5
+
+
+def test_identity_skip_is_absorbed_into_the_merged_kernel():
+    net, x = linearized_model("paper-resnet18", fraction=0.0)
+    first_block = [s.name for s in ek.find_sites(net, x) if "layer1_0" in s.name][0]
+    net = ek.linearize(net, [first_block], x).eval()
+    folded = ek.fold(net, x, decide="merge")
+    (row,) = [r for r in decisions(folded) if r["residual"]]
+    assert row["choice"] == "merge2"
+    code = folded.code
+    assert f"fold_{row['chain']}" in code and relative_error(folded(x), net(x)) <= 1e-5
+    assert code.count("+") < net.code.count("+")  # the skip's add is gone: it is in the kernel
+
+
+def test_a_model_without_linearized_sites_only_folds_batch_norms():
+    model = randomize_batch_norms(paper_or_torchvision("paper-vgg16_bn")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = ek.fold(model, x)
+    assert decisions(folded) == [] and ek.recipe(folded)["fold"]["batch_norms"] == 13
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert relative_error(folded(x), model(x)) <= 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in params.items())  # the input model is untouched
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+
+
+def test_fold_bad_input_is_a_clear_error():
+    model = ConvBnActConv(1).eval()
+    with pytest.raises(ValueError, match="decide must be one of measure, merge, separate"):
+        ek.fold(model, torch.randn(1, 3, 8, 8), decide="fast")
+    with pytest.raises(TypeError, match="floating-point"):
+        ek.fold(model, torch.zeros(1, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="no decision for the chain"):
+        ek.fold(ek.linearize(model, ["act"], torch.randn(1, 3, 8, 8)), torch.randn(1, 3, 8, 8), decide={"other": "merge2"})
+
+
+def fused_mobilenet():
+    """A small MobileNetV2 whose every pointwise/depthwise pair runs the fused kernel."""
+    net, x = linearized_model("paper-mobilenet_v2", fraction=0.5, seed=3)
+    from easier_kernels.fold import find_chains, fold_batch_norms, plan_label, plans
+
+    gm = ek.sites.trace(net).eval()
+    fold_batch_norms(gm)
+    replay = {}
+    for chain in find_chains(gm):
+        labels = [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in chain.layers])]
+        replay[chain.name] = next((label for label in labels if "fused" in label), "separate")
+    assert any("fused" in label for label in replay.values())
+    return net, x, ek.fold(net, x, decide=replay)
+
+
+def test_folded_module_works_with_torch_export():
+    net, x, folded = fused_mobilenet()
+    exported = torch.export.export(folded, (x,))
+    assert any("conv_block" in str(n.target) for n in exported.graph.nodes)
+    assert relative_error(exported.module()(x), net(x)) <= 1e-5
+
+
+def test_folded_module_works_with_torch_compile():
+    net, x, folded = fused_mobilenet()
+    compiled = torch.compile(folded)
+    assert relative_error(compiled(x), net(x)) <= 1e-5
+
+
+def test_save_and_load_rebuild_the_folded_module(tmp_path):
+    """Weights plus a JSON recipe; the network was linearized in two steps (padding moves that the
+    recipe's final paddings reproduce), folded with measured decisions, then rebuilt from scratch."""
+    model = randomize_batch_norms(paper_or_torchvision("paper-mobilenet_v2")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    names = [s.name for s in ek.find_sites(model, x)]
+    net = ek.linearize(ek.linearize(model, names[1:6:2], x), names[2:7:2], x).eval()
+    folded = ek.fold(net, x)
+    path = tmp_path / "folded.pt"
+    ek.save_folded(folded, path)
+    assert set(torch.load(path, weights_only=True)) == {"format", "record", "state_dict"}
+
+    def model_fn():
+        torch.manual_seed(123)  # other weights: everything must come from the file
+        return ek.models.paper_model("mobilenet_v2", width=0.25)
+
+    loaded = ek.load_folded(path, model_fn)
+    assert torch.equal(loaded(x), folded(x))
+    assert ek.recipe(loaded) == ek.recipe(folded)
+    with pytest.raises(ValueError, match="other linear chains"):
+        ek.load_folded(path, lambda: ek.models.paper_model("resnet18", width=0.25))
+    with pytest.raises(ValueError, match="not written by ek.save_folded"):
+        torch.save({"format": "x"}, tmp_path / "other.pt")
+        ek.load_folded(tmp_path / "other.pt", model_fn)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from helpers import TORCHVISION_MODELS, cifar_batches, torchvision_model
+from helpers import TORCHVISION_MODELS, cifar_batches, paper_or_torchvision, torchvision_model
 
 
 def outputs(model, x):
@@ -130,13 +130,6 @@ def test_no_move_across_a_branch():
         {"conv": "layer1.0.conv1", "before": [1, 1], "after": [2, 2]},
         {"conv": "layer1.0.conv2", "before": [1, 1], "after": [0, 0]},
     ]
-
-
-def paper_or_torchvision(name):
-    if name.startswith("paper-"):
-        torch.manual_seed(0)
-        return ek.models.paper_model(name[6:], width=0.25)
-    return torchvision_model(name)
 
 
 @pytest.mark.parametrize("name", [f"paper-{n}" for n in ("resnet18", "vgg16_bn", "mobilenet_v2")] + TORCHVISION_MODELS)

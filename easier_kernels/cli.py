@@ -1,8 +1,9 @@
-"""The `easier-kernels` command line: prune, score, backends, bench.
+"""The `easier-kernels` command line: prune, score, fold, backends, bench.
 
     easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
     easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
     easier-kernels score runs/vgg             # the entropy table of a run's current model
+    easier-kernels fold runs/vgg              # fold its chains (timed per chain), save runs/vgg/folded.pt
 """
 
 from __future__ import annotations
@@ -201,23 +202,33 @@ def _baseline(model, train, args, out: Path, device):
 
 # ---- score
 
-def _cmd_score(args) -> int:
-    from . import data
-    from .entropy import entropy_scores
+def _load_run(path_arg: str, what: str):
+    """(pruned.pt path, the run's CLI settings, its PruneResult) from a run folder or its pruned.pt."""
     from .prune import load, read_record
-    from .sites import find_sites
 
-    path = Path(args.path)
+    path = Path(path_arg)
     path = path / "pruned.pt" if path.is_dir() else path
     try:
         settings = read_record(path).get("settings", {})
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
     if "model" not in settings:
-        raise UsageError(f"{path} was saved from Python (no CLI settings); score it with ek.entropy_scores(ek.load(...).model, ...)")
+        raise UsageError(f"{path} was saved from Python (no CLI settings); {what} it with ek.load(...) in Python")
     try:
         result = load(path, lambda: _build_model(settings["model"], settings["num_classes"], settings["in_channels"],
                                                  settings["width"]))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    return path, settings, result
+
+
+def _cmd_score(args) -> int:
+    from . import data
+    from .entropy import entropy_scores
+    from .sites import find_sites
+
+    path, settings, result = _load_run(args.path, "score")
+    try:
         splits = data.load(args.dataset or settings["dataset"], args.data_root or settings.get("data_root"),
                            seed=settings["seed"], augment=settings["augment"])
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -235,6 +246,32 @@ def _cmd_score(args) -> int:
         print(f"{rank:>4}  {name:<32} {site.kind:<10} {site.channels:>8}  {scores[name]:>14.4f}")
     if result.linearized:
         print("linearized: " + ", ".join(result.linearized))
+    return 0
+
+
+# ---- fold
+
+def _cmd_fold(args) -> int:
+    from .benchmark import median_seconds
+    from .fold import fold, format_decisions, save_folded
+
+    path, settings, result = _load_run(args.path, "fold")
+    device = _device(args.device)
+    out = Path(args.out) if args.out else path.with_name("folded.pt")
+    shape = (args.batch_size, *result.example_shape[1:])
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    net = result.model.to(device).eval()
+    folded = fold(net, example, decide=args.decide, allow_inexact=args.allow_inexact)
+    record = folded.meta["easier_kernels"]["fold"]
+    print(f"{path}: {len(result.linearized)} sites linearized; {record['batch_norms']} batch norms folded; "
+          f"decisions timed on {device} with a batch of {list(shape)}")
+    print(format_decisions(record["decisions"]))
+    with torch.no_grad():
+        before, after = (median_seconds(lambda m=m: m(example), device) for m in (net, folded))
+    print(f"relative error of the outputs: {record['relative_error']:.1e}; latency {before * 1e3:.2f} ms "
+          f"-> {after * 1e3:.2f} ms ({after / before:.2f}x)")
+    save_folded(folded, out)
+    print(f"saved {out} (load it with ek.load_folded(path, model_fn), model_fn building the unpruned {settings['model']})")
     return 0
 
 
@@ -315,6 +352,16 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto")
     score.set_defaults(func=_cmd_score)
 
+    fold = sub.add_parser("fold", help="fold a pruned model's linear chains (measured per chain) and save it")
+    fold.add_argument("path", help="a run folder written by `easier-kernels prune --out`, or its pruned.pt")
+    fold.add_argument("--decide", default="measure", choices=["measure", "merge", "separate"],
+                      help="measure (time every plan per chain, keep the fastest), merge (merge every chain), "
+                           "separate (fold batch norms only)")
+    fold.add_argument("--allow-inexact", action="store_true", help="allow merges that differ at image borders")
+    fold.add_argument("--batch-size", type=int, default=1, help="the batch size to time and optimize for")
+    fold.add_argument("--device", default="auto")
+    fold.add_argument("--out", help="where to save the folded model (default: folded.pt beside pruned.pt)")
+    fold.set_defaults(func=_cmd_fold)
     sub.add_parser("backends", help="print the active kernel backends").set_defaults(func=_cmd_backends)
     bench = sub.add_parser("bench", help="a short kernel benchmark (GB/s and ratios against torch)")
     bench.add_argument("--shapes", nargs="+", default=["resnet18-cifar-s1", "vit-b16-mlp"])

@@ -77,6 +77,19 @@ def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
     assert "linearized: " in out
 
 
+def test_fold_prints_the_decision_table_and_saves_a_loadable_module(run_dir, tmp_path, capsys):
+    out = tmp_path / "folded.pt"
+    assert cli.main(["fold", str(run_dir), "--device", "cpu", "--batch-size", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = ek.recipe(ek.load_folded(out, lambda: ek.models.build("resnet18", num_classes=10, in_channels=1, width=0.125)))
+    rows = record["fold"]["decisions"]
+    assert "relative error of the outputs" in printed and "latency" in printed and f"saved {out}" in printed
+    assert all(row["chain"] in printed and row["choice"] in printed for row in rows)
+    assert record["linearized"] == json.loads((run_dir / "report.json").read_text())["linearized"]
+    assert record["fold"]["relative_error"] <= 1e-5 and record["fold"]["batch_norms"] == 20
+    _one_line_error(capsys, ["fold", str(tmp_path / "nothing")], "no such file")
+
+
 def test_a_torchvision_model_on_grayscale_images(tmp_path, capsys):
     out = tmp_path / "tv"
     assert cli.main(["prune", "--model", "mobilenet_v3_small", "--epochs", "1", "--train-size", "128", "--max-steps", "1",

@@ -119,3 +119,51 @@ def kernel_report(names=("resnet18-cifar-s1", "vit-b16-mlp"), device="cpu") -> l
             }
         )
     return rows
+
+
+# ---- folding: latency of a model's variants
+
+
+def bn_folded(model: torch.nn.Module) -> torch.nn.Module:
+    """The original with batch norms folded into their convs by torch's own pass
+    (`torch.fx.experimental.optimization.fuse`); a model fx's plain tracer cannot trace, or one
+    without batch norms, is returned as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    return fuse(model.eval())
+
+
+def fold_variants(model: torch.nn.Module, sites, example: torch.Tensor, *, compile: bool = True) -> dict:
+    """The variants a folded model is measured against, all in eval mode: the original (eager),
+    its batch norms folded (eager, and torch.compile'd), the network with `sites` linearized but
+    not folded, `ek.fold` of it (decided by measuring on example's device), and that compiled."""
+    from .fold import fold
+    from .linearize import linearize
+
+    model = model.eval()
+    net = linearize(model, sites, example).eval()
+    variants = {"original": model, "bn_folded": bn_folded(model), "linearized": net, "folded": fold(net, example)}
+    if compile:
+        variants["compiled_bn_folded"] = torch.compile(variants["bn_folded"])
+        variants["compiled_folded"] = torch.compile(variants["folded"])
+    return variants
+
+
+def latency_ratios(variants: dict, example: torch.Tensor, *, baseline: str = "bn_folded", seconds: float = 20.0) -> dict:
+    """Per variant: median ms per forward and the median (q1, q3) of its per-round time over the
+    baseline's, the variants run in turns (see `interleaved_times`) for about `seconds`."""
+    device = example.device
+    with torch.no_grad():
+        calls = {label: (lambda m=m: m(example)) for label, m in variants.items()}
+        for fn in calls.values():  # compiles and warms up every variant before timing starts
+            fn()
+        one_round = sum(median_seconds(fn, device, min_time=0.0, min_runs=3) for fn in calls.values())
+        rounds = max(5, min(60, int(seconds / one_round)))
+        times = interleaved_times(calls, device, rounds=rounds)
+    rows = {}
+    for label, ts in times.items():
+        q1, median, q3 = paired_ratio(times, label, baseline)
+        rows[label] = {"ms": statistics.median(ts) * 1e3, "ratio": median, "q1": q1, "q3": q3, "rounds": rounds}
+    return rows

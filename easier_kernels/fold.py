@@ -205,7 +205,18 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
 
 
 def _passthrough(gm, node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is linearized) or _module(gm, node, _PASSTHROUGH) is not None
+    """An identity in eval mode: a linearized site, nn.Identity, dropout, an empty nn.Sequential."""
+    if node.op == "call_function":
+        return node.target is linearized
+    module = _module(gm, node, (*_PASSTHROUGH, nn.Sequential))
+    return module is not None and not (isinstance(module, nn.Sequential) and len(module))
+
+
+def _origin(gm, node: fx.Node) -> fx.Node:
+    """The node an identity passes on (itself when it is none)."""
+    while isinstance(node, fx.Node) and _passthrough(gm, node):
+        node = node.args[0]
+    return node
 
 
 def _family(module) -> tuple:
@@ -243,7 +254,7 @@ def find_chains(gm: fx.GraphModule) -> list[_Chain]:
         end, residual, act = layers[-1], None, None
         nxt = after(end)
         if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2 and not nxt.kwargs:
-            path = [a for a in nxt.args if isinstance(a, fx.Node) and _reaches(a, end, gm)]
+            path = [a for a in nxt.args if isinstance(a, fx.Node) and _origin(gm, a) is end]
             others = [a for a in nxt.args if isinstance(a, fx.Node) and a not in path]
             if len(path) == 1 and len(others) == 1:
                 end, residual = nxt, others[0]
@@ -254,11 +265,6 @@ def find_chains(gm: fx.GraphModule) -> list[_Chain]:
     return chains
 
 
-def _reaches(node: fx.Node, layer: fx.Node, gm) -> bool:
-    """node is `layer` or an identity of it."""
-    while node is not layer and _passthrough(gm, node):
-        node = node.args[0]
-    return node is layer
 
 
 # ---- plans: how a chain runs. A plan splits the chain's layers into segments, each one layer
@@ -410,14 +416,14 @@ def _act_spec(gm, node):
     return kind, kind_args
 
 
-def _absorbs(chain: _Chain, modules: list, label: str, start: int, size: int) -> tuple[bool, bool]:
+def _absorbs(gm, chain: _Chain, modules: list, label: str, start: int, size: int) -> tuple[bool, bool]:
     """Does this segment take in the chain's (residual, activation)? Only the last segment can:
     a fused kernel takes both; a merge of the whole chain takes an identity skip into its kernel."""
     if start + size != len(modules) or chain.residual is None and chain.act is None:
         return False, False
     if label == "fused":
         return chain.residual is not None, chain.act is not None
-    if label.startswith("merge") and start == 0 and chain.residual is chain.input:
+    if label.startswith("merge") and start == 0 and _origin(gm, chain.residual) is _origin(gm, chain.input):
         merged, _ = merged_layer(modules)
         return identity_fits(modules, merged), False
     return False, False
@@ -425,7 +431,7 @@ def _absorbs(chain: _Chain, modules: list, label: str, start: int, size: int) ->
 
 def _build_segment(gm, chain: _Chain, modules: list, label: str, start: int, size: int):
     """(module, takes_residual, takes_activation, exact) for one segment."""
-    takes_residual, takes_act = _absorbs(chain, modules, label, start, size)
+    takes_residual, takes_act = _absorbs(gm, chain, modules, label, start, size)
     if label == "sep":
         return modules[start], False, False, True
     if label == "fused":
@@ -496,8 +502,8 @@ def _decide(gm, chain: _Chain, values: dict, decide, allow_inexact: bool, device
         allowed = {label: t for label, t in times.items() if allow_inexact or exact(names[label])}
         choice = names[min(allowed, key=allowed.get)]
         why = "fastest" + ("" if len(allowed) == len(times) else " exact plan (allow_inexact=False)")
-    for label, plan in names.items():
-        if not exact(plan) and (label in times or plan == choice):
+    for label, plan in names.items():  # what merging costs at the borders, shown whichever plan wins
+        if not exact(plan):
             errors[label] = max(segment(s, start, size, False)[5] or 0.0 for s, start, size in _segments(plan))
     return {
         "chain": chain.name,

@@ -270,9 +270,9 @@ def test_identity_skip_is_absorbed_into_the_merged_kernel():
     folded = ek.fold(net, x, decide="merge")
     (row,) = [r for r in decisions(folded) if r["residual"]]
     assert row["choice"] == "merge2"
-    code = folded.code
-    assert f"fold_{row['chain']}" in code and relative_error(folded(x), net(x)) <= 1e-5
-    assert code.count("+") < net.code.count("+")  # the skip's add is gone: it is in the kernel
+    adds = lambda gm: sum(n.op == "call_function" and "add" in str(n.target) for n in gm.graph.nodes)  # noqa: E731
+    assert adds(folded) == adds(net) - 1  # the skip's add is gone: it is in the kernel
+    assert f"fold_{row['chain']}" in folded.code and relative_error(folded(x), net(x)) <= 1e-5
 
 
 def test_a_model_without_linearized_sites_only_folds_batch_norms():
@@ -344,7 +344,7 @@ def test_save_and_load_rebuild_the_folded_module(tmp_path):
     loaded = ek.load_folded(path, model_fn)
     assert torch.equal(loaded(x), folded(x))
     assert ek.recipe(loaded) == ek.recipe(folded)
-    with pytest.raises(ValueError, match="other linear chains"):
+    with pytest.raises(ValueError, match="unknown site name"):  # another architecture
         ek.load_folded(path, lambda: ek.models.paper_model("resnet18", width=0.25))
     with pytest.raises(ValueError, match="not written by ek.save_folded"):
         torch.save({"format": "x"}, tmp_path / "other.pt")

@@ -33,6 +33,10 @@ least 16 when tl.dot is used (its minimum M/N/K); BLOCK_K = next_pow2(Cin) in [1
 is used when the contraction (Cin) is at least 16; below that a dot would be mostly padding and
 the outer-product loop is cheaper. The largest tile is 64 x 64 float32 (16 KiB of registers for
 4 warps), and the interpreter (numpy, one program at a time) stays quick on these sizes.
+Pipelining: Triton's default 3 stages would stage every tap's gather of the Cin loop in shared
+memory; compiled for sm_90 (float32, 3x3, 64/64/32 tiles) dw_pw then needs 170 KiB (89 KiB at 2
+stages, 16 KiB at 1) and pw_dw 64 KiB (32 KiB at 2), so dw_pw runs with num_stages=1 and pw_dw
+with 2 (16-bit types need 8-16 KiB at any stage count). Not yet timed on a GPU.
 
 Precision: float32 dots use input_precision="ieee" (no TF32), so float32 results match torch to
 float32 rounding. float16/bfloat16 dots take 16-bit operands and accumulate in float32; in dw_pw's dot path the
@@ -329,7 +333,7 @@ def _conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, par
                   USE_DOT=use_dot, DOT_F32=dot_f32, BLOCK_P=block_p, BLOCK_K=block_k)
     args = (x, w1, b1, w2, b2, res, out, cin, cout, h, w, ho, wo, sh, sw, ph, pw, float(param))
     if pattern == "pw_dw":
-        _pw_dw_kernel[grid](*args, BLOCK_C=block_c, **common)
+        _pw_dw_kernel[grid](*args, BLOCK_C=block_c, num_stages=2, **common)
     else:
-        _dw_pw_kernel[grid](*args, BLOCK_O=block_c, **common)
+        _dw_pw_kernel[grid](*args, BLOCK_O=block_c, num_stages=1, **common)
     return out

@@ -12,7 +12,7 @@ CUDA_SOURCES = sorted((Path(__file__).resolve().parents[1] / "csrc" / "cuda").gl
 
 def test_there_are_cuda_sources():
     names = {p.name for p in CUDA_SOURCES}
-    assert {"count_on_cuda.cu", "act_count_cuda.cu"} <= names
+    assert {"count_on_cuda.cu", "act_count_cuda.cu", "conv_block_cuda.cu"} <= names
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])

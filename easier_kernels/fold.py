@@ -495,7 +495,8 @@ def _decide(gm, chain: _Chain, values: dict, decide, allow_inexact: bool, device
         whole = f"merge{len(modules)}"
         merge = (whole,) if whole in names and (allow_inexact or exact((whole,))) else None
         choice = merge or ("sep",) * len(modules)
-        why = "decide='merge'" if merge else "decide='merge', but merging is not exact here (allow_inexact=False)"
+        why = ("decide='merge'" if merge else "decide='merge', but these layers do not merge (dilation, padding mode)"
+               if whole not in names else "decide='merge', but merging is not exact here (allow_inexact=False)")
     else:
         for label, plan in names.items():
             times[label] = sum(segment(s, start, size, True)[4] for s, start, size in _segments(plan))

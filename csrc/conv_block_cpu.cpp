@@ -39,25 +39,32 @@ namespace ek {
 
 namespace {
 
-// GCC vector types of VB bytes: 32 (8 floats, 4 doubles) for the AVX2 code, 16 for the baseline
-// (generic 32-byte vectors on SSE end up spilled to the stack). `U` is the unaligned, may_alias
-// view used for loads and stores. Broadcasts are written inline as `scalar * vector` or
-// `scalar - V{}` (exact, folded to a broadcast): a splat helper function is lowered for the
-// baseline ISA before it is inlined into the AVX2 code and comes out as element inserts.
-template <typename T, int VB>
-struct Simd {
-  typedef T V __attribute__((vector_size(VB)));
-  typedef T U __attribute__((vector_size(VB), aligned(sizeof(T)), may_alias));
-  static constexpr int L = VB / int(sizeof(T));
+// 256-bit vectors: 8 floats or 4 doubles. `U` is the unaligned, may_alias view used for loads.
+// Broadcasts are written inline as `scalar * vector` or `scalar - V{}` (exact, folded to a
+// vbroadcast): a splat helper function is lowered for the baseline ISA before it is inlined into
+// the AVX2 code and comes out as a chain of element inserts.
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), aligned(4), may_alias));
+  static constexpr int L = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef double U __attribute__((vector_size(32), aligned(8), may_alias));
+  static constexpr int L = 4;
 };
 
-template <typename T, int VB>
-EK_INLINE typename Simd<T, VB>::V vload(const T* p) {
-  return *reinterpret_cast<const typename Simd<T, VB>::U*>(p);
+template <typename T>
+EK_INLINE typename Simd<T>::V vload(const T* p) {
+  return *reinterpret_cast<const typename Simd<T>::U*>(p);
 }
-template <typename T, int VB>
-EK_INLINE void vstore(T* p, typename Simd<T, VB>::V v) {
-  *reinterpret_cast<typename Simd<T, VB>::U*>(p) = v;
+template <typename T>
+EK_INLINE void vstore(T* p, typename Simd<T>::V v) {
+  *reinterpret_cast<typename Simd<T>::U*>(p) = v;
 }
 
 // GEMM register block: MR rows (output channels) x NV vectors of pixels in accumulators
@@ -77,48 +84,48 @@ T* buffer(int64_t n) {
 
 // C[MR x NV*L] (row stride ldc) = init + sum_k A[r][k] * B[k][:], A row stride lda, B row stride
 // ldb. init is C itself when `accumulate` (a later K block), else bias[r] (0 without bias).
-template <typename T, int VB, int MR, int NV>
+template <typename T, int MR, int NV>
 EK_INLINE void micro(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
                      T* __restrict C, int64_t ldc, const T* bias, bool accumulate) {
-  using S = Simd<T, VB>;
+  using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::L;
   V c[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) {
-      c[r][v] = accumulate ? vload<T, VB>(C + r * ldc + v * L) : (bias ? bias[r] : T(0)) - V{};
+      c[r][v] = accumulate ? vload(C + r * ldc + v * L) : (bias ? bias[r] : T(0)) - V{};
     }
   }
   const T* a[MR];
   for (int r = 0; r < MR; ++r) a[r] = A + r * lda;
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload<T, VB>(B + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * L);
     for (int r = 0; r < MR; ++r) {
       const T ar = a[r][k];
       for (int v = 0; v < NV; ++v) c[r][v] += ar * b[v];
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) vstore<T, VB>(C + r * ldc + v * L, c[r][v]);
+    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * L, c[r][v]);
   }
 }
 
 // All row blocks of one column block: full MR blocks, then one smaller block for the rest.
-template <typename T, int VB, int NV>
+template <typename T, int NV>
 EK_INLINE void micro_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                           int64_t ldc, const T* bias, bool accumulate) {
   int64_t m = 0;
   for (; m + kMR <= M; m += kMR) {
-    micro<T, VB, kMR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bias ? bias + m : nullptr, accumulate);
+    micro<T, kMR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bias ? bias + m : nullptr, accumulate);
   }
   const T* bm = bias ? bias + m : nullptr;
   switch (M - m) {
-    case 5: micro<T, VB, 5, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 4: micro<T, VB, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 3: micro<T, VB, 3, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 2: micro<T, VB, 2, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 1: micro<T, VB, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 5: micro<T, 5, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 4: micro<T, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 3: micro<T, 3, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 2: micro<T, 2, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 1: micro<T, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
     default: break;
   }
 }
@@ -126,10 +133,10 @@ EK_INLINE void micro_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T
 // C[M x N] = bias + A[M x K] * B[K x N] (row strides lda, ldb, ldc; columns contiguous).
 // Each column block of B is packed into `pack` (kKC x kNV*L elements); the last, partial one
 // zero-padded and computed into a local tile, so the micro-kernel never reads or writes past N.
-template <typename T, int VB>
+template <typename T>
 EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                     T* C, int64_t ldc, const T* bias, T* pack) {
-  constexpr int L = Simd<T, VB>::L;
+  constexpr int L = Simd<T>::L;
   constexpr int NR = kNV * L;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, bias ? bias[m] : T(0));
@@ -151,7 +158,7 @@ EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
         const T* __restrict src = Bk + k * ldb + n;
         for (int j = 0; j < NR; ++j) dst[j] = src[j];
       }
-      micro_rows<T, VB, kNV>(M, kc, Ak, lda, pack, NR, C + n, ldc, bias, accumulate);
+      micro_rows<T, kNV>(M, kc, Ak, lda, pack, NR, C + n, ldc, bias, accumulate);
     }
     if (n == N) continue;
     // Tail columns: one or two vectors wide, zero-padded in `pack`, computed MR rows at a time
@@ -174,9 +181,9 @@ EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
       }
       const T* bm = bias ? bias + m : nullptr;
       if (width == L) {
-        micro_rows<T, VB, 1>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
+        micro_rows<T, 1>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
       } else {
-        micro_rows<T, VB, 2>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
+        micro_rows<T, 2>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
       }
       for (int64_t r = 0; r < mr; ++r) {
         for (int64_t j = 0; j < nr; ++j) C[(m + r) * ldc + n + j] = tile[r * width + j];
@@ -322,8 +329,9 @@ using Epilogue = void (*)(T*, const T*, int64_t, const T*, int64_t, int64_t, T);
 template <typename T, int KIND>
 EK_INLINE void epilogue_body(T* dst, const T* src, int64_t src_stride, const T* res, int64_t rows, int64_t cols,
                              T param) {
+  constexpr int64_t L = Simd<T>::L;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = r + 1 < rows ? std::min(round_up(cols, kDwStep), (rows - r) * cols) : cols;
+    const int64_t n = r + 1 < rows ? std::min(round_up(cols, L), (rows - r) * cols) : cols;
     T* __restrict d = dst + r * cols;
     const T* __restrict rr = res ? res + r * cols : nullptr;
     if (src == dst) {  // in place: only d is accessed, so the loops need no alias check
@@ -395,13 +403,14 @@ struct Problem {
 // pw_dw work items [begin, end): item = ((n * ncb) + mid channel block) * nbands + band.
 // Each step of R output rows first extends the channels' padded windows with the intermediate
 // rows it needs (GEMM of w1 and x rows, spread into the window), each row computed once per item.
-template <typename T, int VB>
+template <typename T>
 EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t NR = kNV * Simd<T>::L;
   const int64_t HW = p.H * p.W, Wp = p.Wp, cs = p.cs;
   T* win = buffer<T, 0>(p.cb * cs);
   T* flat = buffer<T, 1>(p.same ? 0 : p.cb * p.cap * p.W);  // padded mode: GEMM output before `win`
   T* dwo = buffer<T, 2>(p.R * p.Wq + kDwStep);
-  T* pack = buffer<T, 3>(kKC * kNV * Simd<T, VB>::L);
+  T* pack = buffer<T, 3>(kKC * NR);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t band = item % p.nbands, rest = item / p.nbands;
     const int64_t m0 = (rest % p.ncb) * p.cb, n = rest / p.ncb;
@@ -432,11 +441,11 @@ EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       }
       const int64_t a = std::max<int64_t>(r0 - p.ph, 0), b = std::min(need_hi - p.ph, p.H);
       if (a < b && p.same) {  // the window rows are plain rows: the GEMM writes them in place
-        gemm<T, VB>(mcount, (b - a) * p.W, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW,
+        gemm<T>(mcount, (b - a) * p.W, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW,
                 rows0 + (a + p.ph - top) * Wp, cs, p.b1 + m0, pack);
       } else if (a < b) {
         const int64_t npx = (b - a) * p.W;
-        gemm<T, VB>(mcount, npx, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW, flat, npx, p.b1 + m0, pack);
+        gemm<T>(mcount, npx, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW, flat, npx, p.b1 + m0, pack);
         for (int64_t m = 0; m < mcount; ++m) {
           for (int64_t ih = a; ih < b; ++ih) {
             std::memcpy(win + m * cs + (ih + p.ph - top) * Wp + p.pw, flat + m * npx + (ih - a) * p.W,
@@ -467,13 +476,14 @@ EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
 // dw_pw work items [begin, end): item = ((n * ntiles) + tile) * ncb + output channel block.
 // The depthwise result of every input channel over the tile's R output rows goes to `mid`
 // [Cin x R*Wo]; then out = w2 x mid + b2, and the epilogue in place.
-template <typename T, int VB>
+template <typename T>
 EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
+  constexpr int64_t NR = kNV * Simd<T>::L;
   const int64_t HW = p.H * p.W, P = p.Ho * p.Wo, Wp = p.Wp;
   T* mid = buffer<T, 0>(p.Cin * p.R * p.Wo + kDwStep);
   T* win = buffer<T, 1>(p.cs);
   T* dwo = buffer<T, 2>(p.R * p.Wq + kDwStep);
-  T* pack = buffer<T, 3>(kKC * kNV * Simd<T, VB>::L);
+  T* pack = buffer<T, 3>(kKC * NR);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cblock = item % p.ncb, rest = item / p.ncb;
     const int64_t t = rest % p.ntiles, n = rest / p.ntiles;
@@ -499,7 +509,7 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       } else {
         dw_rows<T>(win, Wp, p.Wq, w, p.b1[c], ob - oa, dwo, p.kh, p.kw, p.sh, p.sw);
         // Whole vectors per row: the overrun lands on the next row (copied next) or the slack.
-        const int64_t width = round_up(p.Wo, kDwStep);
+        const int64_t width = round_up(p.Wo, Simd<T>::L);
         for (int64_t r = 0; r < ob - oa; ++r) {
           T* __restrict to = d + r * p.Wo;
           const T* __restrict from = dwo + r * p.Wq;
@@ -508,7 +518,7 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       }
     }
     T* dst = p.out + (n * p.Cout + co0) * P + oa * p.Wo;
-    gemm<T, VB>(cocount, np, p.Cin, p.w2 + co0 * p.Cin, p.Cin, mid, np, dst, P, p.b2 + co0, pack);
+    gemm<T>(cocount, np, p.Cin, p.w2 + co0 * p.Cin, p.Cin, mid, np, dst, P, p.b2 + co0, pack);
     if (p.apply_epilogue) {
       for (int64_t co = 0; co < cocount; ++co) {
         const int64_t offset = (n * p.Cout + co0 + co) * P + oa * p.Wo;
@@ -520,19 +530,19 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
 
 template <typename T>
 EK_AVX2 void pw_dw_avx2(const Problem<T>& p, int64_t begin, int64_t end) {
-  pw_dw_items<T, 32>(p, begin, end);
+  pw_dw_items<T>(p, begin, end);
 }
 template <typename T>
 void pw_dw_base(const Problem<T>& p, int64_t begin, int64_t end) {
-  pw_dw_items<T, 16>(p, begin, end);
+  pw_dw_items<T>(p, begin, end);
 }
 template <typename T>
 EK_AVX2 void dw_pw_avx2(const Problem<T>& p, int64_t begin, int64_t end) {
-  dw_pw_items<T, 32>(p, begin, end);
+  dw_pw_items<T>(p, begin, end);
 }
 template <typename T>
 void dw_pw_base(const Problem<T>& p, int64_t begin, int64_t end) {
-  dw_pw_items<T, 16>(p, begin, end);
+  dw_pw_items<T>(p, begin, end);
 }
 
 // EK_CONV_BLOCK_BASELINE (a build flag for testing) forces the baseline code.

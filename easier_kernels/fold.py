@@ -695,14 +695,9 @@ def load_folded(path, model_fn, *, leaf_modules=None) -> fx.GraphModule:
     """A module saved by `save_folded`: `model_fn` builds the original (unpruned) architecture, or
     is that module; the recipe's sites are linearized in it, its chains folded with the saved
     decisions (no timing), then the saved weights loaded."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
-    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
-        raise ValueError(f"{path} was not written by ek.save_folded (format {_FORMAT})")
+    from .prune import load_file
+
+    saved = load_file(path, _FORMAT, "ek.save_folded")
     done = json.loads(saved["record"])
     record = done["fold"]
     original = model_fn if isinstance(model_fn, nn.Module) else model_fn()

@@ -94,13 +94,13 @@ class PruneResult:
 
 def read_record(path) -> dict:
     """The JSON record of a saved PruneResult (sites, steps, settings, recipe), without building the model."""
-    return json.loads(_load_file(path)["record"])
+    return json.loads(load_file(path)["record"])
 
 
 def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
     """A saved PruneResult: `model_fn` builds the original (unpruned) architecture, or is that module;
     the recorded sites are linearized in it (with the same padding moves) and the weights loaded."""
-    saved = _load_file(path)
+    saved = load_file(path)
     record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
     original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
     net = _rebuild(original, record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
@@ -398,16 +398,17 @@ def atomic_write(path, write: Callable) -> None:
         raise
 
 
-def _load_file(path) -> dict:
+def load_file(path, file_format: str = _FORMAT, written_by: str = "PruneResult.save or a checkpoint_dir") -> dict:
+    """A file of easier_kernels' {format, record, state_dict} kind, read with weights_only=True;
+    one clear error when it is missing, torn or of another kind."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as exc:
         raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
-    if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
-        raise ValueError(f"{path} was not written by easier_kernels' prune (format {_FORMAT}); pass a file from "
-                         "PruneResult.save or a checkpoint_dir")
+    if not isinstance(saved, dict) or saved.get("format") != file_format:
+        raise ValueError(f"{path} is not of the kind expected here (format {file_format}); pass a file from {written_by}")
     return saved
 
 
@@ -433,7 +434,7 @@ class _Run:
                              "it, or choose another folder")
         if not checkpoints:
             return None
-        saved = _load_file(checkpoints[-1])
+        saved = load_file(checkpoints[-1])
         if saved["fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
                              "that run was started with")

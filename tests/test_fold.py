@@ -346,6 +346,9 @@ def test_save_and_load_rebuild_the_folded_module(tmp_path):
     assert ek.recipe(loaded) == ek.recipe(folded)
     with pytest.raises(ValueError, match="unknown site name"):  # another architecture
         ek.load_folded(path, lambda: ek.models.paper_model("resnet18", width=0.25))
-    with pytest.raises(ValueError, match="not written by ek.save_folded"):
+    with pytest.raises(ValueError, match="pass a file from ek.save_folded"):
         torch.save({"format": "x"}, tmp_path / "other.pt")
         ek.load_folded(tmp_path / "other.pt", model_fn)
+    with pytest.raises(ValueError, match="pass a file from ek.save_folded"):  # a pruned model is not a folded one
+        ek.PruneResult(net, [], [], 0.0, 0.0, "", [], 1.0, "pooled").save(tmp_path / "pruned.pt")
+        ek.load_folded(tmp_path / "pruned.pt", model_fn)

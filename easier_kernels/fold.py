@@ -1,15 +1,17 @@
-"""The weight algebra of folding (DESIGN.md, "Folding: the math and the traps"): small pure
+"""Folding (DESIGN.md, "Folding: the math and the traps"): the weight algebra as small pure
 functions, one piece of math each, in the style of torch/nn/utils/fusion.py (whose
-`fuse_conv_bn_weights` / `fuse_linear_bn_weights` fold batch norm; they are not written again).
+`fuse_conv_bn_*` fold batch norm; they are not written again), then the graph pass `fold`.
 
     w, b = compose_conv(w1, b1, w2, b2, stride1=2)       # conv2(conv1(x)) as one conv, stride s1*s2
     w, b = add_identity(w, b, padding=(1, 1))            # conv(x) + x as one conv
     w, b = compose_linear(w1, b1, w2, b2)                # linear2(linear1(x)) as one linear
+    fast = fold(net, example_inputs)                     # chains merged / fused / kept, per measurement
 
-Convolutions here have no padding between them: `ek.linearize(exact_fold=True)` moves a chain's
-padding onto its first conv, so that the intermediate map is never zero-padded and composing the
-kernels is exact. The graph pass that finds the chains and decides per chain whether to merge is
-built on these functions.
+Convolutions composed here have no padding between them: `ek.linearize(exact_fold=True)` moves a
+chain's padding onto its first conv, so that the intermediate map is never zero-padded and
+composing the kernels is exact. `fold` finds the chains, times each plan for them (layers
+separate, merged, or a pointwise/depthwise pair in the fused `ops.conv_block`) and rewrites the
+graph with the fastest; `save_folded` / `load_folded` keep the result.
 """
 
 from __future__ import annotations
@@ -336,7 +338,7 @@ def _assign(layer: nn.Module, w, b) -> None:
             layer.bias.copy_(b)
 
 
-def identity_fits(layers: list[nn.Module], merged: nn.Module) -> bool:
+def identity_fits(merged: nn.Module) -> bool:
     """`x + chain(x)` folds into the merged conv's kernel: stride 1, same channels and size."""
     if isinstance(merged, nn.Linear):
         return merged.in_features == merged.out_features
@@ -425,7 +427,7 @@ def _absorbs(gm, chain: _Chain, modules: list, label: str, start: int, size: int
         return chain.residual is not None, chain.act is not None
     if label.startswith("merge") and start == 0 and _origin(gm, chain.residual) is _origin(gm, chain.input):
         merged, _ = merged_layer(modules)
-        return identity_fits(modules, merged), False
+        return identity_fits(merged), False
     return False, False
 
 

@@ -156,14 +156,6 @@ class _Chain:
         return self.layers[0].args[0]
 
 
-def _calls(gm: fx.GraphModule) -> dict:
-    calls: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    return calls
-
-
 def _module(gm: fx.GraphModule, node, types):
     if isinstance(node, fx.Node) and node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -179,7 +171,7 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
 def fold_batch_norms(gm: fx.GraphModule) -> list[str]:
     """Every batch norm (eval statistics) that reads a conv/linear's output alone goes into that
     layer's weights (torch's own fusion math). Returns the folded batch norms' node names."""
-    calls, folded = _calls(gm), []
+    calls, folded = sites_mod.module_calls(gm), []
     for node in list(gm.graph.nodes):
         bn = _module(gm, node, nn.modules.batchnorm._BatchNorm)
         layer_node = node.args[0] if bn is not None else None
@@ -228,7 +220,7 @@ def _family(module) -> tuple:
 def find_chains(gm: fx.GraphModule) -> list[_Chain]:
     """The maximal linear chains of at least two layers (after batch-norm folding). A layer whose
     module is called more than once is never part of one (its weights serve other calls too)."""
-    calls, chains, taken = _calls(gm), [], set()
+    calls, chains, taken = sites_mod.module_calls(gm), [], set()
     layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
     def layer(node):

@@ -130,10 +130,7 @@ def _links(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
 def move_padding(gm: fx.GraphModule) -> list[dict]:
     """Moves each linked conv's padding onto the conv before it, last links first so a whole
     chain's padding ends on its first conv. Returns the changes made."""
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = sites_mod.module_calls(gm)
     before, changes = {}, []
     for first_node, second_node in reversed(_links(gm)):
         first, second = gm.get_submodule(first_node.target), gm.get_submodule(second_node.target)

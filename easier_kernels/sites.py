@@ -149,6 +149,15 @@ def _trace_failure_message(model, failed_in, exc) -> str:
 # ---- finding sites
 
 
+def module_calls(gm: fx.GraphModule) -> dict:
+    """Module path -> how many times the graph calls it (a module called twice shares its weights)."""
+    calls: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 def _call_spec(gm: fx.GraphModule, node: fx.Node):
     """(kind, kind_args, inplace, module path) when the node is an activation call, else None."""
     if node.op == "call_module":

@@ -1,12 +1,17 @@
 // conv_block, CPU: act(conv2(conv1(x) + b1) + b2 + residual) for the two MobileNet-style pairs,
-// with the intermediate map kept in small per-thread buffers that stay in L1/L2.
+// with the intermediate map kept in per-thread buffers that stay in L1/L2, never in memory.
 //
-//   pw_dw (pattern 0): per (image, block of mid channels, band of output rows) a ring of
-//     intermediate rows is filled on demand by a register-blocked GEMM (w1 x a few rows of x),
-//     each intermediate row computed once; the depthwise taps then read the ring.
-//   dw_pw (pattern 1): per (image, tile of output pixels, block of output channels) the depthwise
-//     result of every input channel over the tile goes to a buffer, then the GEMM w2 x buffer
-//     writes the output tile.
+//   pw_dw (pattern 0): a work item is (image, block of mid channels, band of output rows). It
+//     walks the band R output rows at a time, keeping for each channel a window of the
+//     intermediate rows the depthwise taps need: new rows come from a register-blocked GEMM
+//     (w1 x a few rows of x), each computed once; rows still needed slide to the window's front.
+//   dw_pw (pattern 1): a work item is (image, tile of R output rows, block of output channels).
+//     The depthwise result of every input channel over the tile goes to a buffer `mid`, then the
+//     GEMM w2 x mid writes the output tile.
+// The depthwise loops run over zero-padded windows (no border cases), or, for stride 1 with
+// "same" width (MobileNet's 3x3 layers), over plain rows with column masks, so that the pw_dw
+// GEMM writes the window directly and the outputs come out in their final layout. Bias, residual
+// and activation are an epilogue on data still in L1.
 //
 // The hot loops are written once (always_inline templates) and instantiated twice: for AVX2+FMA
 // and for the x86-64 baseline, picked at run time. The GEMM micro-kernel uses GCC vector types
@@ -22,8 +27,8 @@
 
 #include "ek_math.h"
 
-// Vector-typed values inside always_inline helpers of the baseline build would warn about the
-// AVX calling convention; they never cross a real call, so the note is noise.
+// Vector-typed values in always_inline helpers would warn about the vector calling convention;
+// they never cross a real call.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -39,32 +44,25 @@ namespace ek {
 
 namespace {
 
-// 256-bit vectors: 8 floats or 4 doubles. `U` is the unaligned, may_alias view used for loads.
-// Broadcasts are written inline as `scalar * vector` or `scalar - V{}` (exact, folded to a
-// vbroadcast): a splat helper function is lowered for the baseline ISA before it is inlined into
-// the AVX2 code and comes out as a chain of element inserts.
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef float U __attribute__((vector_size(32), aligned(4), may_alias));
-  static constexpr int L = 8;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef double U __attribute__((vector_size(32), aligned(8), may_alias));
-  static constexpr int L = 4;
+// GCC vector types of VB bytes: 32 (8 floats, 4 doubles) for the AVX2 code, 16 for the baseline
+// (generic 32-byte vectors on SSE end up spilled to the stack). `U` is the unaligned, may_alias
+// view used for loads and stores. Broadcasts are written inline as `scalar * vector` or
+// `scalar - V{}` (exact, folded to a broadcast): a splat helper function is lowered for the
+// baseline ISA before it is inlined into the AVX2 code and comes out as element inserts.
+template <typename T, int VB>
+struct Simd {
+  typedef T V __attribute__((vector_size(VB)));
+  typedef T U __attribute__((vector_size(VB), aligned(sizeof(T)), may_alias));
+  static constexpr int L = VB / int(sizeof(T));
 };
 
-template <typename T>
-EK_INLINE typename Simd<T>::V vload(const T* p) {
-  return *reinterpret_cast<const typename Simd<T>::U*>(p);
+template <typename T, int VB>
+EK_INLINE typename Simd<T, VB>::V vload(const T* p) {
+  return *reinterpret_cast<const typename Simd<T, VB>::U*>(p);
 }
-template <typename T>
-EK_INLINE void vstore(T* p, typename Simd<T>::V v) {
-  *reinterpret_cast<typename Simd<T>::U*>(p) = v;
+template <typename T, int VB>
+EK_INLINE void vstore(T* p, const typename Simd<T, VB>::V& v) {
+  *reinterpret_cast<typename Simd<T, VB>::U*>(p) = v;
 }
 
 // GEMM register block: MR rows (output channels) x NV vectors of pixels in accumulators
@@ -84,48 +82,49 @@ T* buffer(int64_t n) {
 
 // C[MR x NV*L] (row stride ldc) = init + sum_k A[r][k] * B[k][:], A row stride lda, B row stride
 // ldb. init is C itself when `accumulate` (a later K block), else bias[r] (0 without bias).
-template <typename T, int MR, int NV>
+template <typename T, int VB, int MR, int NV>
 EK_INLINE void micro(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
                      T* __restrict C, int64_t ldc, const T* bias, bool accumulate) {
-  using S = Simd<T>;
+  using S = Simd<T, VB>;
   using V = typename S::V;
   constexpr int L = S::L;
   V c[MR][NV];
   for (int r = 0; r < MR; ++r) {
     for (int v = 0; v < NV; ++v) {
-      c[r][v] = accumulate ? vload(C + r * ldc + v * L) : (bias ? bias[r] : T(0)) - V{};
+      c[r][v] = accumulate ? vload<T, VB>(C + r * ldc + v * L) : (bias ? bias[r] : T(0)) - V{};
     }
   }
   const T* a[MR];
   for (int r = 0; r < MR; ++r) a[r] = A + r * lda;
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = vload(B + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) b[v] = vload<T, VB>(B + k * ldb + v * L);
     for (int r = 0; r < MR; ++r) {
       const T ar = a[r][k];
       for (int v = 0; v < NV; ++v) c[r][v] += ar * b[v];
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) vstore(C + r * ldc + v * L, c[r][v]);
+    for (int v = 0; v < NV; ++v) vstore<T, VB>(C + r * ldc + v * L, c[r][v]);
   }
 }
 
 // All row blocks of one column block: full MR blocks, then one smaller block for the rest.
-template <typename T, int NV>
+template <typename T, int VB, int NV>
 EK_INLINE void micro_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                           int64_t ldc, const T* bias, bool accumulate) {
   int64_t m = 0;
   for (; m + kMR <= M; m += kMR) {
-    micro<T, kMR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bias ? bias + m : nullptr, accumulate);
+    const T* bm = bias ? bias + m : nullptr;
+    micro<T, VB, kMR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate);
   }
   const T* bm = bias ? bias + m : nullptr;
   switch (M - m) {
-    case 5: micro<T, 5, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 4: micro<T, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 3: micro<T, 3, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 2: micro<T, 2, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
-    case 1: micro<T, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 5: micro<T, VB, 5, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 4: micro<T, VB, 4, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 3: micro<T, VB, 3, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 2: micro<T, VB, 2, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
+    case 1: micro<T, VB, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc, bm, accumulate); break;
     default: break;
   }
 }
@@ -133,10 +132,10 @@ EK_INLINE void micro_rows(int64_t M, int64_t K, const T* A, int64_t lda, const T
 // C[M x N] = bias + A[M x K] * B[K x N] (row strides lda, ldb, ldc; columns contiguous).
 // Each column block of B is packed into `pack` (kKC x kNV*L elements); the last, partial one
 // zero-padded and computed into a local tile, so the micro-kernel never reads or writes past N.
-template <typename T>
+template <typename T, int VB>
 EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                     T* C, int64_t ldc, const T* bias, T* pack) {
-  constexpr int L = Simd<T>::L;
+  constexpr int L = Simd<T, VB>::L;
   constexpr int NR = kNV * L;
   if (K == 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, bias ? bias[m] : T(0));
@@ -158,7 +157,7 @@ EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
         const T* __restrict src = Bk + k * ldb + n;
         for (int j = 0; j < NR; ++j) dst[j] = src[j];
       }
-      micro_rows<T, kNV>(M, kc, Ak, lda, pack, NR, C + n, ldc, bias, accumulate);
+      micro_rows<T, VB, kNV>(M, kc, Ak, lda, pack, NR, C + n, ldc, bias, accumulate);
     }
     if (n == N) continue;
     // Tail columns: one or two vectors wide, zero-padded in `pack`, computed MR rows at a time
@@ -181,9 +180,9 @@ EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
       }
       const T* bm = bias ? bias + m : nullptr;
       if (width == L) {
-        micro_rows<T, 1>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
+        micro_rows<T, VB, 1>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
       } else {
-        micro_rows<T, 2>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
+        micro_rows<T, VB, 2>(mr, kc, Ak + m * lda, lda, pack, width, tile, width, bm, accumulate);
       }
       for (int64_t r = 0; r < mr; ++r) {
         for (int64_t j = 0; j < nr; ++j) C[(m + r) * ldc + n + j] = tile[r * width + j];
@@ -195,7 +194,7 @@ EK_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Depthwise outputs are computed in whole steps of this many (the buffers have slack for it).
+// Padded-window depthwise loops and the epilogue's rows run in whole steps of this many elements.
 constexpr int64_t kDwStep = 8;
 
 // The depthwise convolution as one flat loop. `in` is a zero-padded input window: row stride Wp,
@@ -204,6 +203,7 @@ constexpr int64_t kDwStep = 8;
 // output q = oh * Wp + ow reads in[q + i*Wp + j] for tap (i, j), one constant offset per tap,
 // and there is no per-row overhead, which matters for the 7x7 and 14x14 maps.
 //   out[q] = bias + sum_{i,j} w[i*kw + j] * in[sw*q + i*Wp + j],  q < count rounded up to kDwStep
+// (the buffers have slack for the rounding).
 // KH/KW/SW > 0 fix the sizes at compile time: the taps unroll and GCC vectorizes over q.
 template <typename T, int KH, int KW, int SW>
 EK_INLINE void dw_flat(const T* __restrict in, int64_t Wp, const T* w, T bias, int64_t count,
@@ -233,8 +233,8 @@ EK_INLINE void dw_flat(const T* __restrict in, int64_t Wp, const T* w, T bias, i
 
 // dw_flat with the common kernel sizes and strides fixed at compile time.
 template <typename T>
-EK_INLINE void dw_any(const T* in, int64_t Wp, const T* w, T bias, int64_t count, T* out, int64_t kh, int64_t kw,
-                      int64_t sw) {
+EK_INLINE void dw_any(const T* in, int64_t Wp, const T* w, T bias, int64_t count, T* out, int64_t kh,
+                      int64_t kw, int64_t sw) {
   if (kh == 3 && kw == 3 && sw == 1) return dw_flat<T, 3, 3, 1>(in, Wp, w, bias, count, out, kh, kw, sw);
   if (kh == 3 && kw == 3 && sw == 2) return dw_flat<T, 3, 3, 2>(in, Wp, w, bias, count, out, kh, kw, sw);
   if (kh == 5 && kw == 5 && sw == 1) return dw_flat<T, 5, 5, 1>(in, Wp, w, bias, count, out, kh, kw, sw);
@@ -248,8 +248,8 @@ EK_INLINE void dw_any(const T* in, int64_t Wp, const T* w, T bias, int64_t count
 // half scratch, so each row is its own loop (Wq = Wo; a row's rounded-up overrun lands in the
 // next row, which is written after it, or in the buffer's slack).
 template <typename T>
-EK_INLINE void dw_rows(const T* in, int64_t Wp, int64_t Wq, const T* w, T bias, int64_t rows, T* out, int64_t kh,
-                       int64_t kw, int64_t sh, int64_t sw) {
+EK_INLINE void dw_rows(const T* in, int64_t Wp, int64_t Wq, const T* w, T bias, int64_t rows, T* out,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
   if (sh == 1 && sw == 1) return dw_any<T>(in, Wp, w, bias, rows * Wq, out, kh, kw, sw);
   for (int64_t r = 0; r < rows; ++r) dw_any<T>(in + r * sh * Wp, Wp, w, bias, Wq, out + r * Wq, kh, kw, sw);
 }
@@ -282,8 +282,9 @@ EK_INLINE T keep_if(T v, Mask<T> m) {
 }
 
 template <typename T, int KH, int KW>
-EK_INLINE void dw_same(const T* __restrict in, int64_t W, const T* w, T bias, int64_t count, T* __restrict out,
-                       const Mask<T>* __restrict mask, int64_t mstride, int64_t pw, int64_t kh_rt, int64_t kw_rt) {
+EK_INLINE void dw_same(const T* __restrict in, int64_t W, const T* w, T bias, int64_t count,
+                       T* __restrict out, const Mask<T>* __restrict mask, int64_t mstride, int64_t pw,
+                       int64_t kh_rt, int64_t kw_rt) {
   const T* base = in - pw;
   if constexpr (KH > 0 && KW > 0) {
     T wl[KH * KW];
@@ -311,8 +312,8 @@ EK_INLINE void dw_same(const T* __restrict in, int64_t W, const T* w, T bias, in
 }
 
 template <typename T>
-EK_INLINE void dw_same_any(const T* in, int64_t W, const T* w, T bias, int64_t count, T* out, const Mask<T>* mask,
-                           int64_t mstride, int64_t pw, int64_t kh, int64_t kw) {
+EK_INLINE void dw_same_any(const T* in, int64_t W, const T* w, T bias, int64_t count, T* out,
+                           const Mask<T>* mask, int64_t mstride, int64_t pw, int64_t kh, int64_t kw) {
   if (kh == 3 && kw == 3) return dw_same<T, 3, 3>(in, W, w, bias, count, out, mask, mstride, pw, kh, kw);
   if (kh == 5 && kw == 5) return dw_same<T, 5, 5>(in, W, w, bias, count, out, mask, mstride, pw, kh, kw);
   dw_same<T, 0, 0>(in, W, w, bias, count, out, mask, mstride, pw, kh, kw);
@@ -327,11 +328,10 @@ template <typename T>
 using Epilogue = void (*)(T*, const T*, int64_t, const T*, int64_t, int64_t, T);
 
 template <typename T, int KIND>
-EK_INLINE void epilogue_body(T* dst, const T* src, int64_t src_stride, const T* res, int64_t rows, int64_t cols,
-                             T param) {
-  constexpr int64_t L = Simd<T>::L;
+EK_INLINE void epilogue_body(T* dst, const T* src, int64_t src_stride, const T* res, int64_t rows,
+                             int64_t cols, T param) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t n = r + 1 < rows ? std::min(round_up(cols, L), (rows - r) * cols) : cols;
+    const int64_t n = r + 1 < rows ? std::min(round_up(cols, kDwStep), (rows - r) * cols) : cols;
     T* __restrict d = dst + r * cols;
     const T* __restrict rr = res ? res + r * cols : nullptr;
     if (src == dst) {  // in place: only d is accessed, so the loops need no alias check
@@ -356,7 +356,8 @@ EK_AVX2 void epilogue_avx2(T* dst, const T* src, int64_t src_stride, const T* re
   epilogue_body<T, KIND>(dst, src, src_stride, res, rows, cols, param);
 }
 template <typename T, int KIND>
-void epilogue_base(T* dst, const T* src, int64_t src_stride, const T* res, int64_t rows, int64_t cols, T param) {
+void epilogue_base(T* dst, const T* src, int64_t src_stride, const T* res, int64_t rows, int64_t cols,
+                   T param) {
   epilogue_body<T, KIND>(dst, src, src_stride, res, rows, cols, param);
 }
 template <typename T, int KIND>
@@ -401,16 +402,17 @@ struct Problem {
 };
 
 // pw_dw work items [begin, end): item = ((n * ncb) + mid channel block) * nbands + band.
-// Each step of R output rows first extends the channels' padded windows with the intermediate
-// rows it needs (GEMM of w1 and x rows, spread into the window), each row computed once per item.
-template <typename T>
+// Each step of R output rows first extends the channels' windows with the intermediate rows it
+// needs (zero rows outside the map; the GEMM of w1 and x rows inside, written straight into the
+// windows in `same` mode, else into `flat` and copied between the padding columns), each row
+// computed once per item; then the depthwise and the epilogue per channel.
+template <typename T, int VB>
 EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
-  constexpr int64_t NR = kNV * Simd<T>::L;
   const int64_t HW = p.H * p.W, Wp = p.Wp, cs = p.cs;
   T* win = buffer<T, 0>(p.cb * cs);
   T* flat = buffer<T, 1>(p.same ? 0 : p.cb * p.cap * p.W);  // padded mode: GEMM output before `win`
   T* dwo = buffer<T, 2>(p.R * p.Wq + kDwStep);
-  T* pack = buffer<T, 3>(kKC * NR);
+  T* pack = buffer<T, 3>(kKC * kNV * Simd<T, VB>::L);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t band = item % p.nbands, rest = item / p.nbands;
     const int64_t m0 = (rest % p.ncb) * p.cb, n = rest / p.ncb;
@@ -441,11 +443,12 @@ EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       }
       const int64_t a = std::max<int64_t>(r0 - p.ph, 0), b = std::min(need_hi - p.ph, p.H);
       if (a < b && p.same) {  // the window rows are plain rows: the GEMM writes them in place
-        gemm<T>(mcount, (b - a) * p.W, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW,
-                rows0 + (a + p.ph - top) * Wp, cs, p.b1 + m0, pack);
+        gemm<T, VB>(mcount, (b - a) * p.W, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW,
+                    rows0 + (a + p.ph - top) * Wp, cs, p.b1 + m0, pack);
       } else if (a < b) {
         const int64_t npx = (b - a) * p.W;
-        gemm<T>(mcount, npx, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW, flat, npx, p.b1 + m0, pack);
+        gemm<T, VB>(mcount, npx, p.Cin, p.w1 + m0 * p.Cin, p.Cin, xn + a * p.W, HW, flat, npx, p.b1 + m0,
+                    pack);
         for (int64_t m = 0; m < mcount; ++m) {
           for (int64_t ih = a; ih < b; ++ih) {
             std::memcpy(win + m * cs + (ih + p.ph - top) * Wp + p.pw, flat + m * npx + (ih - a) * p.W,
@@ -476,14 +479,13 @@ EK_INLINE void pw_dw_items(const Problem<T>& p, int64_t begin, int64_t end) {
 // dw_pw work items [begin, end): item = ((n * ntiles) + tile) * ncb + output channel block.
 // The depthwise result of every input channel over the tile's R output rows goes to `mid`
 // [Cin x R*Wo]; then out = w2 x mid + b2, and the epilogue in place.
-template <typename T>
+template <typename T, int VB>
 EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
-  constexpr int64_t NR = kNV * Simd<T>::L;
   const int64_t HW = p.H * p.W, P = p.Ho * p.Wo, Wp = p.Wp;
   T* mid = buffer<T, 0>(p.Cin * p.R * p.Wo + kDwStep);
   T* win = buffer<T, 1>(p.cs);
   T* dwo = buffer<T, 2>(p.R * p.Wq + kDwStep);
-  T* pack = buffer<T, 3>(kKC * NR);
+  T* pack = buffer<T, 3>(kKC * kNV * Simd<T, VB>::L);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t cblock = item % p.ncb, rest = item / p.ncb;
     const int64_t t = rest % p.ntiles, n = rest / p.ntiles;
@@ -497,7 +499,9 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       T* d = mid + c * np;
       const T* w = p.w1 + c * p.kh * p.kw;
       if (p.same) {  // rows a..b are one contiguous copy; outputs straight into mid
-        if (a < b) std::memcpy(win + p.front + (a + p.ph - need_lo) * Wp, plane + a * p.W, (b - a) * p.W * sizeof(T));
+        if (a < b) {
+          std::memcpy(win + p.front + (a + p.ph - need_lo) * Wp, plane + a * p.W, (b - a) * p.W * sizeof(T));
+        }
         dw_same_any<T>(win + p.front, p.W, w, p.b1[c], np, d, p.masks, p.mstride, p.pw, p.kh, p.kw);
         continue;
       }
@@ -509,7 +513,7 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       } else {
         dw_rows<T>(win, Wp, p.Wq, w, p.b1[c], ob - oa, dwo, p.kh, p.kw, p.sh, p.sw);
         // Whole vectors per row: the overrun lands on the next row (copied next) or the slack.
-        const int64_t width = round_up(p.Wo, Simd<T>::L);
+        const int64_t width = round_up(p.Wo, kDwStep);
         for (int64_t r = 0; r < ob - oa; ++r) {
           T* __restrict to = d + r * p.Wo;
           const T* __restrict from = dwo + r * p.Wq;
@@ -518,7 +522,7 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
       }
     }
     T* dst = p.out + (n * p.Cout + co0) * P + oa * p.Wo;
-    gemm<T>(cocount, np, p.Cin, p.w2 + co0 * p.Cin, p.Cin, mid, np, dst, P, p.b2 + co0, pack);
+    gemm<T, VB>(cocount, np, p.Cin, p.w2 + co0 * p.Cin, p.Cin, mid, np, dst, P, p.b2 + co0, pack);
     if (p.apply_epilogue) {
       for (int64_t co = 0; co < cocount; ++co) {
         const int64_t offset = (n * p.Cout + co0 + co) * P + oa * p.Wo;
@@ -530,19 +534,19 @@ EK_INLINE void dw_pw_items(const Problem<T>& p, int64_t begin, int64_t end) {
 
 template <typename T>
 EK_AVX2 void pw_dw_avx2(const Problem<T>& p, int64_t begin, int64_t end) {
-  pw_dw_items<T>(p, begin, end);
+  pw_dw_items<T, 32>(p, begin, end);
 }
 template <typename T>
 void pw_dw_base(const Problem<T>& p, int64_t begin, int64_t end) {
-  pw_dw_items<T>(p, begin, end);
+  pw_dw_items<T, 16>(p, begin, end);
 }
 template <typename T>
 EK_AVX2 void dw_pw_avx2(const Problem<T>& p, int64_t begin, int64_t end) {
-  dw_pw_items<T>(p, begin, end);
+  dw_pw_items<T, 32>(p, begin, end);
 }
 template <typename T>
 void dw_pw_base(const Problem<T>& p, int64_t begin, int64_t end) {
-  dw_pw_items<T>(p, begin, end);
+  dw_pw_items<T, 16>(p, begin, end);
 }
 
 // EK_CONV_BLOCK_BASELINE (a build flag for testing) forces the baseline code.
@@ -558,8 +562,9 @@ bool has_avx2_fma() {
 #endif
 }
 
-// Per-thread budgets: the pw_dw windows (+ GEMM output) and the dw_pw tile buffer stay in
-// L1/L2 (32 KB L1d and 512 KB L2 per core on the 2-core EPYC this was tuned on).
+// Per-thread budgets: the pw_dw windows (+ GEMM output) and the dw_pw tile buffer stay in L2
+// (512 KB per core on the 2-core EPYC this was tuned on); one channel's part is in L1 while it
+// is being worked on.
 constexpr int64_t kWindowBytes = 192 << 10;
 constexpr int64_t kTileBytes = 256 << 10;
 // Output pixels per depthwise step (pw_dw) or tile (dw_pw) to aim for: long flat loops and GEMMs.
@@ -619,11 +624,15 @@ void plan_dw_pw(Problem<T>& p, int64_t threads) {
   const int64_t rows_min = std::min(p.Ho, ceil_div(kMinTilePixels, p.Wo));
   const int64_t rows = std::max(rows_min, std::min(p.Ho, kTileBytes / row_bytes));
   int64_t ntiles = ceil_div(p.Ho, rows);
-  if (p.N * ntiles < 2 * threads) ntiles = std::max(ntiles, std::min(ceil_div(2 * threads, p.N), p.Ho / rows_min));
+  if (p.N * ntiles < 2 * threads) {
+    ntiles = std::max(ntiles, std::min(ceil_div(2 * threads, p.N), p.Ho / rows_min));
+  }
   plan_window(p, ceil_div(p.Ho, ntiles));
   p.ntiles = ceil_div(p.Ho, p.R);
   p.ncb = 1;
-  if (p.N * p.ntiles < 2 * threads) p.ncb = std::min(ceil_div(p.Cout, kMR), ceil_div(2 * threads, p.N * p.ntiles));
+  if (p.N * p.ntiles < 2 * threads) {
+    p.ncb = std::min(ceil_div(p.Cout, kMR), ceil_div(2 * threads, p.N * p.ntiles));
+  }
   p.cb = round_up(ceil_div(p.Cout, p.ncb), kMR);
   p.ncb = ceil_div(p.Cout, p.cb);
 }
@@ -684,13 +693,15 @@ at::Tensor conv_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::T
                           const at::Tensor& w2, const at::Tensor& b2,
                           const std::optional<at::Tensor>& residual, int64_t pattern, int64_t stride_h,
                           int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t kind, double param) {
-  TORCH_CHECK(pattern == 0 || pattern == 1, "conv_block_cpu: pattern must be 0 (pw_dw) or 1 (dw_pw), got ", pattern);
+  TORCH_CHECK(pattern == 0 || pattern == 1, "conv_block_cpu: pattern must be 0 (pw_dw) or 1 (dw_pw), got ",
+              pattern);
   TORCH_CHECK(kind >= kIdentity && kind <= kElu, "conv_block_cpu: unknown activation kind ", kind);
   TORCH_CHECK(x.dim() == 4, "conv_block_cpu: x must be 4-D [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "conv_block_cpu: tensors must be on the CPU, got ", x.device());
   TORCH_CHECK(x.is_contiguous(), "conv_block_cpu: x must be contiguous (NCHW)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "conv_block_cpu: x must be float32 or float64, got ", x.scalar_type());
-  const std::vector<std::pair<const char*, const at::Tensor*>> params = {
+  const std::pair<const char*, const at::Tensor*> params[] = {
       {"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}};
   for (const auto& [name, t] : params) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == x.scalar_type(), "conv_block_cpu: ", name,
@@ -698,48 +709,53 @@ at::Tensor conv_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::T
                 t->scalar_type(), ", ", t->device());
     TORCH_CHECK(t->is_contiguous(), "conv_block_cpu: ", name, " must be contiguous");
   }
-  TORCH_CHECK(x.device().is_cpu(), "conv_block_cpu: tensors must be on the CPU, got ", x.device());
   TORCH_CHECK(stride_h >= 1 && stride_w >= 1, "conv_block_cpu: stride must be >= 1, got (", stride_h, ", ",
               stride_w, ")");
-  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "conv_block_cpu: padding must be >= 0, got (", pad_h, ", ", pad_w, ")");
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "conv_block_cpu: padding must be >= 0, got (", pad_h, ", ", pad_w,
+              ")");
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const at::Tensor& dw = pattern == 0 ? w2 : w1;  // the depthwise weight [C, kh, kw]
   const at::Tensor& pt = pattern == 0 ? w1 : w2;  // the pointwise weight [Cout, Cin']
   TORCH_CHECK(dw.dim() == 3, "conv_block_cpu: the depthwise weight must be [C, kh, kw], got ", dw.sizes());
   TORCH_CHECK(pt.dim() == 2, "conv_block_cpu: the pointwise weight must be [Cout, Cin], got ", pt.sizes());
+  TORCH_CHECK(b1.dim() == 1 && b2.dim() == 1, "conv_block_cpu: the biases must be 1-D, got ", b1.sizes(),
+              " and ", b2.sizes());
   const int64_t kh = dw.size(1), kw = dw.size(2);
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= 32, "conv_block_cpu: depthwise kernel must be between 1x1 and 32 rows, got ",
-              kh, "x", kw);
+  TORCH_CHECK(kh >= 1 && kw >= 1, "conv_block_cpu: the depthwise kernel must be at least 1x1, got ", kh, "x",
+              kw);
+  const char* name = pattern == 0 ? "conv_block_cpu pw_dw: " : "conv_block_cpu dw_pw: ";
   int64_t Cout = 0;
   if (pattern == 0) {  // pw_dw: w1 [Cmid, Cin], b1 [Cmid], w2 [Cmid, kh, kw], b2 [Cmid]
-    const int64_t Cmid = w1.size(0);
-    TORCH_CHECK(w1.size(1) == Cin, "conv_block_cpu pw_dw: w1 must be [Cmid, ", Cin, "], got ", w1.sizes());
-    TORCH_CHECK(b1.dim() == 1 && b1.size(0) == Cmid, "conv_block_cpu pw_dw: b1 must be [", Cmid, "], got ", b1.sizes());
-    TORCH_CHECK(w2.size(0) == Cmid, "conv_block_cpu pw_dw: w2 must be [", Cmid, ", kh, kw], got ", w2.sizes());
-    TORCH_CHECK(b2.dim() == 1 && b2.size(0) == Cmid, "conv_block_cpu pw_dw: b2 must be [", Cmid, "], got ", b2.sizes());
-    Cout = Cmid;
+    Cout = w1.size(0);
+    TORCH_CHECK(w1.size(1) == Cin, name, "w1 must be [Cmid, ", Cin, "], got ", w1.sizes());
+    TORCH_CHECK(b1.size(0) == Cout, name, "b1 must be [", Cout, "], got ", b1.sizes());
+    TORCH_CHECK(w2.size(0) == Cout, name, "w2 must be [", Cout, ", kh, kw], got ", w2.sizes());
+    TORCH_CHECK(b2.size(0) == Cout, name, "b2 must be [", Cout, "], got ", b2.sizes());
   } else {  // dw_pw: w1 [Cin, kh, kw], b1 [Cin], w2 [Cout, Cin], b2 [Cout]
     Cout = w2.size(0);
-    TORCH_CHECK(w1.size(0) == Cin, "conv_block_cpu dw_pw: w1 must be [", Cin, ", kh, kw], got ", w1.sizes());
-    TORCH_CHECK(b1.dim() == 1 && b1.size(0) == Cin, "conv_block_cpu dw_pw: b1 must be [", Cin, "], got ", b1.sizes());
-    TORCH_CHECK(w2.size(1) == Cin, "conv_block_cpu dw_pw: w2 must be [Cout, ", Cin, "], got ", w2.sizes());
-    TORCH_CHECK(b2.dim() == 1 && b2.size(0) == Cout, "conv_block_cpu dw_pw: b2 must be [", Cout, "], got ", b2.sizes());
+    TORCH_CHECK(w1.size(0) == Cin, name, "w1 must be [", Cin, ", kh, kw], got ", w1.sizes());
+    TORCH_CHECK(b1.size(0) == Cin, name, "b1 must be [", Cin, "], got ", b1.sizes());
+    TORCH_CHECK(w2.size(1) == Cin, name, "w2 must be [Cout, ", Cin, "], got ", w2.sizes());
+    TORCH_CHECK(b2.size(0) == Cout, name, "b2 must be [", Cout, "], got ", b2.sizes());
   }
-  const int64_t Ho = (H + 2 * pad_h - kh) >= 0 ? (H + 2 * pad_h - kh) / stride_h + 1 : 0;
-  const int64_t Wo = (W + 2 * pad_w - kw) >= 0 ? (W + 2 * pad_w - kw) / stride_w + 1 : 0;
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, "conv_block_cpu: the ", kh, "x", kw, " kernel with padding (", pad_h, ", ", pad_w,
-              ") does not fit the ", H, "x", W, " input (output would be ", Ho, "x", Wo, ")");
+  const int64_t Ho = H + 2 * pad_h >= kh ? (H + 2 * pad_h - kh) / stride_h + 1 : 0;
+  const int64_t Wo = W + 2 * pad_w >= kw ? (W + 2 * pad_w - kw) / stride_w + 1 : 0;
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "conv_block_cpu: the ", kh, "x", kw, " kernel with padding (", pad_h, ", ",
+              pad_w, ") does not fit the ", H, "x", W, " input (the output would be ", Ho, "x", Wo, ")");
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
-    TORCH_CHECK(r.sizes() == at::IntArrayRef({N, Cout, Ho, Wo}), "conv_block_cpu: residual must have the output's shape [",
-                N, ", ", Cout, ", ", Ho, ", ", Wo, "], got ", r.sizes());
+    TORCH_CHECK(r.sizes() == at::IntArrayRef({N, Cout, Ho, Wo}),
+                "conv_block_cpu: residual must have the output's shape [", N, ", ", Cout, ", ", Ho, ", ", Wo,
+                "], got ", r.sizes());
     TORCH_CHECK(r.device() == x.device() && r.scalar_type() == x.scalar_type(),
-                "conv_block_cpu: residual must have x's dtype and device, got ", r.scalar_type(), ", ", r.device());
+                "conv_block_cpu: residual must have x's dtype and device, got ", r.scalar_type(), ", ",
+                r.device());
     TORCH_CHECK(r.is_contiguous(), "conv_block_cpu: residual must be contiguous (NCHW)");
   }
   at::Tensor out = at::empty({N, Cout, Ho, Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_block_cpu", [&] {
-    run<scalar_t>(x, w1, b1, w2, b2, residual, out, pattern, kh, kw, stride_h, stride_w, pad_h, pad_w, kind, param);
+    run<scalar_t>(x, w1, b1, w2, b2, residual, out, pattern, kh, kw, stride_h, stride_w, pad_h, pad_w, kind,
+                  param);
   });
   return out;
 }

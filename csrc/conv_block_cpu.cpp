@@ -368,16 +368,12 @@ Epilogue<T> epilogue_for(bool avx2) {
 template <typename T>
 Epilogue<T> pick_epilogue(int64_t kind, bool avx2) {
   switch (kind) {
-    case kIdentity: return epilogue_for<T, kIdentity>(avx2);
-    case kRelu: return epilogue_for<T, kRelu>(avx2);
-    case kRelu6: return epilogue_for<T, kRelu6>(avx2);
-    case kLeakyRelu: return epilogue_for<T, kLeakyRelu>(avx2);
-    case kGelu: return epilogue_for<T, kGelu>(avx2);
-    case kGeluTanh: return epilogue_for<T, kGeluTanh>(avx2);
-    case kSilu: return epilogue_for<T, kSilu>(avx2);
-    case kHardswish: return epilogue_for<T, kHardswish>(avx2);
-    default: return epilogue_for<T, kElu>(avx2);  // kind was checked to be in [0, 8]
+#define EK_KIND_CASE(K) \
+  case K: return epilogue_for<T, K>(avx2);
+    EK_FOR_EACH_KIND(EK_KIND_CASE)
+#undef EK_KIND_CASE
   }
+  TORCH_CHECK(false, "conv_block_cpu: unknown activation kind ", kind);
 }
 
 // Everything a work item needs: the tensors, the geometry and the tiling.

@@ -50,6 +50,11 @@ enum Kind : int {
   kElu = 8,
 };
 
+// Every Kind once, for switches that turn a run-time kind into a template argument:
+// `switch (kind) { EK_FOR_EACH_KIND(CASE) }` with CASE(K) expanding to `case K: ...`.
+#define EK_FOR_EACH_KIND(X) \
+  X(kIdentity) X(kRelu) X(kRelu6) X(kLeakyRelu) X(kGelu) X(kGeluTanh) X(kSilu) X(kHardswish) X(kElu)
+
 // Written to match PyTorch's own formulas (NaN propagates, -0 stays -0 through relu).
 // `param` is leaky_relu's negative_slope or elu's alpha.
 template <int KIND, typename T>

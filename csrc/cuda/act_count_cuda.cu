@@ -10,15 +10,7 @@ struct ActCount {
     switch (kind) {
 #define EK_KIND_CASE(K) \
   case K: return launch<T, K, true>(x, y, param, outer, C, inner, counts, nan_counts, stream);
-      EK_KIND_CASE(kIdentity)
-      EK_KIND_CASE(kRelu)
-      EK_KIND_CASE(kRelu6)
-      EK_KIND_CASE(kLeakyRelu)
-      EK_KIND_CASE(kGelu)
-      EK_KIND_CASE(kGeluTanh)
-      EK_KIND_CASE(kSilu)
-      EK_KIND_CASE(kHardswish)
-      EK_KIND_CASE(kElu)
+      EK_FOR_EACH_KIND(EK_KIND_CASE)
 #undef EK_KIND_CASE
     }
     return cudaErrorInvalidValue;

@@ -358,15 +358,7 @@ struct ConvBlock {
   case K:                                                                       \
     return pattern == 0 ? launch_pw_dw<T, K>(s, param, dev, stream)             \
                         : launch_dw_pw<T, K>(s, param, dev, stream);
-      EK_KIND_CASE(kIdentity)
-      EK_KIND_CASE(kRelu)
-      EK_KIND_CASE(kRelu6)
-      EK_KIND_CASE(kLeakyRelu)
-      EK_KIND_CASE(kGelu)
-      EK_KIND_CASE(kGeluTanh)
-      EK_KIND_CASE(kSilu)
-      EK_KIND_CASE(kHardswish)
-      EK_KIND_CASE(kElu)
+      EK_FOR_EACH_KIND(EK_KIND_CASE)
 #undef EK_KIND_CASE
     }
     return cudaErrorInvalidValue;

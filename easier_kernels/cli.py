@@ -19,7 +19,7 @@ from .prune import atomic_write
 
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
-                  "mode": "pooled", "scoring": "ride_along"}
+                  "mode": "pooled", "scoring": "ride_along", "select": "entropy"}
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out")
 
@@ -60,7 +60,8 @@ def _cmd_prune(args) -> int:
     result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
                        layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                        scoring=args.scoring, scores=scores, lr=args.lr, device=device, seed=args.seed,
-                       checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save)
+                       checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save,
+                       select=args.select, select_seed=args.select_seed)
     removed = len(result.linearized)
     print(f"\nremoved {removed} of {len(result.sites)} activation layers; validation accuracy {result.accuracy:.2f} "
           f"(baseline {result.baseline_accuracy:.2f})" + (f", test {result.test_accuracy:.2f}" if result.test_accuracy is not None else ""))
@@ -104,8 +105,10 @@ def _data_and_model(args):
         model = _build_model(args.model, splits.num_classes, splits.in_channels, args.width)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
         raise UsageError(str(exc).strip().splitlines()[0]) from None
-    if args.train_size is not None:  # a quick run on part of the training split
-        splits.train = torch.utils.data.Subset(splits.train, range(min(args.train_size, len(splits.train))))
+    for part in ("train", "val"):  # a quicker run on part of the split
+        if (size := getattr(args, f"{part}_size")) is not None:
+            dataset = getattr(splits, part)
+            setattr(splits, part, torch.utils.data.Subset(dataset, range(min(size, len(dataset)))))
     if args.weights:
         _load_weights(model, args.weights)
     return splits, model
@@ -328,11 +331,16 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
                        help="count during the last fine-tuning epoch, or in a separate pass")
+    prune.add_argument("--select", default=d["select"], choices=["entropy", "random", "first", "last"],
+                       help="which sites a step removes: the lowest entropy (the method), or a naive baseline: a random "
+                            "order, or execution order from the input (first) or output (last) end")
+    prune.add_argument("--select-seed", type=int, help="seed of --select random's order (default: --seed)")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no random flip / 4-pixel shift")
     prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
     prune.add_argument("--train-lr", type=float, default=d["train_lr"], help="baseline training learning rate")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
     prune.add_argument("--train-size", type=int, help="train on the first N images of the training split only")
+    prune.add_argument("--val-size", type=int, help="validate on the first N images of the validation split only")
     prune.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     prune.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     prune.add_argument("--seed", type=int, default=d["seed"])
@@ -373,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args) -> None:
     if getattr(args, "max_drop", 0) < 0:
         raise UsageError(f"--max-drop must be >= 0 accuracy points, not {args.max_drop}")
-    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size"):
+    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size", "val_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")

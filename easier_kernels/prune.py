@@ -43,6 +43,8 @@ from .sites import find_sites
 __all__ = ["prune", "PruneResult", "Step", "load", "read_record", "atomic_write"]
 
 SCORING = ("ride_along", "pass")
+# which sites a step removes: the method's rule, and the naive rules it is measured against
+SELECT = ("entropy", "random", "first", "last")
 _FORMAT = "easier_kernels.prune/1"
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt")
 
@@ -118,8 +120,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           exclude: Iterable[str] = (), finetune: Callable | None = None, evaluate: Callable | None = None,
           test_loader=None, scores=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
           example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
-          checkpoint_dir=None, resume: bool = False, progress: bool = True,
-          on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
+          checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
+          select_seed: int | None = None, on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
     max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
@@ -132,10 +134,15 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     scores: the first step's scores (e.g. from an EntropyMeter during your own training);
         by default a pass over `train_loader` in train mode.
     exclude: site names never linearized. seed: seeds torch, numpy and random (None: leave them).
+    select: which sites a step removes. "entropy" (the method): the `layers_per_step` lowest scores
+        and every site scoring exactly 0. The baselines it is measured against remove exactly
+        `layers_per_step` sites per step, scores recorded but unused: "first" / "last" in execution
+        order from the input / output end, "random" in an order drawn once from `select_seed`
+        (default `seed`), an RNG of its own, so training sees the same random numbers under every rule.
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
     on_step(result): called after every step and at the end with the result so far.
     """
-    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring)
+    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select)
     device = torch.device(device) if device is not None else model_device(model)
     if model_device(model) != device:
         model = copy.deepcopy(model).to(device)
@@ -145,6 +152,9 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     exclude = set(exclude)
     if unknown := sorted(exclude - set(site_names)):
         raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(site_names)}")
+    if select == "random" and seed is None and select_seed is None:
+        raise ValueError("select='random' needs a seed or select_seed, so that a resumed run draws the same order")
+    order = _site_order(site_names, select, seed if select_seed is None else select_seed)
     evaluate = evaluate or (lambda net: training.accuracy(net, val_loader, device=device, progress=progress, desc="val"))
 
     def default_finetune(net, step, meter):
@@ -166,7 +176,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     # the options a resumed run must share with the run it resumes
     settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
                 "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
-                "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay}
+                "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay,
+                "select": select, **({"select_seed": select_seed} if select == "random" else {})}
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None
@@ -210,7 +221,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
             break
         started = time.perf_counter()
         step = len(result.history) + 1
-        chosen = _choose(candidates, layers_per_step)  # linearize, fine-tune (counting), evaluate
+        chosen = _choose(candidates, layers_per_step, order)  # linearize, fine-tune (counting), evaluate
         net = linearize(current, chosen, example, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
@@ -255,7 +266,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring) -> None:
+def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select) -> None:
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
         raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step)):
@@ -267,10 +278,29 @@ def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, 
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if scoring not in SCORING:
         raise ValueError(f"scoring must be one of {', '.join(SCORING)}, not {scoring!r}")
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
 
 
-def _choose(candidates: dict, k: int) -> list:
-    """The k lowest-entropy sites, and every site scoring exactly 0; ties keep execution order."""
+def _site_order(site_names: list, select: str, seed: int | None) -> list | None:
+    """The fixed removal order of a naive rule (None for entropy): a function of the sites and the
+    seed only, so a resumed run continues it without saved state."""
+    if select == "first":
+        return list(site_names)
+    if select == "last":
+        return site_names[::-1]
+    if select == "random":
+        order = list(site_names)
+        random.Random(seed).shuffle(order)
+        return order
+    return None
+
+
+def _choose(candidates: dict, k: int, order: list | None = None) -> list:
+    """The next k candidates in `order`; without one, the k lowest-entropy sites and every site
+    scoring exactly 0 (ties keep execution order)."""
+    if order is not None:
+        return [n for n in order if n in candidates][:k]
     ranked = sorted(candidates, key=candidates.__getitem__)
     return ranked[:k] + [n for n in ranked[k:] if candidates[n] == 0.0]
 

@@ -67,6 +67,14 @@ def test_prune_writes_the_report_plots_checkpoints_and_a_loadable_model(run_dir)
     assert result.model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_prune_with_a_naive_rule_and_a_smaller_validation_split(tmp_path):
+    out = tmp_path / "last"
+    assert cli.main(["prune", *QUICK, "--max-steps", "2", "--select", "last", "--val-size", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["linearized"] == report["sites"][::-1][:2]
+    assert report["settings"]["select"] == "last" and report["settings"]["val_size"] == 64
+
+
 def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
     assert cli.main(["score", str(run_dir), "--max-batches", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -133,6 +141,7 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--model", "resnet9000"], "unknown model 'resnet9000'"),
     (["--max-drop", "-1"], "--max-drop must be >= 0"),
     (["--epochs-per-step", "0"], "--epochs-per-step must be >= 1"),
+    (["--val-size", "0"], "--val-size must be >= 1"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):

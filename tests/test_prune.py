@@ -107,6 +107,33 @@ def test_layers_per_step_exclude_and_max_steps(loaders, splits):
     assert result.history[0].entropy == dict(first)  # the first scores: a pass in train mode
 
 
+def test_naive_rules_remove_sites_in_their_order_with_the_same_training(loaders):
+    train, val = loaders
+    sites = [s.name for s in ek.find_sites(small_model(), torch.zeros(1, 1, 28, 28))]
+    handed = []  # what training sees per run: the same random numbers under every rule
+
+    def run(select, **options):
+        handed.append([])
+
+        def finetune(net, step):
+            handed[-1].append(torch.rand(1).item())
+
+        result = ek.prune(small_model(), train, val, max_drop=100.0, layers_per_step=2, max_steps=3, scoring="pass",
+                          finetune=finetune, evaluate=lambda net: 50.0, select=select, progress=False, **options)
+        assert [len(s.removed) for s in result.history] == [2, 2, 2]
+        assert all(set(s.entropy) >= set(s.removed) for s in result.history)  # scores still recorded
+        return result.linearized
+
+    assert run("first") == sites[:6]
+    assert run("last") == sites[::-1][:6]
+    drawn = run("random", seed=0)
+    assert drawn == run("random", seed=0, select_seed=0) and len(set(drawn)) == 6
+    assert run("random", seed=0, select_seed=1) != drawn  # 17 sites: two draws agreeing on 6 is ~1e-7
+    entropy = run("entropy")
+    assert entropy not in (sites[:6], sites[::-1][:6])
+    assert len({tuple(v) for v in handed}) == 1
+
+
 class TwoSites(nn.Module):
     def __init__(self):
         super().__init__()
@@ -180,6 +207,8 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
     ({"scoring": "later"}, "scoring must be one of"),
     ({"layers_per_step": 0}, "layers_per_step must be an integer >= 1"),
     ({"exclude": ["nope"]}, "exclude names unknown site"),
+    ({"select": "worst"}, "select must be one of entropy, random, first, last"),
+    ({"select": "random", "seed": None}, "select='random' needs a seed or select_seed"),
 ])
 def test_bad_options_are_clear_errors(loaders, options, message):
     train, val = loaders

@@ -1,0 +1,460 @@
+"""The evidence runs of docs/RESULTS.md: the EASIER loop to the end on real data, against naive
+selection rules, and the latency each removed layer buys after folding.
+
+    python scripts/evidence.py run          # every experiment's baseline, then every rule (hours on 2 cores)
+    python scripts/evidence.py latency      # folded latency vs layers removed (run it on a quiet machine)
+    python scripts/evidence.py report       # docs/RESULTS.md's generated part and docs/images/evidence_*.png
+
+`run` drives the `easier-kernels prune` CLI, exactly as a user would type it (every command is
+printed and logged), `--jobs` at a time with the cores split between them. A baseline is trained
+once per experiment; every rule starts from its weights with the same seed, schedule and data,
+so the rules differ only in which sites they remove. A killed `run` picks up where it stopped
+(finished runs are skipped, unfinished ones `--resume`). `report` reads only the runs' report.json
+files, copied to docs/evidence/, so the document regenerates without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+EVIDENCE = ROOT / "docs" / "evidence"  # the runs' report.json and latency.json, committed
+IMAGES = ROOT / "docs" / "images"
+RESULTS = ROOT / "docs" / "RESULTS.md"
+BEGIN, END = "<!-- evidence:begin (scripts/evidence.py report) -->", "<!-- evidence:end -->"
+
+# Sized for 2 CPU cores: a training subset, a 1000-image validation subset (only recorded: there
+# is no stopping rule), the full test split, one fine-tuning epoch per step.
+EXPERIMENTS = {
+    "resnet18-fashion-mnist": dict(model="resnet18", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                   train_size=3000, val_size=1000, epochs=8, layers_per_step=1),
+    "mobilenet_v2-fashion-mnist": dict(model="mobilenet_v2", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                       train_size=3000, val_size=1000, epochs=8, layers_per_step=3),
+    "vgg16_bn-fashion-mnist": dict(model="vgg16_bn", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                   train_size=3000, val_size=1000, epochs=8, layers_per_step=1),
+    "vgg16_bn-cifar10-subset": dict(model="vgg16_bn", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
+                                    train_size=None, val_size=None, epochs=15, layers_per_step=1),
+}
+# rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0
+RULES = {
+    "entropy": [],
+    "entropy-batch_mean": ["--mode", "batch_mean"],
+    "random": ["--select", "random", "--select-seed", "0"],
+    "first": ["--select", "first"],
+    "last": ["--select", "last"],
+}
+EXTRA_RANDOM = {"random-1": ["--select", "random", "--select-seed", "1"],
+                "random-2": ["--select", "random", "--select-seed", "2"]}
+EXTRA_RANDOM_FOR = ("vgg16_bn-fashion-mnist", "vgg16_bn-cifar10-subset")  # the cheap ones
+SEED = 0
+# The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
+PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
+         "mobilenet_v2": [(0, 93.65), (15, 92.77)], "vgg16_bn": [(0, 93.50), (10, 93.04)]}
+
+
+def rules_of(experiment: str) -> dict:
+    return {**RULES, **(EXTRA_RANDOM if experiment in EXTRA_RANDOM_FOR else {})}
+
+
+# ---- run
+
+def common_options(spec: dict, data_root: Path) -> list[str]:
+    options = ["--model", spec["model"], "--dataset", spec["dataset"], "--data-root", str(data_root / spec["data"]),
+               "--width", str(spec["width"]), "--seed", str(SEED), "--quiet"]
+    for name in ("train_size", "val_size"):
+        if spec.get(name):
+            options += [f"--{name.replace('_', '-')}", str(spec[name])]
+    return options
+
+
+def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
+    """Every CLI invocation, as {name, out, argv, after}: a baseline per experiment, then its rules."""
+    jobs = []
+    for name, spec in experiments.items():
+        common = common_options(spec, data_root)
+        base = runs / name / "baseline"
+        jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
+                     "argv": ["prune", *common, "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
+        for rule, extra in rules_of(name).items():
+            jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
+                         "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
+                                  "--layers-per-step", str(spec["layers_per_step"]), *extra]})
+    # baselines first, then the rules, the costly experiments first and the extra random draws last
+    return sorted(jobs, key=lambda j: (j["after"] is not None, j["name"].split("/")[1] in EXTRA_RANDOM))
+
+
+def finished(out: Path, baseline: bool) -> bool:
+    report = out / "report.json"
+    if not report.exists():
+        return False
+    stopped = json.loads(report.read_text()).get("stopped", "")
+    return stopped.startswith("reached max_steps=0") if baseline else stopped == "no site left to linearize"
+
+
+def run(args) -> None:
+    experiments = {k: v for k, v in EXPERIMENTS.items() if not args.only or k in args.only}
+    jobs = jobs_of(experiments, Path(args.runs), Path(args.data_root))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = {j["name"] for j in jobs if finished(j["out"], j["after"] is None)}
+    pending = [j for j in jobs if j["name"] not in done]
+    running: dict[str, tuple] = {}
+    failed = []
+    while pending or running:
+        for job in [j for j in pending if (j["after"] is None or j["after"] in done)][:args.jobs - len(running)]:
+            pending.remove(job)
+            argv = ["easier-kernels", *job["argv"], "--out", str(job["out"])]
+            if (job["out"] / "run.json").exists():
+                argv.append("--resume")
+            job["out"].parent.mkdir(parents=True, exist_ok=True)
+            log = open(job["out"].parent / f"{job['out'].name}.log", "a")
+            print(f"[{time.strftime('%H:%M:%S')}] start {job['name']}: {' '.join(argv)}", flush=True)
+            log.write(" ".join(argv) + "\n")
+            log.flush()
+            running[job["name"]] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log, job)
+        time.sleep(2)
+        for name, (process, log, job) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            print(f"[{time.strftime('%H:%M:%S')}] {'done' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
+            if process.returncode == 0:
+                done.add(name)
+                if job["after"] is not None:
+                    copy_report(job["out"], name)
+            else:
+                failed.append(name)
+                pending = [j for j in pending if j["after"] != name]  # its rules cannot start
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (logs beside their run folders)")
+
+
+def copy_report(out: Path, name: str) -> None:
+    target = EVIDENCE / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "report.json", target)
+
+
+# ---- latency
+
+def latency(args) -> None:
+    """Batch-1 latency of the folded network after each step of the entropy run, over the
+    original with batch norms folded (paired ratios, in turns), on this machine's CPU."""
+    import torch
+
+    import easier_kernels as ek
+    from easier_kernels.benchmark import fold_variants, latency_ratios
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    for name in [k for k in EXPERIMENTS if not args.only or k in args.only]:
+        path = EVIDENCE / name / "entropy.json"
+        if not path.exists():
+            print(f"skip {name}: no {path}")
+            continue
+        run = json.loads(path.read_text())
+        settings = run["settings"]
+        model = ek.models.build(settings["model"], num_classes=settings["num_classes"],
+                                in_channels=settings["in_channels"], width=settings["width"]).eval()
+        example = torch.randn([args.batch_size, *run["example_shape"][1:]], generator=torch.Generator().manual_seed(0))
+        rows, removed = [], []
+        for step in [None, *run["steps"]]:
+            removed += step["removed"] if step else []
+            variants = fold_variants(model, removed, example, compile=False)
+            timed = latency_ratios({k: variants[k] for k in ("original", "bn_folded", "folded")}, example,
+                                   seconds=args.seconds)
+            rows.append({"removed": len(removed), "original_ms": timed["original"]["ms"],
+                         "bn_folded_ms": timed["bn_folded"]["ms"], "folded_ms": timed["folded"]["ms"],
+                         "ratio": timed["folded"]["ratio"], "q1": timed["folded"]["q1"], "q3": timed["folded"]["q3"],
+                         "decisions": [d["choice"] for d in ek.recipe(variants["folded"])["fold"]["decisions"]]})
+            print(f"{name}: {len(removed):>2} removed  folded {rows[-1]['folded_ms']:.2f} ms  "
+                  f"bn_folded {rows[-1]['bn_folded_ms']:.2f} ms  ratio {rows[-1]['ratio']:.2f}", flush=True)
+        record = {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                  "machine": machine(), "rows": rows}
+        (EVIDENCE / name / "latency.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def machine() -> str:
+    import platform
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"{model}, {os.cpu_count()} cores"
+
+
+# ---- report
+
+COLORS = {"entropy": "#1f77b4", "entropy-batch_mean": "#17becf", "random": "#7f7f7f", "first": "#d62728",
+          "last": "#2ca02c"}
+LABELS = {"entropy": "entropy (pooled)", "entropy-batch_mean": "entropy (batch_mean)", "random": "random (3 draws)",
+          "first": "first layers first", "last": "last layers first"}
+
+
+def load_runs() -> dict:
+    """experiment -> rule -> report.json, for what docs/evidence/ holds."""
+    runs = {}
+    for name in EXPERIMENTS:
+        for rule in rules_of(name):
+            path = EVIDENCE / name / f"{rule}.json"
+            if path.exists():
+                runs.setdefault(name, {})[rule] = json.loads(path.read_text())
+    return runs
+
+
+def curve(run: dict, key: str = "test") -> tuple[list, list]:
+    """(layers removed, accuracy) from the baseline through every step."""
+    from easier_kernels.report import accuracy_series
+
+    accepted, _ = accuracy_series(run)
+    return accepted["x"], accepted[key]
+
+
+def mean_accuracy(run: dict) -> float:
+    """Test accuracy averaged over the removal path: the area under the linearly interpolated
+    curve from 0 to all sites removed, over the number of sites (rules that remove two sites in
+    one step are not favoured)."""
+    x, y = curve(run)
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(x, x[1:], y, y[1:]))
+    return area / x[-1]
+
+
+def removed_within(run: dict, drop: float, key: str) -> int:
+    """Layers removed before the accuracy first fell more than `drop` points below the baseline
+    (what --max-drop would have kept, judged on `key`: val as the loop does, or test)."""
+    x, y = curve(run, key)
+    kept = 0
+    for removed, accuracy in zip(x[1:], y[1:]):
+        if accuracy < y[0] - drop:
+            break
+        kept = removed
+    return kept
+
+
+def random_rules(rules: dict) -> list:
+    return [r for r in rules if r.startswith("random")]
+
+
+def summary_rows(runs: dict) -> list[dict]:
+    rows = []
+    for name, rules in runs.items():
+        first = next(iter(rules.values()))
+        row = {"experiment": name, "sites": len(first["sites"]),
+               "baseline test": first["baseline_test_accuracy"]}
+        for rule in RULES:
+            draws = [rules[r] for r in (random_rules(rules) if rule == "random" else [rule]) if r in rules]
+            if draws:
+                means = [mean_accuracy(run) for run in draws]
+                row[rule] = (statistics.mean(means), min(means), max(means), len(means))
+                row[f"{rule} kept@1"] = (statistics.mean(removed_within(r, 1.0, "val") for r in draws),
+                                         statistics.mean(removed_within(r, 1.0, "test") for r in draws))
+        rows.append(row)
+    return rows
+
+
+def fmt(x, digits=2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    head = ["experiment", "sites", "baseline test"] + [LABELS[r] for r in RULES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["experiment"], str(row["sites"]), fmt(row["baseline test"])]
+        best = max(row[r][0] for r in RULES if r in row)
+        for rule in RULES:
+            if rule not in row:
+                cells.append("-")
+                continue
+            mean, low, high, n = row[rule]
+            text = fmt(mean) + (f" ({fmt(low)}-{fmt(high)})" if n > 1 else "")
+            cells.append(f"**{text}**" if mean == best else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def kept_table(rows: list[dict]) -> list[str]:
+    head = ["experiment"] + [LABELS[r] for r in RULES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["experiment"]]
+        for rule in RULES:
+            kept = row.get(f"{rule} kept@1")
+            cells.append("-" if kept is None else f"{kept[0]:g} / {kept[1]:g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def step_table(name: str, rules: dict) -> list[str]:
+    """Test accuracy per number of layers removed, one column per rule (every random draw)."""
+    columns = [r for r in rules_of(name) if r in rules]
+    points = {rule: dict(zip(*curve(rules[rule]))) for rule in columns}
+    xs = sorted(set().union(*points.values()))
+    lines = ["| removed | " + " | ".join(LABELS.get(c, c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for x in xs:
+        lines.append(f"| {x} | " + " | ".join(fmt(points[c].get(x)) for c in columns) + " |")
+    return lines
+
+
+def removal_orders(name: str, rules: dict) -> list[str]:
+    lines = []
+    for rule in ("entropy", "entropy-batch_mean"):
+        if rule in rules:
+            steps = [", ".join(s["removed"]) for s in rules[rule]["steps"]]
+            lines.append(f"- {LABELS[rule]}: " + " -> ".join(f"`{s}`" for s in steps))
+    return lines
+
+
+def latency_table(name: str) -> list[str]:
+    path = EVIDENCE / name / "latency.json"
+    if not path.exists():
+        return ["(no latency.json: run `python scripts/evidence.py latency`)"]
+    record = json.loads(path.read_text())
+    lines = [f"Batch {record['batch_size']}, {record['threads']} threads, torch {record['torch']}, {record['machine']}.",
+             "", "| removed | original ms | BN-folded ms | ek.fold ms | ek.fold / BN-folded (q1-q3) | plans |",
+             "|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        plans = ", ".join(f"{n}x {c}" for c, n in sorted(_count(row["decisions"]).items())) or "-"
+        lines.append(f"| {row['removed']} | {fmt(row['original_ms'])} | {fmt(row['bn_folded_ms'])} | "
+                     f"{fmt(row['folded_ms'])} | {fmt(row['ratio'])} ({fmt(row['q1'])}-{fmt(row['q3'])}) | {plans} |")
+    return lines
+
+
+def _count(items) -> dict:
+    counts = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def accuracy_figure(runs: dict, path: Path) -> None:
+    from easier_kernels.report import _figure, _save_png
+
+    fig = _figure(11, 8)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (name, rules) in zip(axes, runs.items()):
+        for rule, run in rules.items():
+            base = "random" if rule.startswith("random") else rule
+            x, y = curve(run)
+            ax.plot(x, y, marker="." if base != "random" else None, color=COLORS[base],
+                    label=LABELS[base] if rule == base else None, alpha=0.6 if base == "random" else 1.0,
+                    linestyle="--" if base == "random" else "-", linewidth=1.2 if base == "random" else 1.6)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("activation layers removed")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save_png(fig, path)
+
+
+def shape_figure(runs: dict, path: Path) -> None:
+    """Accuracy drop from the baseline vs fraction of layers removed: our entropy runs beside the
+    paper's published CIFAR-10 points (shape only: other data, other schedule)."""
+    from easier_kernels.report import _figure, _save_png
+
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for name, rules in runs.items():
+        if "entropy" in rules:
+            x, y = curve(rules["entropy"])
+            sites = len(rules["entropy"]["sites"])
+            ax.plot([v / sites for v in x], [v - y[0] for v in y], marker=".", label=f"ours: {name}")
+    for model, points in PAPER.items():
+        sites = {"resnet18": 17, "mobilenet_v2": 35, "vgg16_bn": 15}[model]
+        ax.plot([p[0] / sites for p in points], [p[1] - points[0][1] for p in points], marker="s", linestyle=":",
+                color="black", alpha=0.4 + 0.2 * list(PAPER).index(model), label=f"paper, CIFAR-10: {model}")
+    ax.set_xlabel("fraction of activation layers removed")
+    ax.set_ylabel("test accuracy - baseline (points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save_png(fig, path)
+
+
+def latency_figure(path: Path) -> bool:
+    from easier_kernels.report import _figure, _save_png
+
+    records = {n: json.loads((EVIDENCE / n / "latency.json").read_text()) for n in EXPERIMENTS
+               if (EVIDENCE / n / "latency.json").exists()}
+    if not records:
+        return False
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for name, record in records.items():
+        rows = record["rows"]
+        x = [r["removed"] for r in rows]
+        ax.plot(x, [r["ratio"] for r in rows], marker=".", label=name)
+        ax.fill_between(x, [r["q1"] for r in rows], [r["q3"] for r in rows], alpha=0.15)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("activation layers removed (entropy order)")
+    ax.set_ylabel("latency: ek.fold / BN-folded original")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_png(fig, path)
+    return True
+
+
+def report(args) -> None:
+    runs = load_runs()
+    if not runs:
+        sys.exit(f"nothing in {EVIDENCE}: run `python scripts/evidence.py run` first")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    accuracy_figure(runs, IMAGES / "evidence_accuracy.png")
+    shape_figure(runs, IMAGES / "evidence_shape.png")
+    has_latency = latency_figure(IMAGES / "evidence_latency.png")
+    rows = summary_rows(runs)
+    lines = [BEGIN, "", "### Test accuracy averaged over the whole removal path", "",
+             "Area under the test-accuracy curve from 0 to every layer removed, over the number of layers "
+             "(higher is better; random: mean of its draws, (min-max)).", "", *summary_table(rows), "",
+             "### Layers removed before the accuracy fell more than 1 point below the baseline", "",
+             "What `--max-drop 1` would have kept, judged on the validation subset (as the loop judges) / on the "
+             "test split.", "", *kept_table(rows), "",
+             "![test accuracy vs layers removed](images/evidence_accuracy.png)", "",
+             "![shape beside the paper](images/evidence_shape.png)", ""]
+    if has_latency:
+        lines += ["![latency vs layers removed](images/evidence_latency.png)", ""]
+    for name, rules in runs.items():
+        settings = next(iter(rules.values()))["settings"]
+        schedule = ", ".join(f"{k} {settings.get(k)}" for k in ("width", "train_size", "val_size", "epochs_per_step",
+                                                              "layers_per_step", "lr", "batch_size", "seed"))
+        lines += [f"### {name}", "", f"{schedule}; baseline: {EXPERIMENTS[name]['epochs']} epochs. Removal order:", "",
+                  *removal_orders(name, rules), "", "Test accuracy (%) per layers removed:", "",
+                  *step_table(name, rules), "", "Folded latency along the entropy run:", "", *latency_table(name), ""]
+    lines.append(END)
+    text = RESULTS.read_text() if RESULTS.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    RESULTS.write_text(head + "\n".join(lines) + tail)
+    print(f"wrote {RESULTS} and {IMAGES}/evidence_*.png")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="the prune runs (baseline, then every rule, per experiment)")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="folder of the run folders and logs")
+    p.add_argument("--data-root", default=str(DATA), help="the folder holding fashion-mnist/ and cifar10-subset/")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments only")
+    p.set_defaults(func=run)
+    p = sub.add_parser("latency", help="folded latency vs layers removed, along each entropy run")
+    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=3.0, help="timing time per point")
+    p.set_defaults(func=latency)
+    p = sub.add_parser("report", help="docs/RESULTS.md's generated part and the plots, from docs/evidence/")
+    p.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

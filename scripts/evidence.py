@@ -33,17 +33,22 @@ IMAGES = ROOT / "docs" / "images"
 RESULTS = ROOT / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- evidence:begin (scripts/evidence.py report) -->", "<!-- evidence:end -->"
 
-# Sized for 2 CPU cores: a training subset, a 1000-image validation subset (only recorded: there
-# is no stopping rule), the full test split, one fine-tuning epoch per step.
+# Sized for 2 CPU cores: the baseline trains on the whole training split (`baseline_train_size`
+# None) or part of it; each step fine-tunes one epoch on a subset, validates on a 1000-image subset
+# (only recorded: there is no stopping rule) and tests on the full test split.
 EXPERIMENTS = {
     "resnet18-fashion-mnist": dict(model="resnet18", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
-                                   train_size=3000, val_size=1000, epochs=8, layers_per_step=1),
+                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=1000,
+                                   layers_per_step=1),
     "mobilenet_v2-fashion-mnist": dict(model="mobilenet_v2", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
-                                       train_size=3000, val_size=1000, epochs=8, layers_per_step=3),
+                                       baseline_train_size=None, epochs=2, train_size=3000, val_size=1000,
+                                       layers_per_step=3),
     "vgg16_bn-fashion-mnist": dict(model="vgg16_bn", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
-                                   train_size=3000, val_size=1000, epochs=8, layers_per_step=1),
+                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=1000,
+                                   layers_per_step=1),
     "vgg16_bn-cifar10-subset": dict(model="vgg16_bn", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
-                                    train_size=None, val_size=None, epochs=15, layers_per_step=1),
+                                    baseline_train_size=None, epochs=15, train_size=None, val_size=None,
+                                    layers_per_step=1),
 }
 # rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0
 RULES = {
@@ -68,12 +73,14 @@ def rules_of(experiment: str) -> dict:
 
 # ---- run
 
-def common_options(spec: dict, data_root: Path) -> list[str]:
-    options = ["--model", spec["model"], "--dataset", spec["dataset"], "--data-root", str(data_root / spec["data"]),
-               "--width", str(spec["width"]), "--seed", str(SEED), "--quiet"]
-    for name in ("train_size", "val_size"):
-        if spec.get(name):
-            options += [f"--{name.replace('_', '-')}", str(spec[name])]
+def common_options(spec: dict, data_root: Path, train_size: int | None) -> list[str]:
+    options = ["--model", spec["model"], "--dataset", spec["dataset"], "--width", str(spec["width"]), "--seed", str(SEED),
+               "--quiet"]
+    if spec.get("data"):  # a shipped dataset needs no folder
+        options += ["--data-root", str(data_root / spec["data"])]
+    for name, size in (("--train-size", train_size), ("--val-size", spec["val_size"])):
+        if size:
+            options += [name, str(size)]
     return options
 
 
@@ -81,10 +88,11 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
     """Every CLI invocation, as {name, out, argv, after}: a baseline per experiment, then its rules."""
     jobs = []
     for name, spec in experiments.items():
-        common = common_options(spec, data_root)
+        common = common_options(spec, data_root, spec["train_size"])
         base = runs / name / "baseline"
         jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
-                     "argv": ["prune", *common, "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
+                     "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
+                              "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
         for rule, extra in rules_of(name).items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
@@ -104,7 +112,7 @@ def finished(out: Path, baseline: bool) -> bool:
 def run(args) -> None:
     experiments = {k: v for k, v in EXPERIMENTS.items() if not args.only or k in args.only}
     jobs = jobs_of(experiments, Path(args.runs), Path(args.data_root))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = {j["name"] for j in jobs if finished(j["out"], j["after"] is None)}
     pending = [j for j in jobs if j["name"] not in done]
@@ -180,8 +188,31 @@ def latency(args) -> None:
             print(f"{name}: {len(removed):>2} removed  folded {rows[-1]['folded_ms']:.2f} ms  "
                   f"bn_folded {rows[-1]['bn_folded_ms']:.2f} ms  ratio {rows[-1]['ratio']:.2f}", flush=True)
         record = {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "machine": machine(), "rows": rows}
+                  "machine": machine(), "rows": rows, "final": fold_final(Path(args.runs) / name / "entropy")}
         (EVIDENCE / name / "latency.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def fold_final(run_dir: Path) -> dict | None:
+    """The trained final model of a run, folded: its test accuracy before and after folding."""
+    import torch
+
+    import easier_kernels as ek
+    from easier_kernels.prune import read_record
+    from easier_kernels.train import accuracy
+
+    path = run_dir / "pruned.pt"
+    if not path.exists():
+        return None
+    s = read_record(path)["settings"]
+    result = ek.load(path, lambda: ek.models.build(s["model"], num_classes=s["num_classes"],
+                                                   in_channels=s["in_channels"], width=s["width"]))
+    splits = ek.data.load(s["dataset"], s["data_root"], seed=s["seed"], augment=False)
+    test = torch.utils.data.DataLoader(splits.test, batch_size=256)
+    net = result.model.eval()
+    folded = ek.fold(net, next(iter(test))[0][:1])
+    return {"pruned_test_accuracy": accuracy(net, test), "folded_test_accuracy": accuracy(folded, test),
+            "relative_error": ek.recipe(folded)["fold"]["relative_error"],
+            "plans": [d["choice"] for d in ek.recipe(folded)["fold"]["decisions"]]}
 
 
 def machine() -> str:
@@ -443,9 +474,12 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="folder of the run folders and logs")
     p.add_argument("--data-root", default=str(DATA), help="the folder holding fashion-mnist/ and cifar10-subset/")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    p.add_argument("--threads", type=int, help="threads per run (default: the cores over --jobs)")
     p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments only")
     p.set_defaults(func=run)
     p = sub.add_parser("latency", help="folded latency vs layers removed, along each entropy run")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="where `run` put the run folders (for "
+                   "folding the trained final models)")
     p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seconds", type=float, default=3.0, help="timing time per point")

@@ -57,18 +57,14 @@ RULES = {
     "random": ["--select", "random", "--select-seed", "0"],
     "first": ["--select", "first"],
     "last": ["--select", "last"],
+    "random-1": ["--select", "random", "--select-seed", "1"],  # more random draws: run last
+    "random-2": ["--select", "random", "--select-seed", "2"],
 }
-EXTRA_RANDOM = {"random-1": ["--select", "random", "--select-seed", "1"],
-                "random-2": ["--select", "random", "--select-seed", "2"]}
-EXTRA_RANDOM_FOR = ("vgg16_bn-fashion-mnist", "vgg16_bn-cifar10-subset")  # the cheap ones
+SUMMARY = [r for r in RULES if not r.startswith("random-")]  # the random draws are summarized together
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
          "mobilenet_v2": [(0, 93.65), (15, 92.77)], "vgg16_bn": [(0, 93.50), (10, 93.04)]}
-
-
-def rules_of(experiment: str) -> dict:
-    return {**RULES, **(EXTRA_RANDOM if experiment in EXTRA_RANDOM_FOR else {})}
 
 
 # ---- run
@@ -93,12 +89,12 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
         jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
                      "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
                               "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
-        for rule, extra in rules_of(name).items():
+        for rule, extra in RULES.items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
                                   "--layers-per-step", str(spec["layers_per_step"]), *extra]})
     # baselines first, then the rules, the costly experiments first and the extra random draws last
-    return sorted(jobs, key=lambda j: (j["after"] is not None, j["name"].split("/")[1] in EXTRA_RANDOM))
+    return sorted(jobs, key=lambda j: (j["after"] is not None, j["name"].split("/")[1].startswith("random-")))
 
 
 def finished(out: Path, baseline: bool) -> bool:
@@ -227,7 +223,7 @@ def machine() -> str:
 
 COLORS = {"entropy": "#1f77b4", "entropy-batch_mean": "#17becf", "random": "#7f7f7f", "first": "#d62728",
           "last": "#2ca02c"}
-LABELS = {"entropy": "entropy (pooled)", "entropy-batch_mean": "entropy (batch_mean)", "random": "random (3 draws)",
+LABELS = {"entropy": "entropy (pooled)", "entropy-batch_mean": "entropy (batch_mean)", "random": "random",
           "first": "first layers first", "last": "last layers first"}
 
 
@@ -235,7 +231,7 @@ def load_runs() -> dict:
     """experiment -> rule -> report.json, for what docs/evidence/ holds."""
     runs = {}
     for name in EXPERIMENTS:
-        for rule in rules_of(name):
+        for rule in RULES:
             path = EVIDENCE / name / f"{rule}.json"
             if path.exists():
                 runs.setdefault(name, {})[rule] = json.loads(path.read_text())
@@ -281,7 +277,7 @@ def summary_rows(runs: dict) -> list[dict]:
         first = next(iter(rules.values()))
         row = {"experiment": name, "sites": len(first["sites"]),
                "baseline test": first["baseline_test_accuracy"]}
-        for rule in RULES:
+        for rule in SUMMARY:
             draws = [rules[r] for r in (random_rules(rules) if rule == "random" else [rule]) if r in rules]
             if draws:
                 means = [mean_accuracy(run) for run in draws]
@@ -297,12 +293,12 @@ def fmt(x, digits=2) -> str:
 
 
 def summary_table(rows: list[dict]) -> list[str]:
-    head = ["experiment", "sites", "baseline test"] + [LABELS[r] for r in RULES]
+    head = ["experiment", "sites", "baseline test"] + [LABELS[r] for r in SUMMARY]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["experiment"], str(row["sites"]), fmt(row["baseline test"])]
-        best = max(row[r][0] for r in RULES if r in row)
-        for rule in RULES:
+        best = max(row[r][0] for r in SUMMARY if r in row)
+        for rule in SUMMARY:
             if rule not in row:
                 cells.append("-")
                 continue
@@ -314,11 +310,11 @@ def summary_table(rows: list[dict]) -> list[str]:
 
 
 def kept_table(rows: list[dict]) -> list[str]:
-    head = ["experiment"] + [LABELS[r] for r in RULES]
+    head = ["experiment"] + [LABELS[r] for r in SUMMARY]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["experiment"]]
-        for rule in RULES:
+        for rule in SUMMARY:
             kept = row.get(f"{rule} kept@1")
             cells.append("-" if kept is None else f"{kept[0]:g} / {kept[1]:g}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -327,7 +323,7 @@ def kept_table(rows: list[dict]) -> list[str]:
 
 def step_table(name: str, rules: dict) -> list[str]:
     """Test accuracy per number of layers removed, one column per rule (every random draw)."""
-    columns = [r for r in rules_of(name) if r in rules]
+    columns = [r for r in RULES if r in rules]
     points = {rule: dict(zip(*curve(rules[rule]))) for rule in columns}
     xs = sorted(set().union(*points.values()))
     lines = ["| removed | " + " | ".join(LABELS.get(c, c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]

@@ -19,8 +19,7 @@ def evidence(tmp_path, monkeypatch):
     tiny = dict(model="resnet18", dataset="fashion-mnist-mini", data=None, width=0.125, baseline_train_size=256, epochs=1,
                 train_size=128, val_size=64, layers_per_step=6)
     monkeypatch.setattr(module, "EXPERIMENTS", {"tiny": tiny})
-    monkeypatch.setattr(module, "EXTRA_RANDOM_FOR", ("tiny",))
-    monkeypatch.setattr(module, "EXTRA_RANDOM", {"random-1": ["--select", "random", "--select-seed", "1"]})
+    monkeypatch.delitem(module.RULES, "random-2")
     monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
     monkeypatch.setattr(module, "IMAGES", tmp_path / "images")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")

@@ -91,3 +91,17 @@ def test_mean_accuracy_and_removed_within():
     assert module.removed_within(run, 1.0, "val") == 1  # the first fall below 89 ends it, whatever follows
     assert module.removed_within(run, 1.0, "test") == 1
     assert module.removed_within(run, 20.0, "test") == 4
+
+
+def test_versus_random_counts_where_entropy_is_above_below_or_among_the_draws():
+    spec = importlib.util.spec_from_file_location("evidence", ROOT / "scripts" / "evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(*tests):
+        return {"baseline_accuracy": 90.0, "baseline_test_accuracy": 80.0,
+                "steps": [{"removed": ["s"], "val_accuracy": 0.0, "test_accuracy": t, "accepted": True} for t in tests]}
+
+    rules = {"entropy": run(79, 70, 60, 50), "random": run(78, 72, 61, 40), "random-1": run(77, 71, 59, 45)}
+    assert module.versus_random(rules) == (2, 1, 1)  # above at 1 and 4, below at 2, among at 3
+    assert module.versus_random({"entropy": run(79)}) is None

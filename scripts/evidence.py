@@ -46,8 +46,8 @@ EXPERIMENTS = {
     "vgg16_bn-fashion-mnist": dict(model="vgg16_bn", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
                                    baseline_train_size=None, epochs=2, train_size=3000, val_size=1000,
                                    layers_per_step=1),
-    "vgg16_bn-cifar10-subset": dict(model="vgg16_bn", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
-                                    baseline_train_size=None, epochs=15, train_size=None, val_size=None,
+    "resnet18-cifar10-subset": dict(model="resnet18", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
+                                    baseline_train_size=None, epochs=30, train_size=None, val_size=None,
                                     layers_per_step=1),
 }
 # rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0
@@ -110,27 +110,24 @@ def run(args) -> None:
     jobs = jobs_of(experiments, Path(args.runs), Path(args.data_root))
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    done = {j["name"] for j in jobs if finished(j["out"], j["after"] is None)}
-    pending = [j for j in jobs if j["name"] not in done]
-    running: dict[str, tuple] = {}
-    failed = []
+    done, failed, running, pending = set(), [], {}, list(jobs)
     while pending or running:
-        for job in [j for j in pending if (j["after"] is None or j["after"] in done)][:args.jobs - len(running)]:
+        for job in list(pending):  # finished here or by another `run` (a lock file marks a run in progress)
+            if finished(job["out"], job["after"] is None):
+                pending.remove(job)
+                done.add(job["name"])
+        ready = [j for j in pending if (j["after"] is None or j["after"] in done) and not locked(j["out"])]
+        for job in ready[:args.jobs - len(running)]:
             pending.remove(job)
-            argv = ["easier-kernels", *job["argv"], "--out", str(job["out"])]
-            if (job["out"] / "run.json").exists():
-                argv.append("--resume")
-            job["out"].parent.mkdir(parents=True, exist_ok=True)
-            log = open(job["out"].parent / f"{job['out'].name}.log", "a")
-            print(f"[{time.strftime('%H:%M:%S')}] start {job['name']}: {' '.join(argv)}", flush=True)
-            log.write(" ".join(argv) + "\n")
-            log.flush()
-            running[job["name"]] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log, job)
+            running[job["name"]] = start(job, env)
+        if not running and pending and not any(locked(j["out"]) for j in pending):
+            break  # what is left waits on a failed baseline
         time.sleep(2)
         for name, (process, log, job) in list(running.items()):
             if process.poll() is None:
                 continue
             log.close()
+            lock_path(job["out"]).unlink(missing_ok=True)
             del running[name]
             print(f"[{time.strftime('%H:%M:%S')}] {'done' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
             if process.returncode == 0:
@@ -140,8 +137,35 @@ def run(args) -> None:
             else:
                 failed.append(name)
                 pending = [j for j in pending if j["after"] != name]  # its rules cannot start
-    if failed:
-        sys.exit(f"failed: {', '.join(failed)} (logs beside their run folders)")
+    if failed or pending:
+        sys.exit(f"failed: {', '.join(failed + [j['name'] for j in pending])} (logs beside their run folders)")
+
+
+def start(job: dict, env: dict) -> tuple:
+    argv = ["easier-kernels", *job["argv"], "--out", str(job["out"])]
+    if (job["out"] / "run.json").exists():
+        argv.append("--resume")
+    job["out"].parent.mkdir(parents=True, exist_ok=True)
+    log = open(job["out"].parent / f"{job['out'].name}.log", "a")
+    print(f"[{time.strftime('%H:%M:%S')}] start {job['name']}: {' '.join(argv)}", flush=True)
+    log.write(" ".join(argv) + "\n")
+    log.flush()
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    lock_path(job["out"]).write_text(str(process.pid))
+    return process, log, job
+
+
+def lock_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.lock"
+
+
+def locked(out: Path) -> bool:
+    """Whether a live process (of this or another `run`) works on `out`."""
+    try:
+        os.kill(int(lock_path(out).read_text()), 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
 
 
 def copy_report(out: Path, name: str) -> None:

@@ -45,22 +45,28 @@ EXPERIMENTS = {
                                        layers_per_step=3),
     "vgg16_bn-fashion-mnist": dict(model="vgg16_bn", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
                                    baseline_train_size=None, epochs=2, train_size=3000, val_size=1000,
-                                   layers_per_step=1),
+                                   layers_per_step=1, random_draws=3),
     "resnet18-cifar10-subset": dict(model="resnet18", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
                                     baseline_train_size=None, epochs=30, train_size=None, val_size=None,
                                     layers_per_step=1),
 }
-# rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0
+# rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0.
+# `random_draws` in an experiment: how many random orders it runs (as many as this machine's
+# session had time for).
 RULES = {
     "entropy": [],
     "entropy-batch_mean": ["--mode", "batch_mean"],
     "random": ["--select", "random", "--select-seed", "0"],
     "first": ["--select", "first"],
     "last": ["--select", "last"],
-    "random-1": ["--select", "random", "--select-seed", "1"],  # more random draws: run last
-    "random-2": ["--select", "random", "--select-seed", "2"],
 }
-SUMMARY = [r for r in RULES if not r.startswith("random-")]  # the random draws are summarized together
+SUMMARY = list(RULES)  # the columns of the summaries: the random draws are summarized together
+
+
+def rules_of(experiment: str) -> dict:
+    """RULES plus the experiment's further random draws (random-1, ...: run last)."""
+    extra = range(1, EXPERIMENTS[experiment].get("random_draws", 1))
+    return {**RULES, **{f"random-{k}": ["--select", "random", "--select-seed", str(k)] for k in extra}}
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
@@ -89,7 +95,7 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
         jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
                      "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
                               "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
-        for rule, extra in RULES.items():
+        for rule, extra in rules_of(name).items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
                                   "--layers-per-step", str(spec["layers_per_step"]), *extra]})
@@ -255,7 +261,7 @@ def load_runs() -> dict:
     """experiment -> rule -> report.json, for what docs/evidence/ holds."""
     runs = {}
     for name in EXPERIMENTS:
-        for rule in RULES:
+        for rule in rules_of(name):
             path = EVIDENCE / name / f"{rule}.json"
             if path.exists():
                 runs.setdefault(name, {})[rule] = json.loads(path.read_text())
@@ -363,7 +369,7 @@ def kept_table(rows: list[dict]) -> list[str]:
 
 def step_table(name: str, rules: dict) -> list[str]:
     """Test accuracy per number of layers removed, one column per rule (every random draw)."""
-    columns = [r for r in RULES if r in rules]
+    columns = [r for r in rules_of(name) if r in rules]
     points = {rule: dict(zip(*curve(rules[rule]))) for rule in columns}
     xs = sorted(set().union(*points.values()))
     lines = ["| removed | " + " | ".join(LABELS.get(c, c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]

@@ -17,9 +17,8 @@ def evidence(tmp_path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     tiny = dict(model="resnet18", dataset="fashion-mnist-mini", data=None, width=0.125, baseline_train_size=256, epochs=1,
-                train_size=128, val_size=64, layers_per_step=6)
+                train_size=128, val_size=64, layers_per_step=6, random_draws=2)
     monkeypatch.setattr(module, "EXPERIMENTS", {"tiny": tiny})
-    monkeypatch.delitem(module.RULES, "random-2")
     monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
     monkeypatch.setattr(module, "IMAGES", tmp_path / "images")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")

@@ -122,8 +122,9 @@ def run(args) -> None:
             if finished(job["out"], job["after"] is None):
                 pending.remove(job)
                 done.add(job["name"])
+        elsewhere = sum(locked(j["out"]) for j in pending)  # runs of another `run` share the --jobs slots
         ready = [j for j in pending if (j["after"] is None or j["after"] in done) and not locked(j["out"])]
-        for job in ready[:args.jobs - len(running)]:
+        for job in ready[:max(0, args.jobs - len(running) - elsewhere)]:
             pending.remove(job)
             running[job["name"]] = start(job, env)
         if not running and pending and not any(locked(j["out"]) for j in pending):

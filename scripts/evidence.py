@@ -122,6 +122,8 @@ def run(args) -> None:
             if finished(job["out"], job["after"] is None):
                 pending.remove(job)
                 done.add(job["name"])
+                if job["after"] is not None:
+                    copy_report(job["out"], job["name"])
         elsewhere = sum(locked(j["out"]) for j in pending)  # runs of another `run` share the --jobs slots
         ready = [j for j in pending if (j["after"] is None or j["after"] in done) and not locked(j["out"])]
         for job in ready[:max(0, args.jobs - len(running) - elsewhere)]:
@@ -136,11 +138,10 @@ def run(args) -> None:
             log.close()
             lock_path(job["out"]).unlink(missing_ok=True)
             del running[name]
-            print(f"[{time.strftime('%H:%M:%S')}] {'done' if process.returncode == 0 else 'FAILED'} {name}", flush=True)
-            if process.returncode == 0:
-                done.add(name)
-                if job["after"] is not None:
-                    copy_report(job["out"], name)
+            ok = process.returncode == 0 and finished(job["out"], job["after"] is None)
+            print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {name}", flush=True)
+            if ok:
+                pending.append(job)  # the check at the top of the loop copies its report
             else:
                 failed.append(name)
                 pending = [j for j in pending if j["after"] != name]  # its rules cannot start

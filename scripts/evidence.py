@@ -48,11 +48,11 @@ EXPERIMENTS = {
                                    layers_per_step=1, random_draws=3),
     "resnet18-cifar10-subset": dict(model="resnet18", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
                                     baseline_train_size=None, epochs=30, train_size=None, val_size=None,
-                                    layers_per_step=1),
+                                    layers_per_step=1, rules=("entropy", "random")),
 }
 # rule -> extra CLI options; every rule runs with --max-drop 100 (never stops) and --seed 0.
-# `random_draws` in an experiment: how many random orders it runs (as many as this machine's
-# session had time for).
+# `rules` / `random_draws` in an experiment: which rules and how many random orders it runs (what
+# one session on this machine had time for).
 RULES = {
     "entropy": [],
     "entropy-batch_mean": ["--mode", "batch_mean"],
@@ -64,9 +64,12 @@ SUMMARY = list(RULES)  # the columns of the summaries: the random draws are summ
 
 
 def rules_of(experiment: str) -> dict:
-    """RULES plus the experiment's further random draws (random-1, ...: run last)."""
-    extra = range(1, EXPERIMENTS[experiment].get("random_draws", 1))
-    return {**RULES, **{f"random-{k}": ["--select", "random", "--select-seed", str(k)] for k in extra}}
+    """The experiment's rules (all RULES unless it names some) and its further random draws
+    (random-1, ...: run last)."""
+    spec = EXPERIMENTS[experiment]
+    rules = {r: RULES[r] for r in spec.get("rules", RULES)}
+    extra = range(1, spec.get("random_draws", 1))
+    return {**rules, **{f"random-{k}": ["--select", "random", "--select-seed", str(k)] for k in extra}}
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],

@@ -415,6 +415,8 @@ def _count(items) -> dict:
 
 
 def accuracy_figure(runs: dict, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     from easier_kernels.report import _figure, _save_png
 
     fig = _figure(11, 8)
@@ -423,14 +425,17 @@ def accuracy_figure(runs: dict, path: Path) -> None:
         for rule, run in rules.items():
             base = "random" if rule.startswith("random") else rule
             x, y = curve(run)
-            ax.plot(x, y, marker="." if base != "random" else None, color=COLORS[base],
-                    label=LABELS[base] if rule == base else None, alpha=0.6 if base == "random" else 1.0,
-                    linestyle="--" if base == "random" else "-", linewidth=1.2 if base == "random" else 1.6)
+            style = {"random": dict(linestyle="--", alpha=0.6, linewidth=1.2),  # batch_mean over pooled: both show
+                     "entropy-batch_mean": dict(linestyle=":", marker="x", linewidth=2.2)}.get(base, dict(marker="."))
+            ax.plot(x, y, color=COLORS[base], label=LABELS[base] if rule == base else None, **style)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("activation layers removed")
         ax.set_ylabel("test accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes[len(runs):]:
+        ax.set_visible(False)
     _save_png(fig, path)
 
 
@@ -439,18 +444,21 @@ def shape_figure(runs: dict, path: Path) -> None:
     paper's published CIFAR-10 points (shape only: other data, other schedule)."""
     from easier_kernels.report import _figure, _save_png
 
+    model_colors = {"resnet18": "#1f77b4", "vgg16_bn": "#ff7f0e", "mobilenet_v2": "#2ca02c"}
     fig = _figure(7, 4.5)
     ax = fig.subplots()
     for name, rules in runs.items():
         if "entropy" in rules:
             x, y = curve(rules["entropy"])
             sites = len(rules["entropy"]["sites"])
-            ax.plot([v / sites for v in x], [v - y[0] for v in y], marker=".", label=f"ours: {name}")
+            cifar = "cifar" in EXPERIMENTS[name]["dataset"]
+            ax.plot([v / sites for v in x], [v - y[0] for v in y], marker=".", linestyle="-." if cifar else "-",
+                    color=model_colors[EXPERIMENTS[name]["model"]], label=f"ours: {name}")
     for model, points in PAPER.items():
         sites = {"resnet18": 17, "mobilenet_v2": 35, "vgg16_bn": 15}[model]
         ax.plot([p[0] / sites for p in points], [p[1] - points[0][1] for p in points], marker="s", linestyle=":",
-                color="black", alpha=0.4 + 0.2 * list(PAPER).index(model), label=f"paper, CIFAR-10: {model}")
-    ax.set_xlabel("fraction of activation layers removed")
+                color=model_colors[model], alpha=0.7, label=f"paper, CIFAR-10: {model}")
+    ax.set_xlabel("fraction of activation layers removed (entropy order)")
     ax.set_ylabel("test accuracy - baseline (points)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -404,6 +404,10 @@ def latency_table(name: str) -> list[str]:
         plans = ", ".join(f"{n}x {c}" for c, n in sorted(_count(row["decisions"]).items())) or "-"
         lines.append(f"| {row['removed']} | {fmt(row['original_ms'])} | {fmt(row['bn_folded_ms'])} | "
                      f"{fmt(row['folded_ms'])} | {fmt(row['ratio'])} ({fmt(row['q1'])}-{fmt(row['q3'])}) | {plans} |")
+    if final := record.get("final"):
+        lines += ["", f"The trained final model (every site linear), folded: test accuracy "
+                      f"{fmt(final['pruned_test_accuracy'])} before, {fmt(final['folded_test_accuracy'])} after folding "
+                      f"(relative output error {final['relative_error']:.1e}; plans: {', '.join(final['plans'])})."]
     return lines
 
 

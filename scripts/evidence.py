@@ -365,7 +365,7 @@ def kept_table(rows: list[dict]) -> list[str]:
         cells = [row["experiment"]]
         for rule in SUMMARY:
             kept = row.get(f"{rule} kept@1")
-            cells.append("-" if kept is None else f"{kept[0]:g} / {kept[1]:g}")
+            cells.append("-" if kept is None else f"{kept[0]:.3g} / {kept[1]:.3g}")
         versus = row.get("versus random")
         cells.append("-" if versus is None else " / ".join(map(str, versus)))
         lines.append("| " + " | ".join(cells) + " |")

@@ -83,7 +83,9 @@ def _check_out(out: Path, settings: dict, resume: bool) -> bool:
             raise UsageError(f"{record} is unreadable ({type(exc).__name__}); choose another --out") from None
         if not resume:
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
-        differs = [k for k in sorted(set(previous) | set(settings)) if previous.get(k) != settings.get(k)]
+        # an option missing from an older run.json had its default there
+        differs = [k for k in sorted(set(previous) | set(settings))
+                   if previous.get(k, PRUNE_DEFAULTS.get(k)) != settings.get(k, PRUNE_DEFAULTS.get(k))]
         if differs:
             shown = ", ".join(f"--{k.replace('_', '-')} {previous.get(k)} (now {settings.get(k)})" for k in differs)
             raise UsageError(f"--out {out} holds a run started with {shown}; resume with the same options, or choose "

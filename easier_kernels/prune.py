@@ -177,7 +177,9 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
                 "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
                 "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay,
-                "select": select, **({"select_seed": select_seed} if select == "random" else {})}
+                # only where not the default, so that runs checkpointed before `select` existed still resume
+                **({"select": select} if select != "entropy" else {}),
+                **({"select_seed": select_seed} if select == "random" else {})}
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None

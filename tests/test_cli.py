@@ -112,6 +112,10 @@ def test_resume_continues_a_run_with_more_steps(run_dir, tmp_path):
 
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
+    record = json.loads((out / "run.json").read_text())  # as a run started before --select / --val-size existed
+    for newer in ("select", "select_seed", "val_size"):
+        del record["settings"][newer]
+    (out / "run.json").write_text(json.dumps(record))
     assert cli.main(["prune", *QUICK, "--max-steps", "3", "--out", str(out), "--resume"]) == 0
     before, after = json.loads((run_dir / "report.json").read_text()), json.loads((out / "report.json").read_text())
     assert len(after["steps"]) == 3 and after["steps"][:2] == before["steps"][:2]

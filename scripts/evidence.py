@@ -61,6 +61,10 @@ RULES = {
     "last": ["--select", "last"],
 }
 SUMMARY = list(RULES)  # the columns of the summaries: the random draws are summarized together
+SEED = 0
+# The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
+PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
+         "mobilenet_v2": [(0, 93.65), (15, 92.77)], "vgg16_bn": [(0, 93.50), (10, 93.04)]}
 
 
 def rules_of(experiment: str) -> dict:
@@ -70,10 +74,6 @@ def rules_of(experiment: str) -> dict:
     rules = {r: RULES[r] for r in spec.get("rules", RULES)}
     extra = range(1, spec.get("random_draws", 1))
     return {**rules, **{f"random-{k}": ["--select", "random", "--select-seed", str(k)] for k in extra}}
-SEED = 0
-# The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
-PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
-         "mobilenet_v2": [(0, 93.65), (15, 92.77)], "vgg16_bn": [(0, 93.50), (10, 93.04)]}
 
 
 # ---- run
@@ -188,8 +188,9 @@ def copy_report(out: Path, name: str) -> None:
 # ---- latency
 
 def latency(args) -> None:
-    """Batch-1 latency of the folded network after each step of the entropy run, over the
-    original with batch norms folded (paired ratios, in turns), on this machine's CPU."""
+    """Latency (batch --batch-size) of the folded network after each step of the entropy run, over
+    the original with batch norms folded (paired ratios, in turns), on this machine's CPU; and the
+    trained final model folded, where the run folder is here."""
     import torch
 
     import easier_kernels as ek
@@ -234,10 +235,10 @@ def fold_final(run_dir: Path) -> dict | None:
     path = run_dir / "pruned.pt"
     if not path.exists():
         return None
-    s = read_record(path)["settings"]
-    result = ek.load(path, lambda: ek.models.build(s["model"], num_classes=s["num_classes"],
-                                                   in_channels=s["in_channels"], width=s["width"]))
-    splits = ek.data.load(s["dataset"], s["data_root"], seed=s["seed"], augment=False)
+    settings = read_record(path)["settings"]
+    result = ek.load(path, lambda: ek.models.build(settings["model"], num_classes=settings["num_classes"],
+                                                   in_channels=settings["in_channels"], width=settings["width"]))
+    splits = ek.data.load(settings["dataset"], settings["data_root"], seed=settings["seed"], augment=False)
     test = torch.utils.data.DataLoader(splits.test, batch_size=256)
     net = result.model.eval()
     folded = ek.fold(net, next(iter(test))[0][:1])
@@ -249,9 +250,10 @@ def fold_final(run_dir: Path) -> dict | None:
 def machine() -> str:
     import platform
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return f"{model}, {os.cpu_count()} cores"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
 
 
 # ---- report

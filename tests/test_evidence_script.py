@@ -11,11 +11,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def evidence(tmp_path, monkeypatch):
+def load_script():
     spec = importlib.util.spec_from_file_location("evidence", ROOT / "scripts" / "evidence.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def evidence(tmp_path, monkeypatch):
+    module = load_script()
     tiny = dict(model="resnet18", dataset="fashion-mnist-mini", data=None, width=0.125, baseline_train_size=256, epochs=1,
                 train_size=128, val_size=64, layers_per_step=6, random_draws=2)
     monkeypatch.setattr(module, "EXPERIMENTS", {"tiny": tiny})
@@ -79,9 +84,7 @@ def test_run_latency_and_report_end_to_end(evidence, tmp_path):
 
 
 def test_mean_accuracy_and_removed_within():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "scripts" / "evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script()
     run = {"baseline_accuracy": 90.0, "baseline_test_accuracy": 80.0, "steps": [
         {"removed": ["a"], "val_accuracy": 89.5, "test_accuracy": 80.0, "accepted": True},
         {"removed": ["b", "c"], "val_accuracy": 88.0, "test_accuracy": 77.0, "accepted": True},
@@ -94,9 +97,7 @@ def test_mean_accuracy_and_removed_within():
 
 
 def test_versus_random_counts_where_entropy_is_above_below_or_among_the_draws():
-    spec = importlib.util.spec_from_file_location("evidence", ROOT / "scripts" / "evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script()
 
     def run(*tests):
         return {"baseline_accuracy": 90.0, "baseline_test_accuracy": 80.0,

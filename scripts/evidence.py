@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,9 +344,15 @@ def fmt(x, digits=2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def markdown_table(head: list, rows: list) -> list[str]:
+    from easier_kernels.report import _md_row
+
+    return [_md_row(head), "|" + "---|" * len(head), *(_md_row(row) for row in rows)]
+
+
 def summary_table(rows: list[dict]) -> list[str]:
     head = ["experiment", "sites", "baseline test"] + [LABELS[r] for r in SUMMARY]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for row in rows:
         cells = [row["experiment"], str(row["sites"]), fmt(row["baseline test"])]
         best = max(row[r][0] for r in SUMMARY if r in row)
@@ -356,13 +363,13 @@ def summary_table(rows: list[dict]) -> list[str]:
             mean, low, high, n = row[rule]
             text = fmt(mean) + (f" ({fmt(low)}-{fmt(high)})" if n > 1 else "")
             cells.append(f"**{text}**" if mean == best else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def kept_table(rows: list[dict]) -> list[str]:
     head = ["experiment"] + [LABELS[r] for r in SUMMARY] + ["entropy vs the random draws: above all / below all / among"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for row in rows:
         cells = [row["experiment"]]
         for rule in SUMMARY:
@@ -370,8 +377,8 @@ def kept_table(rows: list[dict]) -> list[str]:
             cells.append("-" if kept is None else f"{kept[0]:.3g} / {kept[1]:.3g}")
         versus = row.get("versus random")
         cells.append("-" if versus is None else " / ".join(map(str, versus)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def step_table(name: str, rules: dict) -> list[str]:
@@ -379,10 +386,8 @@ def step_table(name: str, rules: dict) -> list[str]:
     columns = [r for r in rules_of(name) if r in rules]
     points = {rule: dict(zip(*curve(rules[rule]))) for rule in columns}
     xs = sorted(set().union(*points.values()))
-    lines = ["| removed | " + " | ".join(LABELS.get(c, c) for c in columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    for x in xs:
-        lines.append(f"| {x} | " + " | ".join(fmt(points[c].get(x)) for c in columns) + " |")
-    return lines
+    return markdown_table(["removed"] + [LABELS.get(c, c) for c in columns],
+                          [[x] + [fmt(points[c].get(x)) for c in columns] for x in xs])
 
 
 def removal_orders(name: str, rules: dict) -> list[str]:
@@ -399,25 +404,18 @@ def latency_table(name: str) -> list[str]:
     if not path.exists():
         return ["(no latency.json: run `python scripts/evidence.py latency`)"]
     record = json.loads(path.read_text())
+    body = [[row["removed"], fmt(row["original_ms"]), fmt(row["bn_folded_ms"]), fmt(row["folded_ms"]),
+             f"{fmt(row['ratio'])} ({fmt(row['q1'])}-{fmt(row['q3'])})",
+             ", ".join(f"{n}x {c}" for c, n in sorted(Counter(row["decisions"]).items())) or "-"]
+            for row in record["rows"]]
     lines = [f"Batch {record['batch_size']}, {record['threads']} threads, torch {record['torch']}, {record['machine']}.",
-             "", "| removed | original ms | BN-folded ms | ek.fold ms | ek.fold / BN-folded (q1-q3) | plans |",
-             "|---|---|---|---|---|---|"]
-    for row in record["rows"]:
-        plans = ", ".join(f"{n}x {c}" for c, n in sorted(_count(row["decisions"]).items())) or "-"
-        lines.append(f"| {row['removed']} | {fmt(row['original_ms'])} | {fmt(row['bn_folded_ms'])} | "
-                     f"{fmt(row['folded_ms'])} | {fmt(row['ratio'])} ({fmt(row['q1'])}-{fmt(row['q3'])}) | {plans} |")
+             "", *markdown_table(["removed", "original ms", "BN-folded ms", "ek.fold ms", "ek.fold / BN-folded (q1-q3)",
+                                  "plans"], body)]
     if final := record.get("final"):
         lines += ["", f"The trained final model (every site linear), folded: test accuracy "
                       f"{fmt(final['pruned_test_accuracy'])} before, {fmt(final['folded_test_accuracy'])} after folding "
                       f"(relative output error {final['relative_error']:.1e}; plans: {', '.join(final['plans'])})."]
     return lines
-
-
-def _count(items) -> dict:
-    counts = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return counts
 
 
 def accuracy_figure(runs: dict, path: Path) -> None:

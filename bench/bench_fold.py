@@ -43,13 +43,13 @@ def chosen_sites(model, images, size, count) -> list[str]:
 
 
 @pytest.mark.parametrize("name,batch", CASES, ids=[f"{n}-b{b}" for n, b in CASES])
-def test_fold_latency(benchmark, record, cifar_images, steady_malloc, name, batch):
+def test_fold_latency(benchmark, record, real_images, steady_malloc, name, batch):
     build, (full, small_size), count, _ = MODELS[name]
     small = not benchmark.enabled
     torch.manual_seed(0)
     model = build(small)
     size = small_size if small else full
-    sites = chosen_sites(model, cifar_images[0], size, count)
+    sites = chosen_sites(model, real_images[0], size, count)
     example = torch.randn(2 if small else batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     variants = fold_variants(model, sites, example, compile=not small)
     benchmark.group, benchmark.name = "fold", f"{name}-b{batch}"

@@ -22,12 +22,12 @@ BATCH = 128
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_ride_along_training(benchmark, record, cifar_images, steady_malloc, name):
+def test_ride_along_training(benchmark, record, real_images, steady_malloc, name):
     torch.manual_seed(0)
     model = ek.models.paper_model(name).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     meters = {mode: ek.EntropyMeter(model, mode=mode) for mode in ek.entropy.MODES}
-    images, labels = cifar_images
+    images, labels = real_images
     size = BATCH if benchmark.enabled else 8  # CI: a small step, for correctness only
     batch = images[:size], labels[:size]
 

@@ -83,10 +83,10 @@ PASSES = {
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_scoring_pass(benchmark, record, cifar_images, steady_malloc, name):
+def test_scoring_pass(benchmark, record, real_images, steady_malloc, name):
     torch.manual_seed(0)
     model = ek.models.paper_model(name).eval()
-    images = cifar_images[0]
+    images = real_images[0]
     if not benchmark.enabled:  # CI: one small pass of each candidate, for correctness only
         benchmark(lambda: [run(model, list(images[:16].split(8))) for run in PASSES.values()])
         return
@@ -180,11 +180,12 @@ def _rss_kib(field: str) -> int:
 
 
 def _measure_peak(name: str, candidate: str) -> float:
-    from conftest import load_cifar_images
+    import conftest  # noqa: F401  (puts the tests' helpers on the path, as under pytest)
+    from helpers import real_images
 
     torch.manual_seed(0)
     model = ek.models.paper_model(name).eval()
-    batches = [load_cifar_images()[0][:BATCH].clone()]
+    batches = [real_images()[0][:BATCH].clone()]
     run = PASSES[candidate]
     run(model, batches)  # warm-up: lazy initialisation is not part of the pass
     before = _rss_kib("VmRSS")

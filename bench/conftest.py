@@ -9,13 +9,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from easier_kernels import data, ops
+from easier_kernels import ops
 from easier_kernels.benchmark import median_seconds, synchronized
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers: one source of real images
+import helpers  # noqa: E402
 
 _ROWS: list[dict] = []
 
@@ -87,18 +91,11 @@ def steady_malloc():
     libc.mallopt(m_trim_threshold, 128 * 1024)
 
 
-def load_cifar_images():
-    """Real CIFAR-10 training images and labels (normalized float32 [N, 3, 32, 32]); skips
-    the benchmark without the data."""
-    root = data.find_root(Path(__file__).resolve().parents[2] / "shared" / "data")
-    if root is None or not (root / "cifar10-subset").is_dir():
-        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
-    return data.cifar10_subset(root, "train").tensors
-
-
 @pytest.fixture(scope="session")
-def cifar_images():
-    return load_cifar_images()
+def real_images():
+    """Real images (normalized float32 [N, 3, 32, 32]) and labels: tests/helpers.py's, the
+    CIFAR-10 subset where the shared data is here, else the shipped Fashion-MNIST subset."""
+    return helpers.real_images()
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -107,7 +104,8 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("easier_kernels benchmark summary (ratios measured side by side)")
     tr.write_line(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-                  + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+                  + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+                  + (f"; images: {helpers.real_images_source()}" if helpers.real_images_source() else ""))
     tables: dict[tuple, list[dict]] = {}  # one table per set of columns (one per benchmark file)
     for row in _ROWS:
         tables.setdefault(tuple(row), []).append(row)

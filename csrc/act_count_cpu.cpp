@@ -1,7 +1,8 @@
 // act_count, CPU: y = activation(x) and per-channel on/NaN counts in the same pass over memory.
 // The relu family and hardswish are computed inside the counting loop. For the transcendental
 // kinds (gelu, silu, elu) each chunk is counted and then, while it is still in cache, handed to
-// ATen's own vectorized kernel: one pass over DRAM, PyTorch's exact numerics.
+// ATen's own vectorized kernel: one pass over DRAM, PyTorch's numerics for finite inputs and the
+// special-value rule (ek_math.h) for the rest.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
@@ -19,8 +20,7 @@ void fused(const at::Tensor& x, at::Tensor& y, int64_t* counts, int64_t* nan_cou
                             static_cast<compute_t>(param), counts, nan_counts);
 }
 
-// Applies the ATen activation to one chunk (rows [o0, o1), channels [c0, c1)) of the flat
-// [outer, C, inner] buffers.
+// Applies the ATen activation to one contiguous segment of the flat buffers.
 void aten_activation(const at::Tensor& x, at::Tensor& y, int64_t kind, double param) {
   switch (kind) {
     case kGelu: at::gelu_out(y, x, "none"); break;
@@ -31,23 +31,35 @@ void aten_activation(const at::Tensor& x, at::Tensor& y, int64_t kind, double pa
   }
 }
 
-template <typename T>
+// ATen's value at NaN and +-inf depends on the CPU (float32 gelu(+inf) is NaN with AVX-512):
+// overwrites the segment's non-finite inputs with the special-value rule of ek_math.h.
+template <typename T, int KIND>
+void apply_special_rule(const T* x, T* y, int64_t n, double param) {
+  using E = Elem<T>;
+  using compute_t = typename E::compute_t;
+  for (int64_t i = 0; i < n; ++i) {
+    if (E::special(x[i])) y[i] = E::store(activation<KIND>(E::load(x[i]), static_cast<compute_t>(param)));
+  }
+}
+
+template <typename T, int KIND>
 void chunked(const at::Tensor& x, at::Tensor& y, int64_t* counts, int64_t* nan_counts,
-             int64_t kind, double param, int64_t outer, int64_t C, int64_t inner) {
+             double param, int64_t outer, int64_t C, int64_t inner) {
   // x and y are dense with the same strides: their memory is the flat [outer, C, inner] buffer.
   const at::Tensor x_flat = at::from_blob(const_cast<void*>(x.const_data_ptr()), {x.numel()}, x.options());
   at::Tensor y_flat = at::from_blob(y.data_ptr(), {y.numel()}, y.options());
-  auto after_chunk = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1) {
+  auto segment = [&](int64_t offset, int64_t length, bool special) {
+    at::Tensor out = y_flat.narrow(0, offset, length);
+    aten_activation(x_flat.narrow(0, offset, length), out, KIND, param);
+    if (special) apply_special_rule<T, KIND>(x.const_data_ptr<T>() + offset, y.data_ptr<T>() + offset, length, param);
+  };
+  auto after_chunk = [&](int64_t o0, int64_t o1, int64_t c0, int64_t c1, bool special) {
     const int64_t slab = C * inner;
     if (c0 == 0 && c1 == C) {  // whole slabs: one contiguous region
-      at::Tensor out = y_flat.narrow(0, o0 * slab, (o1 - o0) * slab);
-      aten_activation(x_flat.narrow(0, o0 * slab, (o1 - o0) * slab), out, kind, param);
+      segment(o0 * slab, (o1 - o0) * slab, special);
       return;
     }
-    for (int64_t o = o0; o < o1; ++o) {  // one contiguous segment per row
-      at::Tensor out = y_flat.narrow(0, o * slab + c0 * inner, (c1 - c0) * inner);
-      aten_activation(x_flat.narrow(0, o * slab + c0 * inner, (c1 - c0) * inner), out, kind, param);
-    }
+    for (int64_t o = o0; o < o1; ++o) segment(o * slab + c0 * inner, (c1 - c0) * inner, special);
   };
   count_pass<T, kIdentity, false>(x.const_data_ptr<T>(), nullptr, outer, C, inner,
                                   typename Elem<T>::compute_t(0), counts, nan_counts, after_chunk);
@@ -68,10 +80,10 @@ at::Tensor act_count_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& na
       case kRelu6: fused<scalar_t, kRelu6>(x, y, on, nan, param, outer, C, inner); break;
       case kLeakyRelu: fused<scalar_t, kLeakyRelu>(x, y, on, nan, param, outer, C, inner); break;
       case kHardswish: fused<scalar_t, kHardswish>(x, y, on, nan, param, outer, C, inner); break;
-      case kGelu:
-      case kGeluTanh:
-      case kSilu:
-      case kElu: chunked<scalar_t>(x, y, on, nan, kind, param, outer, C, inner); break;
+      case kGelu: chunked<scalar_t, kGelu>(x, y, on, nan, param, outer, C, inner); break;
+      case kGeluTanh: chunked<scalar_t, kGeluTanh>(x, y, on, nan, param, outer, C, inner); break;
+      case kSilu: chunked<scalar_t, kSilu>(x, y, on, nan, param, outer, C, inner); break;
+      case kElu: chunked<scalar_t, kElu>(x, y, on, nan, param, outer, C, inner); break;
       default: TORCH_CHECK(false, "act_count_cpu: unknown activation kind ", kind);
     }
   });

@@ -7,8 +7,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <type_traits>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ek_math.h"
@@ -26,13 +28,14 @@ namespace ek {
 
 constexpr int64_t kColumnTile = 8192;  // uint32 column counters per tile: 32 KB, fits L1
 
-// Per-dtype load/store and on/NaN tests. float and double compare as floats (which the
-// compiler vectorizes); Half and BFloat16 test their raw bits and compute in float.
+// Per-dtype load/store and on/NaN/not-finite tests. float and double compare as floats (which
+// the compiler vectorizes); Half and BFloat16 test their raw bits and compute in float.
 template <typename T>
 struct Elem {
   using compute_t = T;
   static bool on(T v) { return v >= T(0); }
   static bool nan(T v) { return v != v; }
+  static bool special(T v) { return !(std::abs(v) <= std::numeric_limits<T>::max()); }
   static T load(T v) { return v; }
   static T store(T v) { return v; }
 };
@@ -41,6 +44,7 @@ struct Elem<c10::Half> {
   using compute_t = float;
   static bool on(c10::Half v) { return bits_on<F16Bits>(v.x); }
   static bool nan(c10::Half v) { return bits_nan<F16Bits>(v.x); }
+  static bool special(c10::Half v) { return bits_special<F16Bits>(v.x); }
   static float load(c10::Half v) { return static_cast<float>(v); }
   static c10::Half store(float v) { return c10::Half(v); }
 };
@@ -49,6 +53,7 @@ struct Elem<c10::BFloat16> {
   using compute_t = float;
   static bool on(c10::BFloat16 v) { return bits_on<BF16Bits>(v.x); }
   static bool nan(c10::BFloat16 v) { return bits_nan<BF16Bits>(v.x); }
+  static bool special(c10::BFloat16 v) { return bits_special<BF16Bits>(v.x); }
   static float load(c10::BFloat16 v) { return static_cast<float>(v); }
   static c10::BFloat16 store(float v) { return c10::BFloat16(v); }
 };
@@ -83,29 +88,31 @@ inline void add_columns(uint32_t* columns, int64_t first, int64_t width, int64_t
 
 // Counts a matrix of `rows` rows (row_stride apart) over columns [first, first + width): lanes
 // run along the columns into uint32 counters, in tiles that keep the counters in L1, four rows
-// per counter update. NaN is rare, so the loop only ORs a "saw a NaN" flag (a register) and the
+// per counter update. NaN and inf are rare, so the loop only ORs a "saw one" flag (a register);
 // NaNs are counted in a second pass when it is set. Writes y = activation(x) when WRITE.
+// Returns whether any element was not finite (NaN or +-inf).
 template <typename T, int KIND, bool WRITE>
-__attribute__((always_inline)) inline void count_columns(
+__attribute__((always_inline)) inline bool count_columns(
     const T* x, T* y, int64_t rows, int64_t row_stride, int64_t first, int64_t width,
     int64_t inner, int64_t C, typename Elem<T>::compute_t param, int64_t* on, int64_t* nan) {
   using E = Elem<T>;
   constexpr int64_t kFlushRows = int64_t(1) << 30;  // before a uint32 counter could overflow
   uint32_t* counters = scratch<uint32_t>(std::min(kColumnTile, width));
+  bool saw_any_special = false;
   for (int64_t tile = first; tile < first + width; tile += kColumnTile) {
     const int64_t tile_width = std::min(kColumnTile, first + width - tile);
-    uint32_t saw_nan = 0;
+    uint32_t saw_special = 0;
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
       const T* x0 = x + r * row_stride + tile;
       const T *x1 = x0 + row_stride, *x2 = x1 + row_stride, *x3 = x2 + row_stride;
       T* y0 = WRITE ? y + r * row_stride + tile : nullptr;
       T *y1 = y0 + row_stride, *y2 = y1 + row_stride, *y3 = y2 + row_stride;
-#pragma omp simd reduction(| : saw_nan)
+#pragma omp simd reduction(| : saw_special)
       for (int64_t j = 0; j < tile_width; ++j) {
         const T v0 = x0[j], v1 = x1[j], v2 = x2[j], v3 = x3[j];
         counters[j] += uint32_t(E::on(v0)) + E::on(v1) + E::on(v2) + E::on(v3);
-        saw_nan |= E::nan(v0) | E::nan(v1) | E::nan(v2) | E::nan(v3);
+        saw_special |= E::special(v0) | E::special(v1) | E::special(v2) | E::special(v3);
         if constexpr (WRITE) {
           y0[j] = E::store(activation<KIND>(E::load(v0), param));
           y1[j] = E::store(activation<KIND>(E::load(v1), param));
@@ -118,16 +125,17 @@ __attribute__((always_inline)) inline void count_columns(
     for (; r < rows; ++r) {
       const T* x0 = x + r * row_stride + tile;
       T* y0 = WRITE ? y + r * row_stride + tile : nullptr;
-#pragma omp simd reduction(| : saw_nan)
+#pragma omp simd reduction(| : saw_special)
       for (int64_t j = 0; j < tile_width; ++j) {
         const T v = x0[j];
         counters[j] += E::on(v);
-        saw_nan |= E::nan(v);
+        saw_special |= E::special(v);
         if constexpr (WRITE) y0[j] = E::store(activation<KIND>(E::load(v), param));
       }
     }
     add_columns(counters, tile, tile_width, inner, C, on);
-    if (saw_nan) {
+    if (saw_special) {
+      saw_any_special = true;
       for (int64_t row = 0; row < rows; ++row) {
         const T* x0 = x + row * row_stride + tile;
         for (int64_t j = 0; j < tile_width; ++j) counters[j] = E::nan(x0[j]);
@@ -135,30 +143,32 @@ __attribute__((always_inline)) inline void count_columns(
       }
     }
   }
+  return saw_any_special;
 }
 
 // Rows [o0, o1) x channels [c0, c1) of the [outer, C, inner] buffer, added to on/nan (indexed
 // by channel). With all channels, several consecutive [C, inner] slabs form one wider row
 // (a column then maps to channel (column / inner) % C), so small slabs still fill whole tiles.
+// Returns whether any element was not finite.
 template <typename T, int KIND, bool WRITE>
-EK_CPU_CLONES void count_block(const T* x, T* y, int64_t C, int64_t inner, int64_t o0, int64_t o1,
+EK_CPU_CLONES bool count_block(const T* x, T* y, int64_t C, int64_t inner, int64_t o0, int64_t o1,
                                int64_t c0, int64_t c1, typename Elem<T>::compute_t param,
                                int64_t* on, int64_t* nan) {
   const int64_t slab = C * inner;
   const T* xs = x + o0 * slab;
   T* ys = WRITE ? y + o0 * slab : nullptr;
   if (c0 != 0 || c1 != C) {
-    count_columns<T, KIND, WRITE>(xs, ys, o1 - o0, slab, c0 * inner, (c1 - c0) * inner, inner, C,
-                                  param, on, nan);
-    return;
+    return count_columns<T, KIND, WRITE>(xs, ys, o1 - o0, slab, c0 * inner, (c1 - c0) * inner,
+                                         inner, C, param, on, nan);
   }
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(o1 - o0, kColumnTile / slab));
   const int64_t grouped = (o1 - o0) / group;
-  count_columns<T, KIND, WRITE>(xs, ys, grouped, group * slab, 0, group * slab, inner, C, param,
-                                on, nan);
+  const bool special = count_columns<T, KIND, WRITE>(xs, ys, grouped, group * slab, 0,
+                                                     group * slab, inner, C, param, on, nan);
   const int64_t done = grouped * group;
-  count_columns<T, KIND, WRITE>(xs + done * slab, WRITE ? ys + done * slab : nullptr,
-                                o1 - o0 - done, slab, 0, slab, inner, C, param, on, nan);
+  return count_columns<T, KIND, WRITE>(xs + done * slab, WRITE ? ys + done * slab : nullptr,
+                                       o1 - o0 - done, slab, 0, slab, inner, C, param, on, nan) ||
+         special;
 }
 
 // Bytes of x per chunk: a chunk is counted, then handed to `after_chunk` while it is still in
@@ -167,13 +177,14 @@ EK_CPU_CLONES void count_block(const T* x, T* y, int64_t C, int64_t inner, int64
 constexpr int64_t kChunkBytes = int64_t(2) << 20;
 
 struct NoAfterChunk {
-  void operator()(int64_t, int64_t, int64_t, int64_t) const {}
+  void operator()(int64_t, int64_t, int64_t, int64_t, bool) const {}
 };
 
 // Splits the work over threads: over `outer` when there is enough of it (each thread keeps
 // private per-channel counters and adds them atomically once), else over channels (each thread
 // owns its channels and writes them directly). Each thread walks its block in chunks of rows;
-// after_chunk(o0, o1, c0, c1) runs on every chunk right after it was counted.
+// after_chunk(o0, o1, c0, c1, saw_special) runs on every chunk right after it was counted
+// (saw_special: the chunk holds a NaN or an inf).
 template <typename T, int KIND, bool WRITE, typename AfterChunk = NoAfterChunk>
 void count_pass(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,
                 typename Elem<T>::compute_t param, int64_t* counts, int64_t* nan_counts,
@@ -188,8 +199,8 @@ void count_pass(const T* x, T* y, int64_t outer, int64_t C, int64_t inner,
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkBytes / row_bytes);
     for (int64_t start = o0; start < o1; start += rows_per_chunk) {
       const int64_t end = std::min(o1, start + rows_per_chunk);
-      count_block<T, KIND, WRITE>(x, y, C, inner, start, end, c0, c1, param, on, nan);
-      after_chunk(start, end, c0, c1);
+      const bool special = count_block<T, KIND, WRITE>(x, y, C, inner, start, end, c0, c1, param, on, nan);
+      after_chunk(start, end, c0, c1, special);
     }
   };
   const int64_t threads = at::get_num_threads();

@@ -26,6 +26,11 @@ template <typename B>
 EK_HD bool bits_nan(typename B::U u) {
   return static_cast<typename B::U>(u & static_cast<typename B::U>(~B::sign)) > B::inf;
 }
+// Not finite: +-inf or NaN.
+template <typename B>
+EK_HD bool bits_special(typename B::U u) {
+  return static_cast<typename B::U>(u & static_cast<typename B::U>(~B::sign)) >= B::inf;
+}
 
 // Transcendentals by precision: the float overloads keep float math float on host and device.
 EK_HD float ek_erf(float x) { return erff(x); }
@@ -55,10 +60,9 @@ enum Kind : int {
 #define EK_FOR_EACH_KIND(X) \
   X(kIdentity) X(kRelu) X(kRelu6) X(kLeakyRelu) X(kGelu) X(kGeluTanh) X(kSilu) X(kHardswish) X(kElu)
 
-// Written to match PyTorch's own formulas (NaN propagates, -0 stays -0 through relu).
-// `param` is leaky_relu's negative_slope or elu's alpha.
+// The formulas, as PyTorch writes them. `param` is leaky_relu's negative_slope or elu's alpha.
 template <int KIND, typename T>
-EK_HD T activation(T x, T param) {
+EK_HD T formula(T x, T param) {
   if constexpr (KIND == kIdentity) {
     return x;
   } else if constexpr (KIND == kRelu) {
@@ -81,6 +85,37 @@ EK_HD T activation(T x, T param) {
   } else {  // kElu
     return x > T(0) ? x : param * ek_expm1(x);
   }
+}
+
+// The special-value rule (README, "Special values"), written out because the formulas and
+// torch disagree there across CPUs and dtypes (torch's float32 gelu(+inf) is NaN on AVX-512
+// machines): at +-inf an activation gives its limit, a zero limit with the sign the formula
+// gives to large finite inputs (+0 for the relu family, -0 for the smooth kinds); NaN stays NaN.
+template <int KIND, typename T>
+EK_HD T at_plus_inf(T x, T param) {
+  return KIND == kRelu6 ? T(6) : x;
+}
+template <int KIND, typename T>
+EK_HD T at_minus_inf(T x, T param) {
+  if constexpr (KIND == kIdentity) {
+    return x;
+  } else if constexpr (KIND == kRelu || KIND == kRelu6) {
+    return T(0);
+  } else if constexpr (KIND == kLeakyRelu) {
+    return param == T(0) ? T(-0.0) : x * param;
+  } else if constexpr (KIND == kElu) {
+    return -param;
+  } else {  // gelu, gelu_tanh, silu, hardswish
+    return T(-0.0);
+  }
+}
+
+// The activation every native kernel computes: the formula, and the rule at +-inf and NaN.
+template <int KIND, typename T>
+EK_HD T activation(T x, T param) {
+  const T y = formula<KIND>(x, param);
+  const T inf = T(INFINITY);
+  return x == inf ? at_plus_inf<KIND>(x, param) : x == -inf ? at_minus_inf<KIND>(x, param) : x != x ? x : y;
 }
 
 }  // namespace ek

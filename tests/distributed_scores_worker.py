@@ -1,5 +1,5 @@
 """One rank of tests/test_entropy.py's two-process test (run with torch.distributed.run):
-scores its own shard of real CIFAR-10 images, writes what it got to OUT/rank<r>.json."""
+scores its own shard of real images (helpers.real_images), writes what it got to OUT/rank<r>.json."""
 
 import json
 import sys
@@ -7,16 +7,17 @@ import sys
 import torch
 import torch.distributed as dist
 
+from helpers import real_images
+
 import easier_kernels as ek
-from easier_kernels import data
 
 
-def shard_batches(root, rank: int, batch_size: int = 32, per_rank: int = 96):
-    images = data.cifar10_subset(root, "train").tensors[0]
+def shard_batches(rank: int, batch_size: int = 32, per_rank: int = 96):
+    images = real_images()[0]
     return list(images[rank * per_rank:(rank + 1) * per_rank].split(batch_size))
 
 
-def score(root, batches) -> dict:
+def score(batches) -> dict:
     torch.manual_seed(0)
     model = ek.models.resnet18(width=0.25).train()
     out = {}
@@ -28,10 +29,10 @@ def score(root, batches) -> dict:
 
 
 if __name__ == "__main__":
-    root, out_dir = sys.argv[1], sys.argv[2]
+    out_dir = sys.argv[1]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result = score(root, shard_batches(root, rank))
+    result = score(shard_batches(rank))
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -26,7 +26,7 @@ def special_values(shape, dtype, generator: torch.Generator) -> torch.Tensor:
     return x.to(dtype)
 
 
-def random_cases(seed: int, count: int, max_numel: int, dtype=None, finite: bool = False):
+def random_cases(seed: int, count: int, max_numel: int, dtype=None):
     """Yields (description, x, channel_dim) over random shapes and layouts: odd sizes, size-1 dims,
     empty batches, contiguous, channels_last, tokens [..., C], permuted and gapped (slow path)."""
     rng = random.Random(seed)
@@ -42,11 +42,7 @@ def random_cases(seed: int, count: int, max_numel: int, dtype=None, finite: bool
                 shape[0] = 0  # empty batch
             if torch.Size(shape).numel() <= max_numel:
                 break
-        if finite:
-            values = torch.randn(shape, generator=gen).to(dt)
-            values[torch.rand(shape, generator=gen) < 0.1] = 0.0
-        else:
-            values = special_values(shape, dt, gen)
+        values = special_values(shape, dt, gen)
         if layout == "channels_last":
             x, cdim = values.contiguous(memory_format=torch.channels_last), 1
         elif layout == "tokens":
@@ -89,21 +85,37 @@ def data_root():
     return find_root(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
-_CIFAR: dict = {}
+_IMAGES: dict = {}
 
 
-def cifar_batches(batches: int, batch_size: int, split: str = "train") -> list:
-    """Real CIFAR-10 images as a list of (images, labels) batches; skips the test without data."""
-    import pytest
+def real_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real labelled images, normalized float32 [N, 3, 32, 32]: the CIFAR-10 subset's training
+    split where the shared data is here, else the Fashion-MNIST subset the package ships (its
+    grey channel repeated to three, zero-padded to 32 px), so the method's tests run on every
+    fresh clone. real_images_source() names which."""
+    if not _IMAGES:
+        from easier_kernels import data
 
-    from easier_kernels import data
+        root = data_root()
+        if root is not None and (root / "cifar10-subset").is_dir():
+            images, labels = data.cifar10_subset(root, "train").tensors
+            source = "cifar10-subset"
+        else:
+            images, labels = data.load("fashion-mnist-mini", augment=False).train.tensors
+            images = torch.nn.functional.pad(images, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
+            source = "fashion-mnist-mini as 3x32x32"
+        _IMAGES.update(images=images, labels=labels, source=source)
+    return _IMAGES["images"], _IMAGES["labels"]
 
-    root = data_root()
-    if root is None or not (root / "cifar10-subset").is_dir():
-        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
-    if split not in _CIFAR:
-        _CIFAR[split] = data.cifar10_subset(root, split).tensors
-    images, labels = _CIFAR[split]
+
+def real_images_source() -> str | None:
+    """Which images real_images() gave; None before it was called."""
+    return _IMAGES.get("source")
+
+
+def real_batches(batches: int, batch_size: int) -> list:
+    """`batches` (images, labels) batches of real_images()."""
+    images, labels = real_images()
     return [(images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]) for i in range(batches)]
 
 

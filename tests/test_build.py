@@ -1,8 +1,14 @@
 """The build contract: the extension is there, the package works without it, and setup.py
 refuses cleanly where torch cannot be imported (plain `pip install .` with build isolation)."""
 
+import os
+import runpy
+import shutil
+import stat
 from pathlib import Path
 
+import pytest
+import torch
 from helpers import run_python
 
 import easier_kernels as ek
@@ -50,3 +56,67 @@ def test_build_requirements_never_pull_torch():
     build_system = text.split("[build-system]", 1)[1].split("\n[", 1)[0]
     requires = next(line for line in build_system.splitlines() if line.startswith("requires"))
     assert "setuptools" in requires and "torch" not in requires.lower()
+
+
+def test_cuda_kernels_are_built_where_torch_has_cuda_and_nvcc_is_here():
+    """The newest torch's CUDA build is checked by scripts/check_torch_range.sh, which runs this."""
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} has no CUDA: only the CPU kernels are built")
+    if os.environ.get("EASIER_KERNELS_NO_CUDA") == "1":
+        pytest.skip("EASIER_KERNELS_NO_CUDA=1 builds the CPU kernels only")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no nvcc here: the CUDA kernels are built only where nvcc is")
+    from easier_kernels import _C
+
+    assert all(hasattr(_C, f"{op}_cuda") for op in ("count_on", "act_count", "conv_block"))
+
+
+def test_setup_py_sets_no_language_standard():
+    """torch's BuildExtension picks the standard its headers need (C++20 from torch 2.14): a
+    hard-coded -std breaks the build on the newest torch."""
+    assert "-std" not in (ROOT / "setup.py").read_text()
+
+
+def fake_toolkit(folder: Path, headers: bool) -> Path:
+    """A CUDA toolkit folder whose bin/nvcc reports its location as the real nvcc does, and a
+    launcher script elsewhere (as /usr/local/bin/nvcc is on our machines). Returns the launcher's folder."""
+    (folder / "toolkit" / "bin").mkdir(parents=True)
+    real = folder / "toolkit" / "bin" / "nvcc"
+    real.write_text(f"#!/bin/sh\necho '#$ _HERE_={real.parent}' >&2\n")
+    if headers:
+        (folder / "toolkit" / "include").mkdir()
+        (folder / "toolkit" / "include" / "cuda_runtime.h").write_text("")
+    (folder / "launcher").mkdir()
+    launcher = folder / "launcher" / "nvcc"
+    launcher.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    for script in (real, launcher):
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder / "launcher"
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's functions, without running setup(); no CUDA_HOME/CUDA_PATH set."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_py_under_test")
+
+
+def test_setup_py_finds_cuda_headers_through_a_launcher_script(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_toolkit(tmp_path, headers=True)))
+    assert setup_py["find_cuda_home"](fallbacks=()) == str(tmp_path / "toolkit")
+
+
+def test_setup_py_names_what_to_set_when_cuda_headers_are_missing(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(fake_toolkit(tmp_path, headers=False)))
+    with pytest.raises(SystemExit) as stop:
+        setup_py["find_cuda_home"](fallbacks=())
+    message = str(stop.value)
+    assert "\n" not in message and "CUDA_HOME" in message and "EASIER_KERNELS_NO_CUDA=1" in message
+
+
+def test_setup_py_respects_cuda_home_and_builds_cpu_only_without_nvcc(setup_py, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvcc
+    assert setup_py["find_cuda_home"](fallbacks=()) is None
+    monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
+    assert setup_py["find_cuda_home"](fallbacks=()) == "/opt/my-cuda"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import easier_kernels as ek
 from easier_kernels.entropy import binary_entropy
 from easier_kernels.sites import ACTIVATION_MODULES
-from helpers import Gate, WithGate, cifar_batches
+from helpers import Gate, WithGate, real_batches
 
 PAPER = ["resnet18", "vgg16_bn", "mobilenet_v2"]
 
@@ -52,7 +52,7 @@ def test_binary_entropy_values():
 def test_batch_mean_reproduces_the_reference_code(name):
     torch.manual_seed(0)
     model = ek.models.paper_model(name, width=0.25).train()  # the paper scores in train mode
-    batches = cifar_batches(3, 32)
+    batches = real_batches(3, 32)
     expected, expected_counts, _ = reference_scores(model, batches)
     scores = ek.entropy_scores(model, batches, mode="batch_mean")
     sites = ek.find_sites(model, batches[0][0])
@@ -66,7 +66,7 @@ def test_batch_mean_reproduces_the_reference_code(name):
 def test_pooled_is_the_entropy_of_pooled_counts(name):
     torch.manual_seed(0)
     model = ek.models.paper_model(name, width=0.25).eval()
-    batches = cifar_batches(3, 16)
+    batches = real_batches(3, 16)
     _, counts, totals = reference_scores(model, batches)
     scores = ek.entropy_scores(model, batches)
     assert scores.mode == "pooled"
@@ -81,7 +81,7 @@ def test_pooled_is_the_entropy_of_pooled_counts(name):
 def test_batch_mean_is_at_most_pooled():
     """Binary entropy is concave: the mean of per-batch entropies cannot exceed the pooled one."""
     model = ek.models.resnet18(width=0.25).train()
-    batches = cifar_batches(4, 16)
+    batches = real_batches(4, 16)
     pooled = ek.entropy_scores(model, batches, mode="pooled")
     batch_mean = ek.entropy_scores(model, batches, mode="batch_mean")
     assert all(batch_mean[n] <= pooled[n] + 1e-12 for n in pooled)
@@ -97,7 +97,7 @@ def test_scoring_changes_no_model_state():
     model = ek.models.mobilenet_v2(width=0.25).train()
     model.features[3].eval()                              # mixed modes must survive as they are
     model.features[0][0].weight.requires_grad_(False)      # and frozen parameters stay frozen
-    batches = cifar_batches(2, 16)
+    batches = real_batches(2, 16)
     with torch.no_grad():
         model(batches[0][0])  # non-trivial running statistics
     before = state(model)
@@ -114,7 +114,7 @@ def test_scoring_changes_no_model_state():
 
 def test_batches_as_tensors_tuples_and_max_batches():
     model = ek.models.resnet18(width=0.25).eval()
-    batches = cifar_batches(3, 8)
+    batches = real_batches(3, 8)
     tuples = ek.entropy_scores(model, batches, max_batches=2)
     tensors = ek.entropy_scores(model, [b[0] for b in batches[:2]])
     assert tuples.batches == 2 and dict(tuples) == dict(tensors)
@@ -122,7 +122,7 @@ def test_batches_as_tensors_tuples_and_max_batches():
 
 def test_a_subset_of_sites_and_the_ranking():
     model = ek.models.vgg16_bn(width=0.25).eval()
-    batches = cifar_batches(1, 8)
+    batches = real_batches(1, 8)
     names = [s.name for s in ek.find_sites(model, batches[0][0])]
     scores = ek.entropy_scores(model, batches, sites=[names[5], names[1]])
     assert list(scores) == [names[1], names[5]]
@@ -174,7 +174,7 @@ def test_meter_rides_along_a_training_loop():
     meter = ek.EntropyMeter(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    batches = cifar_batches(2, 16)
+    batches = real_batches(2, 16)
     stored_counts = {}
     for images, labels in batches:
         for net, optimizer in ((meter.model, opt), (twin, twin_opt)):
@@ -242,17 +242,14 @@ def test_two_processes_sum_counts_before_entropies(tmp_path):
     from pathlib import Path
 
     import distributed_scores_worker as worker
-    from helpers import data_root, run_python
+    from helpers import run_python
 
-    root = data_root()
-    if root is None:
-        pytest.skip("the CIFAR-10 subset is not here: set EASIER_KERNELS_DATA to the folder holding cifar10-subset/")
     script = Path(worker.__file__)
-    proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(root), str(tmp_path))
+    proc = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
-    single = worker.score(root, worker.shard_batches(root, 0) + worker.shard_batches(root, 1))
+    single = worker.score(worker.shard_batches(0) + worker.shard_batches(1))
     got = ranks[0]
     assert got["pooled"]["counts"] == single["pooled"]["counts"]
     assert got["pooled"]["entropy"] == single["pooled"]["entropy"]

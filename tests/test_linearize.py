@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from helpers import TORCHVISION_MODELS, cifar_batches, paper_or_torchvision, torchvision_model
+from helpers import TORCHVISION_MODELS, real_batches, paper_or_torchvision, torchvision_model
 
 
 def outputs(model, x):
@@ -136,7 +136,7 @@ def test_no_move_across_a_branch():
 def test_every_model_sites_scores_linearize(name):
     """Done means: sites found, scored on real images, half the sites linearized, still runs."""
     model = paper_or_torchvision(name).train()
-    batches = cifar_batches(2, 8)
+    batches = real_batches(2, 8)
     sites = ek.find_sites(model, batches[0][0])
     scores = ek.entropy_scores(model, batches)
     assert list(scores) == [s.name for s in sites]

@@ -77,6 +77,31 @@ def forward(x: torch.Tensor, kind: str, param: float) -> torch.Tensor:
     raise ValueError(f"unknown kernel activation kind {kind!r}")
 
 
+# The special-value rule, the same on every backend (README, "Special values"; csrc/ek_math.h
+# writes it for the native kernels): at +-inf an activation gives its limit, a zero limit with
+# the sign the formula gives to large finite inputs; NaN stays NaN. Torch is no rule here: its
+# float32 gelu(+inf) is NaN on AVX-512 CPUs, and gelu, silu, hardswish give NaN at -inf.
+def limits(kind: str, param: float) -> tuple[float, float]:
+    """(value at +inf, value at -inf) of a kernel kind with its parameter."""
+    inf = float("inf")
+    at_minus_inf = {
+        "identity": -inf,
+        "relu": 0.0,
+        "relu6": 0.0,
+        "leaky_relu": -inf * param if param != 0 else -0.0,
+        "elu": -param,
+    }.get(kind, -0.0)  # gelu, gelu_tanh, silu, hardswish
+    return (6.0 if kind == "relu6" else inf), at_minus_inf
+
+
+def with_special_rule(x: torch.Tensor, y: torch.Tensor, kind: str, param: float) -> torch.Tensor:
+    """y = activation(x) with the special-value rule imposed where x is NaN or +-inf."""
+    at_plus_inf, at_minus_inf = limits(kind, param)
+    y = torch.where(x == float("inf"), torch.tensor(at_plus_inf, dtype=y.dtype, device=y.device), y)
+    y = torch.where(x == float("-inf"), torch.tensor(at_minus_inf, dtype=y.dtype, device=y.device), y)
+    return torch.where(torch.isnan(x), x, y)
+
+
 def backward(grad: torch.Tensor, x: torch.Tensor, kind: str, param: float) -> torch.Tensor:
     """d activation / dx applied to grad: the same aten backward ops autograd uses."""
     aten = torch.ops.aten

@@ -1,4 +1,5 @@
-"""The `reference` backend: plain torch, the oracle every other backend is tested against."""
+"""The `reference` backend: plain torch, the oracle every other backend is tested against.
+Activations are torch's, with the special-value rule imposed at NaN and +-inf (kinds.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def count_on(x, counts, nan_counts, channel_dim):
 
 def act_count(x, counts, nan_counts, channel_dim, kind, param):
     count_on(x, counts, nan_counts, channel_dim)
-    return kinds.forward(x, kind, param)
+    return activation(x, kind, param)
+
+
+def activation(x, kind, param):
+    return kinds.with_special_rule(x, kinds.forward(x, kind, param), kind, param)
 
 
 def conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, param):
@@ -33,4 +38,4 @@ def conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, para
     out = second(first(x, w1, b1), w2, b2)
     if residual is not None:
         out = out + residual
-    return kinds.forward(out, kind, param)
+    return activation(out, kind, param)

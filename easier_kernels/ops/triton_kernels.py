@@ -35,7 +35,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _activation(x, param, KIND: tl.constexpr):
+def _formula(x, param, KIND: tl.constexpr):
     # Same formulas as csrc/ek_math.h; KIND ids from kinds.KIND_IDS.
     if KIND == 1:  # relu
         y = tl.where(x < 0, 0.0, x)
@@ -57,6 +57,35 @@ def _activation(x, param, KIND: tl.constexpr):
     else:  # identity
         y = x
     return y
+
+
+@triton.jit
+def _at_minus_inf(x, param, KIND: tl.constexpr):
+    # The special-value rule of csrc/ek_math.h (at_minus_inf): the limit at -inf.
+    if KIND == 1 or KIND == 2:  # relu, relu6
+        y = tl.zeros_like(x)
+    elif KIND == 3:  # leaky_relu: -inf * slope, but -0 for a slope of 0
+        y = tl.where(param == 0, -0.0, x * param)
+    elif KIND == 8:  # elu
+        y = tl.zeros_like(x) - param
+    elif KIND == 0:  # identity
+        y = x
+    else:  # gelu, gelu_tanh, silu, hardswish
+        y = tl.full(x.shape, -0.0, x.dtype)
+    return y
+
+
+@triton.jit
+def _activation(x, param, KIND: tl.constexpr):
+    """The formula, and the special-value rule at +-inf and NaN (csrc/ek_math.h, activation)."""
+    y = _formula(x, param, KIND)
+    if KIND == 2:  # relu6
+        at_plus_inf = tl.full(x.shape, 6.0, x.dtype)
+    else:
+        at_plus_inf = x
+    y = tl.where(x == float("inf"), at_plus_inf, y)
+    y = tl.where(x == -float("inf"), _at_minus_inf(x, param, KIND), y)
+    return tl.where(x != x, x, y)
 
 
 @triton.jit

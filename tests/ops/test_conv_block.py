@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_bitwise_equal
+
 import easier_kernels as ek
 
 ACTIVATIONS = [("identity", {}), ("relu", {}), ("relu6", {}), ("hardswish", {}), ("gelu", {}), ("leaky_relu", {"negative_slope": 0.1})]
@@ -62,6 +64,25 @@ def test_matches_the_unfused_convolutions(backend, device, shape, residual):
                                     activation=activation, **kind_args)
         assert got.shape == expected.shape and got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()), msg=activation)
+
+
+@pytest.mark.parametrize("pattern", ["pw_dw", "dw_pw"])
+def test_epilogue_follows_the_special_value_rule(backend, device, pattern):
+    """A residual holding +-inf and NaN sends them through the epilogue's activation: every
+    backend gives the reference's values there bit for bit (the rule, tests/ops/test_act_count.py)."""
+    x, w1, b1, w2, b2, r = case(pattern, 1, 8, 8, 6, 7, 3, 1, 1, True, device=device)
+    special = torch.zeros_like(r, dtype=torch.bool)
+    special.view(-1)[::5] = True
+    r[special] = torch.tensor([float("inf"), float("-inf"), float("nan")], device=device).repeat(r.numel())[: int(special.sum())]
+    for activation, kind_args in ACTIVATIONS + [("silu", {}), ("elu", {"alpha": 0.5}), ("gelu", {"approximate": "tanh"})]:
+        outputs = []
+        for name in ("reference", backend):
+            with ek.ops.use_backend(name):
+                outputs.append(ek.ops.conv_block(x, w1, b1, w2, b2, pattern=pattern, padding=1, residual=r,
+                                                 activation=activation, **kind_args))
+        expected, got = outputs
+        assert_bitwise_equal(got[special], expected[special])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected[~special].abs().max()), equal_nan=True)
 
 
 @pytest.mark.parametrize("pattern", ["pw_dw", "dw_pw"])

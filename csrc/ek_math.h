@@ -60,9 +60,19 @@ enum Kind : int {
 #define EK_FOR_EACH_KIND(X) \
   X(kIdentity) X(kRelu) X(kRelu6) X(kLeakyRelu) X(kGelu) X(kGeluTanh) X(kSilu) X(kHardswish) X(kElu)
 
-// The formulas, as PyTorch writes them. `param` is leaky_relu's negative_slope or elu's alpha.
+// The activation every native kernel computes: PyTorch's formula for finite inputs, and the
+// special-value rule (README, "Special values") written into it, because torch and the math
+// libraries disagree at the infinities across CPUs and dtypes (torch's float32 gelu(+inf) is
+// NaN on AVX-512 machines): at +-inf an activation gives its limit, a zero limit with the sign
+// its formula gives to large finite inputs (+0 for relu and relu6, -0 for the rest); NaN stays
+// NaN. relu, relu6 and elu meet the rule as written (NaN fails every comparison; expm1(-inf)
+// is -1), leaky_relu and hardswish are written so that they do, gelu and silu select their
+// limits where the formula would compute inf * 0 or inf / inf. The relu family and hardswish
+// run in the CPU's counting loop: their forms are ones GCC vectorizes (-fopt-info-vec says
+// which). `param` is leaky_relu's negative_slope or elu's alpha.
 template <int KIND, typename T>
-EK_HD T formula(T x, T param) {
+EK_HD T activation(T x, T param) {
+  constexpr T inf = T(INFINITY);
   if constexpr (KIND == kIdentity) {
     return x;
   } else if constexpr (KIND == kRelu) {
@@ -70,52 +80,27 @@ EK_HD T formula(T x, T param) {
   } else if constexpr (KIND == kRelu6) {
     return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
   } else if constexpr (KIND == kLeakyRelu) {
-    return x > T(0) ? x : x * param;
+    // x * slope is NaN only for x = NaN, or at -inf with a slope of 0 (whose limit is -0).
+    const T scaled = x * param;
+    const T negative = scaled != scaled ? T(-0.0) : scaled;
+    return x > T(0) ? x : (x != x ? x : negative);
   } else if constexpr (KIND == kGelu) {
-    return T(0.5) * x * (T(1) + ek_erf(x * T(0.70710678118654752440)));
+    const T y = T(0.5) * x * (T(1) + ek_erf(x * T(0.70710678118654752440)));
+    return x == inf ? x : (x == -inf ? T(-0.0) : y);
   } else if constexpr (KIND == kGeluTanh) {
     const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
-    return T(0.5) * x * (T(1) + ek_tanh(inner));
+    const T y = T(0.5) * x * (T(1) + ek_tanh(inner));
+    return x == inf ? x : (x == -inf ? T(-0.0) : y);
   } else if constexpr (KIND == kSilu) {
-    return x / (T(1) + ek_exp(-x));
+    return x == -inf ? T(-0.0) : x / (T(1) + ek_exp(-x));
   } else if constexpr (KIND == kHardswish) {
     const T shifted = x + T(3);
     const T clamped = shifted < T(0) ? T(0) : (shifted > T(6) ? T(6) : shifted);
-    return x * clamped / T(6);
+    const T low = x < T(-3) ? T(-3) : x;  // where clamped is 0: -3 * 0 = -0, at -inf too
+    return low * clamped / T(6);
   } else {  // kElu
     return x > T(0) ? x : param * ek_expm1(x);
   }
-}
-
-// The special-value rule (README, "Special values"), written out because the formulas and
-// torch disagree there across CPUs and dtypes (torch's float32 gelu(+inf) is NaN on AVX-512
-// machines): at +-inf an activation gives its limit, a zero limit with the sign the formula
-// gives to large finite inputs (+0 for the relu family, -0 for the smooth kinds); NaN stays NaN.
-template <int KIND, typename T>
-EK_HD T at_plus_inf(T x, T param) {
-  return KIND == kRelu6 ? T(6) : x;
-}
-template <int KIND, typename T>
-EK_HD T at_minus_inf(T x, T param) {
-  if constexpr (KIND == kIdentity) {
-    return x;
-  } else if constexpr (KIND == kRelu || KIND == kRelu6) {
-    return T(0);
-  } else if constexpr (KIND == kLeakyRelu) {
-    return param == T(0) ? T(-0.0) : x * param;
-  } else if constexpr (KIND == kElu) {
-    return -param;
-  } else {  // gelu, gelu_tanh, silu, hardswish
-    return T(-0.0);
-  }
-}
-
-// The activation every native kernel computes: the formula, and the rule at +-inf and NaN.
-template <int KIND, typename T>
-EK_HD T activation(T x, T param) {
-  const T y = formula<KIND>(x, param);
-  const T inf = T(INFINITY);
-  return x == inf ? at_plus_inf<KIND>(x, param) : x == -inf ? at_minus_inf<KIND>(x, param) : x != x ? x : y;
 }
 
 }  // namespace ek

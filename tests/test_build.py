@@ -120,3 +120,17 @@ def test_setup_py_respects_cuda_home_and_builds_cpu_only_without_nvcc(setup_py, 
     assert setup_py["find_cuda_home"](fallbacks=()) is None
     monkeypatch.setenv("CUDA_HOME", "/opt/my-cuda")
     assert setup_py["find_cuda_home"](fallbacks=()) == "/opt/my-cuda"
+
+
+def test_installed_test_extras_are_in_their_declared_ranges():
+    """What README command (2) installed is inside the ranges pyproject.toml declares."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "pyproject.toml").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("test = ["))
+    requirements = [Requirement(r.strip().strip('"')) for r in line.split("[", 1)[1].rstrip("]").split(",")]
+    assert {r.name for r in requirements} >= {"pytest", "pytest-benchmark", "triton"}
+    for requirement in requirements:
+        assert version(requirement.name) in requirement.specifier, f"{requirement.name} {version(requirement.name)} outside {requirement}"

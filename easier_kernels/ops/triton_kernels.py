@@ -60,18 +60,24 @@ def _formula(x, param, KIND: tl.constexpr):
 
 
 @triton.jit
+def _negative_zero(x):
+    # -1 * 0, computed: a -0.0 literal loses its sign in some Triton versions (3.7's interpreter).
+    return tl.full(x.shape, -1.0, x.dtype) * 0.0
+
+
+@triton.jit
 def _at_minus_inf(x, param, KIND: tl.constexpr):
     # The special-value rule of csrc/ek_math.h (at_minus_inf): the limit at -inf.
     if KIND == 1 or KIND == 2:  # relu, relu6
         y = tl.zeros_like(x)
     elif KIND == 3:  # leaky_relu: -inf * slope, but -0 for a slope of 0
-        y = tl.where(param == 0, -0.0, x * param)
+        y = tl.where(param == 0, _negative_zero(x), x * param)
     elif KIND == 8:  # elu
         y = tl.zeros_like(x) - param
     elif KIND == 0:  # identity
         y = x
     else:  # gelu, gelu_tanh, silu, hardswish
-        y = tl.full(x.shape, -0.0, x.dtype)
+        y = _negative_zero(x)
     return y
 
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from easier_kernels import ops
 from easier_kernels.benchmark import SHAPES, gbps, make_input, reduce_dims
 
-KINDS = {"relu": torch.relu, "gelu": F.gelu}
-# gelu on the shapes where networks use it, relu everywhere
-CASES = [(s, "relu") for s in SHAPES] + [("vit-b16-mlp", "gelu"), ("resnet18-cifar-s2", "gelu")]
+KINDS = {"relu": torch.relu, "gelu": F.gelu, "hardswish": F.hardswish, "leaky_relu": F.leaky_relu}
+# gelu and hardswish on the shapes where networks use them, relu everywhere, leaky_relu once
+CASES = [(s, "relu") for s in SHAPES] + [("vit-b16-mlp", "gelu"), ("resnet18-cifar-s2", "gelu"),
+                                         ("mobilenetv2-224-expand56", "hardswish"), ("resnet18-cifar-s2", "leaky_relu")]
 
 
 @pytest.mark.parametrize("shape,kind", CASES)

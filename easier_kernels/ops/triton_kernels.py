@@ -36,7 +36,8 @@ def _tanh(x):
 
 @triton.jit
 def _formula(x, param, KIND: tl.constexpr):
-    # Same formulas as csrc/ek_math.h; KIND ids from kinds.KIND_IDS.
+    # PyTorch's formulas, for finite inputs (_activation adds the special-value rule); KIND ids
+    # from kinds.KIND_IDS.
     if KIND == 1:  # relu
         y = tl.where(x < 0, 0.0, x)
     elif KIND == 2:  # relu6
@@ -67,7 +68,7 @@ def _negative_zero(x):
 
 @triton.jit
 def _at_minus_inf(x, param, KIND: tl.constexpr):
-    # The special-value rule of csrc/ek_math.h (at_minus_inf): the limit at -inf.
+    # The special-value rule's value at -inf (kinds.limits; csrc/ek_math.h writes it too).
     if KIND == 1 or KIND == 2:  # relu, relu6
         y = tl.zeros_like(x)
     elif KIND == 3:  # leaky_relu: -inf * slope, but -0 for a slope of 0
@@ -83,7 +84,8 @@ def _at_minus_inf(x, param, KIND: tl.constexpr):
 
 @triton.jit
 def _activation(x, param, KIND: tl.constexpr):
-    """The formula, and the special-value rule at +-inf and NaN (csrc/ek_math.h, activation)."""
+    """The formula, and the special-value rule at +-inf and NaN, selected explicitly: what a GPU's
+    erf/exp give at the infinities is not ours to assume."""
     y = _formula(x, param, KIND)
     if KIND == 2:  # relu6
         at_plus_inf = tl.full(x.shape, 6.0, x.dtype)

@@ -96,10 +96,11 @@ def native_extension():
 
 
 if __name__ == "__main__":
+    extension = native_extension()  # first: it decides CUDA_HOME before cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
         packages=find_packages(include=["easier_kernels", "easier_kernels.*"]),
-        ext_modules=[native_extension()],
+        ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension},
     )

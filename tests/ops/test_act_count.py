@@ -82,11 +82,11 @@ SPECIAL_RULE = [
 ]
 
 
-@pytest.mark.parametrize("kind,kwargs,expected", SPECIAL_RULE, ids=lambda v: str(v) if isinstance(v, str) else "")
+@pytest.mark.parametrize("kind,kwargs,expected", SPECIAL_RULE, ids=[k + "".join(f"-{v}" for v in a.values()) for k, a, _ in SPECIAL_RULE])
 def test_special_values_follow_the_written_rule(backend, device, kind, kwargs, expected):
     """+-0, +-inf and NaN through every activation and dtype, bit for bit (the sign of zero
-    included). The inputs repeat across a tile, and sit among finite values, so vectorized and
-    scalar code paths both see them."""
+    included). The inputs repeat past a vector's width, so vectorized and scalar code paths
+    (the loop's remainder) both see them."""
     for dtype in DTYPES:
         x = torch.tensor(SPECIAL_INPUTS * 7 + [1.5, -2.5], dtype=dtype, device=device).view(1, -1)
         y, counts, nans = run(backend, x, kind, 0, kwargs)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from easier_kernels.benchmark import interleaved_times, paired_ratio
+from easier_kernels.timing import interleaved_times, paired_ratio
 
 MODELS = ("resnet18", "mobilenet_v2")
 BATCH = 128

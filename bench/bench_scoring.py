@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import easier_kernels as ek
-from easier_kernels.benchmark import interleaved_times, median_seconds, paired_ratio
+from easier_kernels.timing import interleaved_times, median_seconds, paired_ratio
 from easier_kernels.sites import ACTIVATION_MODULES
 
 MODELS = ("resnet18", "mobilenet_v2")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from easier_kernels import ops
-from easier_kernels.benchmark import median_seconds, synchronized
+from easier_kernels.timing import median_seconds, synchronized
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers: one source of real images
 import helpers  # noqa: E402

@@ -5,18 +5,20 @@
     scores = ek.entropy_scores(model, loader)          # site name -> layer entropy (bits)
     net = ek.linearize(model, scores.ranking()[:2], example_inputs)
     result = ek.prune(model, train_loader, val_loader, max_drop=1.0)   # the EASIER loop
-    fast = ek.fold(result.model, example_inputs)       # chains merged / fused, timed per chain
+    fast = ek.fold(result.model, example_inputs)       # chains run per plan, never slower as a whole
+    ek.export(fast, example_inputs, "model.onnx")      # a file that runs without this package
     counts = ek.ops.count_on(x)                        # per-channel on-counts, int64
 """
 
 from . import data, models, ops, train
 from .entropy import EntropyMeter, Scores, entropy_scores
-from .fold import fold, format_decisions, load_folded, save_folded
+from .export import export, load_folded, save_folded
+from .fold import fold, format_decisions
 from .linearize import linearize, recipe
 from .prune import PruneResult, Step, load, prune
 from .sites import Site, find_sites
 
 __version__ = "0.1.0"
 __all__ = ["ops", "models", "data", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
-           "train", "prune", "PruneResult", "Step", "load", "fold", "format_decisions", "save_folded", "load_folded",
+           "train", "prune", "PruneResult", "Step", "load", "fold", "format_decisions", "export", "save_folded", "load_folded",
            "__version__"]

@@ -1,19 +1,13 @@
-"""Timing helpers and the real-network shapes shared by `bench/` and `easier-kernels bench`.
-
-Ratios are only meaningful side by side: time both candidates in the same process, on the same
-tensor, with the same method (warm-up, then the median of repeated runs).
-"""
+"""The real-network shapes and model variants shared by `bench/` and `easier-kernels bench`
+(timing itself: `easier_kernels.timing`)."""
 
 from __future__ import annotations
-
-import statistics
-import time
-from typing import Callable
 
 import torch
 
 from . import ops
 from .ops.reference import reduce_dims
+from .timing import compare, median_seconds
 
 # (name, shape, channel_dim, memory format) of activation inputs in real networks.
 SHAPES = {
@@ -37,56 +31,6 @@ def make_input(name: str, device="cpu", dtype=torch.float32, seed: int = 0) -> t
     if memory_format == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, channel_dim
-
-
-def synchronized(fn: Callable, device: torch.device) -> Callable:
-    """fn, followed by a device sync where the device runs asynchronously."""
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return run
-
-
-def median_seconds(fn: Callable, device: torch.device, *, min_time: float = 0.2, min_runs: int = 5) -> float:
-    """Median wall time of fn after one warm-up call, over at least min_runs and min_time."""
-    fn = synchronized(fn, device)
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved_times(candidates: dict[str, Callable], device="cpu", *, rounds: int = 10) -> dict[str, list[float]]:
-    """Seconds of each candidate per round, run in turns (A B C A B C ...) after one warm-up each.
-    For steps of a pipeline (a forward, a training step) that take ~a second: a tight loop per
-    candidate would take too long, and turns let slow drifts of the machine hit all alike."""
-    device = torch.device(device)
-    runs = {label: synchronized(fn, device) for label, fn in candidates.items()}
-    for fn in runs.values():
-        fn()
-    times = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - t0)
-    return times
-
-
-def paired_ratio(times: dict[str, list[float]], label: str, baseline: str) -> tuple[float, float, float]:
-    """Quartiles (25%, median, 75%) over rounds of time[label] / time[baseline] within the same
-    round: neighbours in time share the machine's state, where absolute times drift by 10%."""
-    q1, median, q3 = statistics.quantiles([a / b for a, b in zip(times[label], times[baseline])], n=4)
-    return q1, median, q3
 
 
 def gbps(x: torch.Tensor, seconds: float, passes: int = 1) -> float:
@@ -153,17 +97,7 @@ def fold_variants(model: torch.nn.Module, sites, example: torch.Tensor, *, compi
 
 def latency_ratios(variants: dict, example: torch.Tensor, *, baseline: str = "bn_folded", seconds: float = 20.0) -> dict:
     """Per variant: median ms per forward and the median (q1, q3) of its per-round time over the
-    baseline's, the variants run in turns (see `interleaved_times`) for about `seconds`."""
-    device = example.device
+    baseline's, the variants run in turns (see `timing.compare`) for about `seconds`."""
     with torch.no_grad():
         calls = {label: (lambda m=m: m(example)) for label, m in variants.items()}
-        for fn in calls.values():  # compiles and warms up every variant before timing starts
-            fn()
-        one_round = sum(median_seconds(fn, device, min_time=0.0, min_runs=3) for fn in calls.values())
-        rounds = max(5, min(60, int(seconds / one_round)))
-        times = interleaved_times(calls, device, rounds=rounds)
-    rows = {}
-    for label, ts in times.items():
-        q1, median, q3 = paired_ratio(times, label, baseline)
-        rows[label] = {"ms": statistics.median(ts) * 1e3, "ratio": median, "q1": q1, "q3": q3, "rounds": rounds}
-    return rows
+        return compare(calls, baseline, example.device, seconds=seconds)

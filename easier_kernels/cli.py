@@ -3,7 +3,8 @@
     easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
     easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
     easier-kernels score runs/vgg             # the entropy table of a run's current model
-    easier-kernels fold runs/vgg              # fold its chains (timed per chain), save runs/vgg/folded.pt
+    easier-kernels fold runs/vgg              # fold its chains (per plan), save runs/vgg/folded.pt
+    easier-kernels export runs/vgg --format onnx   # a checked ONNX file, latency before/after in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .prune import atomic_write
+from .export import FORMATS
+from .files import atomic_write
+from .linearize import PLAN
+from .runtimes import RUNTIMES
 
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
-                  "mode": "pooled", "scoring": "ride_along", "select": "entropy"}
+                  "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure"}
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out")
 
@@ -61,7 +65,7 @@ def _cmd_prune(args) -> int:
                        layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                        scoring=args.scoring, scores=scores, lr=args.lr, device=device, seed=args.seed,
                        checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save,
-                       select=args.select, select_seed=args.select_seed)
+                       select=args.select, select_seed=args.select_seed, runtime=args.runtime, plan=args.plan)
     removed = len(result.linearized)
     print(f"\nremoved {removed} of {len(result.sites)} activation layers; validation accuracy {result.accuracy:.2f} "
           f"(baseline {result.baseline_accuracy:.2f})" + (f", test {result.test_accuracy:.2f}" if result.test_accuracy is not None else ""))
@@ -254,29 +258,54 @@ def _cmd_score(args) -> int:
     return 0
 
 
-# ---- fold
+# ---- fold, export
 
-def _cmd_fold(args) -> int:
-    from .benchmark import median_seconds
-    from .fold import fold, format_decisions, save_folded
+def _folded(args, what: str):
+    """(run path, settings, the run's folded model, the example batch) for `fold` / `export`: folded
+    for args.runtime, checked against the run's unpruned architecture with batch norms folded."""
+    from .fold import fold, format_decisions
 
-    path, settings, result = _load_run(args.path, "fold")
+    path, settings, result = _load_run(args.path, what)
     device = _device(args.device)
-    out = Path(args.out) if args.out else path.with_name("folded.pt")
     shape = (args.batch_size, *result.example_shape[1:])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    net = result.model.to(device).eval()
-    folded = fold(net, example, decide=args.decide, allow_inexact=args.allow_inexact)
+    original = _build_model(settings["model"], settings["num_classes"], settings["in_channels"], settings["width"]).to(device)
+    try:
+        folded = fold(result.model.to(device).eval(), example, runtime=args.runtime, portable=args.portable,
+                      decide=args.decide, allow_inexact=args.allow_inexact, original=original.eval())
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
     record = folded.meta["easier_kernels"]["fold"]
     print(f"{path}: {len(result.linearized)} sites linearized; {record['batch_norms']} batch norms folded; "
-          f"decisions timed on {device} with a batch of {list(shape)}")
-    print(format_decisions(record["decisions"]))
-    with torch.no_grad():
-        before, after = (median_seconds(lambda m=m: m(example), device) for m in (net, folded))
-    print(f"relative error of the outputs: {record['relative_error']:.1e}; latency {before * 1e3:.2f} ms "
-          f"-> {after * 1e3:.2f} ms ({after / before:.2f}x)")
+          f"plans timed in {args.runtime} on {device} with a batch of {list(shape)}")
+    print(format_decisions(record["decisions"], record["latency"]))
+    print(f"relative error of the outputs: {record['relative_error']:.1e}")
+    return path, settings, folded, example
+
+
+def _cmd_fold(args) -> int:
+    from .export import save_folded
+
+    path, settings, folded, _ = _folded(args, "fold")
+    out = Path(args.out) if args.out else path.with_name("folded.pt")
     save_folded(folded, out)
     print(f"saved {out} (load it with ek.load_folded(path, model_fn), model_fn building the unpruned {settings['model']})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+
+    args.runtime = args.runtime or ("onnxruntime" if args.format == "onnx" else "eager")
+    args.portable = True
+    path, _, folded, example = _folded(args, "export")
+    out = Path(args.out) if args.out else path.with_name(f"model.{args.format}")
+    try:
+        written = export(folded, example, out, format=args.format)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {out} ({args.format}); its outputs match the PyTorch module within a relative error of "
+          f"{written['relative_error']:.1e}")
     return 0
 
 
@@ -337,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="which sites a step removes: the lowest entropy (the method), or a naive baseline: a random "
                             "order, or execution order from the input (first) or output (last) end")
     prune.add_argument("--select-seed", type=int, help="seed of --select random's order (default: --seed)")
+    prune.add_argument("--runtime", default=d["runtime"], choices=list(RUNTIMES),
+                       help="where the pruned model will run: each chain's fold is planned (timed) there")
+    prune.add_argument("--plan", default=d["plan"], choices=list(PLAN),
+                       help="measure (plan each chain by timing it), merge (prepare every chain to merge), none")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no random flip / 4-pixel shift")
     prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
     prune.add_argument("--train-lr", type=float, default=d["train_lr"], help="baseline training learning rate")
@@ -362,16 +395,25 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto")
     score.set_defaults(func=_cmd_score)
 
-    fold = sub.add_parser("fold", help="fold a pruned model's linear chains (measured per chain) and save it")
-    fold.add_argument("path", help="a run folder written by `easier-kernels prune --out`, or its pruned.pt")
-    fold.add_argument("--decide", default="measure", choices=["measure", "merge", "separate"],
-                      help="measure (time every plan per chain, keep the fastest), merge (merge every chain), "
-                           "separate (fold batch norms only)")
-    fold.add_argument("--allow-inexact", action="store_true", help="allow merges that differ at image borders")
-    fold.add_argument("--batch-size", type=int, default=1, help="the batch size to time and optimize for")
-    fold.add_argument("--device", default="auto")
+    fold = sub.add_parser("fold", help="fold a pruned model's linear chains (per plan, never slower) and save it")
+    export = sub.add_parser("export", help="fold a pruned model and write it as a checked ONNX or torch.export file")
+    for command in (fold, export):
+        command.add_argument("path", help="a run folder written by `easier-kernels prune --out`, or its pruned.pt")
+        command.add_argument("--decide", default="measure", choices=["measure", "merge", "separate"],
+                             help="measure (follow the run's plans, time the rest, keep the fastest), merge (merge "
+                                  "every chain), separate (fold batch norms only)")
+        command.add_argument("--allow-inexact", action="store_true", help="allow merges that differ at image borders")
+        command.add_argument("--batch-size", type=int, default=1, help="the batch size to time and optimize for")
+        command.add_argument("--device", default="auto")
+    fold.add_argument("--runtime", default="eager", choices=list(RUNTIMES), help="where the folded model will run")
+    fold.add_argument("--portable", action="store_true", help="standard torch modules only (no fused kernels)")
     fold.add_argument("--out", help="where to save the folded model (default: folded.pt beside pruned.pt)")
     fold.set_defaults(func=_cmd_fold)
+    export.add_argument("--format", default="onnx", choices=list(FORMATS))
+    export.add_argument("--runtime", choices=list(RUNTIMES),
+                        help="where the file will run (default: onnxruntime for onnx, eager for pt2)")
+    export.add_argument("--out", help="the file to write (default: model.onnx / model.pt2 beside pruned.pt)")
+    export.set_defaults(func=_cmd_export)
     sub.add_parser("backends", help="print the active kernel backends").set_defaults(func=_cmd_backends)
     bench = sub.add_parser("bench", help="a short kernel benchmark (GB/s and ratios against torch)")
     bench.add_argument("--shapes", nargs="+", default=["resnet18-cifar-s1", "vit-b16-mlp"])

@@ -7,11 +7,15 @@ Only the named calls change: a module called twice keeps its activation at the o
 result is a GraphModule (the input model is deep-copied, never modified); its remaining sites keep
 their names, so it can be scored and linearized again.
 
-exact_fold=True prepares the network for an exact fold: a conv -> (batch norm) -> identity ->
-conv chain zero-pads its intermediate map, so a merged conv would be wrong at image borders
-(DESIGN.md, "Padding is the trap"). The chain's padding moves onto its first conv instead:
-conv_a gets p_a + s_a * p_b, conv_b gets 0 (same output shape, now exactly foldable; it changes
-the function at the borders, so do it before fine-tuning). Every change is recorded.
+Plan before fine-tuning (DESIGN.md, "Folding"): a conv -> (batch norm) -> identity -> conv chain
+zero-pads its intermediate map, so a merged conv would be wrong at image borders. A merge is exact
+only when the chain's padding sits on its first conv (conv_a gets p_a + s_a * p_b, conv_b 0: the
+same output shape, a different function at the borders), and fine-tuning bakes that layout into
+the weights. So `linearize` plans every chain it creates, as `ek.fold` would run it, measured in
+the runtime the model will run in (plan="measure", the default): the padding moves only for the
+chains whose plan merges; a chain that stays separate keeps the original layout and costs no more
+than the original. plan="merge" moves every chain's padding (the old behaviour: every chain
+exactly mergeable), plan="none" moves nothing. Every plan and padding change is recorded.
 """
 
 from __future__ import annotations
@@ -23,32 +27,29 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import runtimes
 from . import sites as sites_mod
+from .fold.planner import plan_chains
+from .fold.plans import layout, parse_plan
+from .sites import RECIPE_KEY, linearized, recipe
 
-__all__ = ["linearize", "recipe", "linearized", "from_recipe"]
+__all__ = ["linearize", "recipe", "linearized", "from_recipe", "PLAN"]
 
-_RECIPE_KEY = "easier_kernels"
-
-
-def linearized(x):
-    """Marks where an activation was linearized: the identity, kept in the graph so that later
-    passes (padding moves, folding) see the link."""
-    return x
+PLAN = ("measure", "merge", "none")
 
 
-def recipe(model: nn.Module) -> dict:
-    """What `linearize` did to a module: linearized site names in order, padding changes."""
-    meta = getattr(model, "meta", {}).get(_RECIPE_KEY)
-    return copy.deepcopy(meta) if meta else {"linearized": [], "padding": []}
-
-
-def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, exact_fold: bool = True, *,
-              leaf_modules: Iterable | None = None) -> fx.GraphModule:
-    """A copy of `model` with the named sites' activations replaced by the identity.
+def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, plan: str = "measure",
+              runtime: str = "eager", leaf_modules: Iterable | None = None) -> fx.GraphModule:
+    """A copy of `model` with the named sites' activations replaced by the identity, its chains
+    planned for `runtime` ("eager", "inductor", "onnxruntime"; see the module's docstring).
 
     Sites inside leaf modules become nn.Identity modules (every call of that module).
-    `example_inputs` checks that the new module runs and keeps the output shape.
+    `example_inputs` (on the model's device) are what the plans are timed with, and check that
+    the new module runs and keeps the output shape.
     """
+    if plan not in PLAN:
+        raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
+    runtimes.check_runtime(runtime)
     names = [site_names] if isinstance(site_names, str) else list(site_names)
     gm = sites_mod.trace(copy.deepcopy(model), leaf_modules)
     chosen = sites_mod.select(sites_mod.sites_of(gm), names)
@@ -61,12 +62,18 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, exact
             _mark_linearized(gm, nodes[site.name])
     done = recipe(gm)
     done["linearized"] += [s.name for s in chosen]
-    if exact_fold:
-        for change in move_padding(gm):
-            if change not in done["padding"]:  # a skipped chain is noted once, not at every step
-                done["padding"].append(change)
-    gm.meta[_RECIPE_KEY] = done
     gm.recompile()
+    if plan == "merge":
+        changes = move_padding(gm)
+    elif plan == "measure" and chosen:
+        done["plans"] = plan_chains(gm, sites_mod.as_args(example_inputs), runtime=runtime, known=done.get("plans", []))
+        changes = _lay_out(gm, done["plans"])
+    else:
+        changes = []
+    for change in changes:
+        if change not in done["padding"]:  # a skipped chain is noted once, not at every step
+            done["padding"].append(change)
+    gm.meta[RECIPE_KEY] = done
     _check_runs(model, gm, example_inputs)
     return gm
 
@@ -74,11 +81,11 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, exact
 def from_recipe(model: nn.Module, done: dict, example_inputs, *, leaf_modules: Iterable | None = None) -> fx.GraphModule:
     """`model` linearized as a `recipe` says: the same sites, the same final paddings (however many
     steps the recipe's network took to get there). Rebuilds a saved network's structure."""
-    gm = linearize(model, done["linearized"], example_inputs, exact_fold=False, leaf_modules=leaf_modules)
+    gm = linearize(model, done["linearized"], example_inputs, plan="none", leaf_modules=leaf_modules)
     for change in done["padding"]:
         if "after" in change:
             gm.get_submodule(change["conv"]).padding = tuple(change["after"])
-    gm.meta[_RECIPE_KEY] = {"linearized": list(done["linearized"]), "padding": copy.deepcopy(done["padding"])}
+    gm.meta[RECIPE_KEY] = {key: copy.deepcopy(done.get(key, [])) for key in ("linearized", "padding", "plans")}
     return gm
 
 
@@ -91,6 +98,18 @@ def _mark_linearized(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 # ---- padding moves
+
+
+def _lay_out(gm: fx.GraphModule, records: list[dict]) -> list[dict]:
+    """Gives each planned chain's convs the padding its plan needs; returns the changes made."""
+    changes = []
+    for record in records:
+        layers = [gm.get_submodule(t) for t in record["layers"]]
+        for target, conv, padding in zip(record["layers"], layers, layout(layers, parse_plan(record["plan"], len(layers)))):
+            if padding is not None and padding != tuple(conv.padding):
+                changes.append({"conv": target, "before": list(conv.padding), "after": list(padding)})
+                conv.padding = padding
+    return changes
 
 
 def _conv(gm: fx.GraphModule, node: fx.Node):

@@ -21,11 +21,9 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable
@@ -35,9 +33,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import train as training
+from . import runtimes, train as training
 from .entropy import MODES, EntropyMeter, batch_inputs, entropy_scores, model_device
-from .linearize import linearize, recipe
+from .files import atomic_write, load_file
+from .linearize import PLAN, from_recipe, linearize, recipe
 from .sites import find_sites
 
 __all__ = ["prune", "PruneResult", "Step", "load", "read_record", "atomic_write"]
@@ -96,16 +95,16 @@ class PruneResult:
 
 def read_record(path) -> dict:
     """The JSON record of a saved PruneResult (sites, steps, settings, recipe), without building the model."""
-    return json.loads(load_file(path)["record"])
+    return json.loads(_load(path)["record"])
 
 
 def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
     """A saved PruneResult: `model_fn` builds the original (unpruned) architecture, or is that module;
     the recorded sites are linearized in it (with the same padding moves) and the weights loaded."""
-    saved = load_file(path)
+    saved = _load(path)
     record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
     original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
-    net = _rebuild(original, record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
+    net = _rebuild(original, record["recipe"], record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
     if recipe(net) != record["recipe"]:
         raise ValueError(f"{path}: the model from model_fn gives other padding moves than the saved one; pass the "
                          "architecture the result was pruned from")
@@ -121,7 +120,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           test_loader=None, scores=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
           example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
           checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
-          select_seed: int | None = None, on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
+          select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
+          on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
     max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
@@ -139,10 +139,17 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         `layers_per_step` sites per step, scores recorded but unused: "first" / "last" in execution
         order from the input / output end, "random" in an order drawn once from `select_seed`
         (default `seed`), an RNG of its own, so training sees the same random numbers under every rule.
+    runtime / plan: how each step's linearization plans its chains (see `ek.linearize`): timed in
+        the runtime the pruned model will run in ("eager", "inductor", "onnxruntime"), padding moved
+        only where a plan merges. Plans come from measurements, so two runs can differ in them;
+        plan="merge" (every chain's padding moved) or "none" makes a run independent of timing.
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
     on_step(result): called after every step and at the end with the result so far.
     """
     _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select)
+    runtimes.check_runtime(runtime)
+    if plan not in PLAN:
+        raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
     device = torch.device(device) if device is not None else model_device(model)
     if model_device(model) != device:
         model = copy.deepcopy(model).to(device)
@@ -179,7 +186,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
                 "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay,
                 # only where not the default, so that runs checkpointed before `select` existed still resume
                 **({"select": select} if select != "entropy" else {}),
-                **({"select_seed": select_seed} if select == "random" else {})}
+                **({"select_seed": select_seed} if select == "random" else {}),
+                **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {})}
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None
@@ -192,11 +200,11 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
                           "accuracy points", stacklevel=2)
         state = {"baseline": baseline, "baseline_test": test(model), "linearized": [], "history": [], "done": False,
                  "stopped": "", "scores": dict(scores if scores is not None else scoring_pass(model))}
-        current = _rebuild(model, [], example, leaf_paths)
+        current = linearize(model, [], example, plan="none", leaf_modules=leaf_paths)
         if run:
             run.save(state, current, 0)
     else:  # a resumed run: the network, the loop state and every RNG as checkpointed
-        current = _rebuild(model, state["history"], example, leaf_paths)
+        current = _rebuild(model, state.get("recipe"), state["history"], example, leaf_paths)
         current.load_state_dict(state["state_dict"])
         _set_rng(state["rng"], loaders)
 
@@ -224,7 +232,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         started = time.perf_counter()
         step = len(result.history) + 1
         chosen = _choose(candidates, layers_per_step, order)  # linearize, fine-tune (counting), evaluate
-        net = linearize(current, chosen, example, leaf_modules=leaf_paths)
+        net = linearize(current, chosen, example, plan=plan, runtime=runtime, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
         try:
@@ -335,14 +343,17 @@ def _leaf_paths(model: nn.Module, leaf_modules) -> list:
     return [name for name, m in model.named_modules() if name and (name in leaf_modules or isinstance(m, types))]
 
 
-def _rebuild(original: nn.Module, steps: list, example: torch.Tensor, leaf_paths: list) -> fx.GraphModule:
-    """The network after the accepted `steps` (dicts), linearized step by step as the run did it, so
-    that names, padding moves and the recipe come out the same."""
+def _rebuild(original: nn.Module, done: dict | None, steps: list, example: torch.Tensor, leaf_paths: list) -> fx.GraphModule:
+    """The network as the run left it, from its recipe (sites, paddings, plans: nothing is
+    measured again). Checkpoints written before they held a recipe are replayed step by step with
+    every chain's padding moved, as those runs did."""
     example = example.to(model_device(original))
-    net = linearize(original, [], example, leaf_modules=leaf_paths)
+    if done is not None:
+        return from_recipe(original, done, example, leaf_modules=leaf_paths)
+    net = linearize(original, [], example, plan="none", leaf_modules=leaf_paths)
     for step in steps:
         if step["accepted"]:
-            net = linearize(net, step["removed"], example, leaf_modules=leaf_paths)
+            net = linearize(net, step["removed"], example, plan="merge", leaf_modules=leaf_paths)
     return net
 
 
@@ -411,37 +422,8 @@ def _fingerprint(model: nn.Module, site_names: list) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def atomic_write(path, write: Callable) -> None:
-    """`write(binary file)` into a temporary file beside `path`, fsync, then rename over `path`: a
-    kill leaves either the old file or the new one, never a torn one. os.open (not mkstemp), so
-    the umask sets the mode, not 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def load_file(path, file_format: str = _FORMAT, written_by: str = "PruneResult.save or a checkpoint_dir") -> dict:
-    """A file of easier_kernels' {format, record, state_dict} kind, read with weights_only=True;
-    one clear error when it is missing, torn or of another kind."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
-    if not isinstance(saved, dict) or saved.get("format") != file_format:
-        raise ValueError(f"{path} is not of the kind expected here (format {file_format}); pass a file from {written_by}")
-    return saved
+def _load(path) -> dict:
+    return load_file(path, _FORMAT, "PruneResult.save or a checkpoint_dir")
 
 
 class _Run:
@@ -466,7 +448,7 @@ class _Run:
                              "it, or choose another folder")
         if not checkpoints:
             return None
-        saved = load_file(checkpoints[-1])
+        saved = _load(checkpoints[-1])
         if saved["fingerprint"] != self.fingerprint:
             raise ValueError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
                              "that run was started with")
@@ -479,6 +461,6 @@ class _Run:
     def save(self, state: dict, model: nn.Module, step: int) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
-        state = dict(state, state_dict=model.state_dict(), rng=_get_rng(self.loaders))
+        state = dict(state, state_dict=model.state_dict(), recipe=recipe(model), rng=_get_rng(self.loaders))
         saved = {"format": _FORMAT, "fingerprint": self.fingerprint, "settings": self.settings, "state": state}
         atomic_write(self.folder / f"step_{step:03d}.pt", lambda f: torch.save(saved, f))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prune import atomic_write
+from .files import atomic_write
 
 __all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "entropy_matrix", "accuracy_series",
            "step_header", "step_row", "COLUMNS"]

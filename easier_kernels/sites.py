@@ -24,7 +24,22 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Site", "find_sites", "trace", "sites_of", "select", "instrument", "as_args", "eval_mode"]
+__all__ = ["Site", "find_sites", "trace", "sites_of", "select", "instrument", "as_args", "eval_mode", "linearized", "recipe"]
+
+RECIPE_KEY = "easier_kernels"
+
+
+def linearized(x):
+    """Marks where an activation was linearized: the identity, kept in the graph so that later
+    passes (padding moves, plans, folding) see the link."""
+    return x
+
+
+def recipe(model: nn.Module) -> dict:
+    """What `linearize` did to a module: linearized site names in order, padding changes, the
+    planned fold of each chain (and, after `fold`, its decisions)."""
+    meta = getattr(model, "meta", {}).get(RECIPE_KEY)
+    return copy.deepcopy(meta) if meta else {"linearized": [], "padding": [], "plans": []}
 
 # module type -> (kind, the attributes that are the kind's arguments)
 ACTIVATION_MODULES = {

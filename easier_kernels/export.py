@@ -1,0 +1,102 @@
+"""Deployable files of a folded module: `export` (ONNX or a torch.export program, its outputs
+checked), and `save_folded` / `load_folded` (weights plus a JSON recipe, no pickled code).
+
+    report = ek.export(folded, example_inputs, "model.onnx")          # checked in ONNX Runtime
+    ek.save_folded(folded, "folded.pt"); folded = ek.load_folded("folded.pt", model_fn)
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import torch
+import torch.nn as nn
+
+from . import runtimes
+from . import sites as sites_mod
+from .files import atomic_write, load_file
+from .fold import decisions, fold, lower_fused
+from .linearize import from_recipe
+
+__all__ = ["export", "FORMATS", "save_folded", "load_folded"]
+
+FORMATS = ("onnx", "pt2")
+_FORMAT = "easier_kernels.folded/1"
+
+
+def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tolerance: float = 1e-4) -> dict:
+    """Writes `model` (a folded module, or any module) as a file that runs without this package:
+    "onnx" (checked in an ONNX Runtime session) or "pt2" (`torch.export`, checked by loading it
+    back). Fused blocks are lowered to the equivalent standard convolutions first. The file is
+    written atomically, and only when its outputs on `example_inputs` match the module's within a
+    relative error of `tolerance`. Returns {path, format, relative_error, lowered_blocks}."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
+    args = sites_mod.as_args(example_inputs)
+    module = copy.deepcopy(model).eval()
+    lowered = lower_fused(module)
+    with torch.no_grad():
+        expected = model.eval()(*args)
+    buffer = io.BytesIO()
+    if format == "onnx":
+        runtimes.check_runtime("onnxruntime")
+        runtimes.export_onnx(module, args, buffer)
+        session = runtimes.onnx_session(buffer.getvalue(), args[0].device)
+        got = session.run(None, {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)})
+        got = [torch.from_numpy(g) for g in got]
+    else:
+        program = torch.export.export(module, tuple(args))
+        torch.export.save(program, buffer)
+        buffer.seek(0)
+        with torch.no_grad():
+            got = torch.export.load(buffer).module()(*args)
+    error = _relative_error(got, expected)
+    if not error <= tolerance:
+        raise RuntimeError(f"export: the {format} file's outputs differ from the module's (relative error {error:.1e} > "
+                           f"{tolerance:.0e}); nothing was written. Please report this model")
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return {"path": str(path), "format": format, "relative_error": error, "lowered_blocks": lowered}
+
+
+def _relative_error(got, expected) -> float:
+    got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    if len(got) != len(expected):
+        return float("inf")
+    errors = [float((g.cpu().double() - e.cpu().double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
+              for g, e in zip(got, expected) if e.numel()]
+    return max(errors, default=0.0)
+
+
+def save_folded(folded: nn.Module, path) -> None:
+    """Writes `folded`'s weights and recipe (linearized sites, paddings, plans, fold decisions)
+    atomically; `load_folded(path, model_fn)` rebuilds it."""
+    done = sites_mod.recipe(folded)
+    if "fold" not in done:
+        raise ValueError("save_folded: this module was not made by ek.fold; save a PruneResult with .save() instead")
+    saved = {"format": _FORMAT, "record": json.dumps(done), "state_dict": folded.state_dict()}
+    atomic_write(path, lambda f: torch.save(saved, f))
+
+
+def load_folded(path, model_fn, *, leaf_modules=None) -> nn.Module:
+    """A module saved by `save_folded`: `model_fn` builds the original (unpruned) architecture, or
+    is that module; the recipe's sites are linearized in it, its chains folded with the saved
+    decisions (no timing), then the saved weights loaded."""
+    saved = load_file(path, _FORMAT, "ek.save_folded")
+    done = json.loads(saved["record"])
+    record = done["fold"]
+    original = model_fn if isinstance(model_fn, nn.Module) else model_fn()
+    example = tuple(torch.zeros(shape) for shape in record["example_shape"])
+    net = from_recipe(original, done, example, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
+    replay = {row["chain"]: row["choice"] for row in record["decisions"]}
+    folded = fold(net, example, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], check=False,
+                  portable=record.get("portable", False), leaf_modules=leaf_modules)
+    chains = [row["chain"] for row in decisions(folded)]
+    if chains != list(replay):
+        raise ValueError(f"{path}: the model from model_fn has other linear chains than the saved one "
+                         f"({chains} vs {list(replay)}); pass the architecture it was folded from")
+    folded.load_state_dict(saved["state_dict"])
+    folded.meta[sites_mod.RECIPE_KEY] = done  # the saved decision table, with its timings
+    return folded

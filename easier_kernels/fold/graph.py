@@ -1,0 +1,266 @@
+"""The graph pass `ek.fold`: batch norms into their layers, each chain rewritten to its plan, and
+the whole network checked against the original in the runtime it will run in."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .. import runtimes
+from .. import sites as sites_mod
+from ..entropy import model_device
+from ..timing import compare
+from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_norms, passthrough, set_module
+from .planner import best_plan, chain_values, segment_options
+from .plans import Segment, build, parse_plan, plan_label, segments
+
+__all__ = ["fold", "decisions", "format_decisions", "DECIDE"]
+
+DECIDE = ("measure", "merge", "separate")
+
+
+def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: bool = False, decide="measure",
+         original: nn.Module | None = None, check: bool = True, device=None, allow_inexact: bool = False,
+         leaf_modules=None) -> fx.GraphModule:
+    """An inference module computing `model`'s eval outputs with its linear chains folded.
+
+    Batch norms go into the conv/linear before them; chains of convs or linears linked only by
+    linearized activations (identity skips and the next activation around them) run per a plan:
+    layers separate, merged into one, or a pointwise/depthwise pair by the fused kernel (eager
+    only). A chain planned by `ek.linearize` for this runtime follows its plan. Otherwise
+    decide="measure" times every exact plan in `runtime` ("eager", "inductor", "onnxruntime") on
+    `device` with `example_inputs` and keeps the fastest; "merge" merges every chain; "separate"
+    only folds batch norms; a dict (chain -> plan label) replays a decision table. A merge whose
+    later convs are padded is inexact at image borders: its error is measured and shown, and the
+    plan used only with allow_inexact=True.
+
+    check=True then times the whole folded network against `original` (the unpruned model; by
+    default `model` itself) with batch norms folded, in `runtime`, in paired rounds, and puts the
+    chains back to "separate" one by one (least expected gain first) while it is slower.
+    portable=True (implied by runtime="inductor"/"onnxruntime") uses standard torch modules only,
+    so the result exports (`ek.export`) and runs without this package.
+
+    The result carries its record: `folded.meta["easier_kernels"]["fold"]` (decision table, see
+    `format_decisions`; the whole-network latency; the relative error of its outputs).
+    """
+    if not (isinstance(decide, dict) or decide in DECIDE):
+        raise ValueError(f"decide must be one of {', '.join(DECIDE)} (or a saved decision table), not {decide!r}")
+    runtimes.check_runtime(runtime)
+    portable = portable or runtimes.standard_only(runtime)
+    device = torch.device(device) if device is not None else model_device(model)
+    args = tuple(a.to(device) for a in sites_mod.as_args(example_inputs))
+    if not all(a.is_floating_point() for a in args):
+        raise TypeError("fold: example_inputs must be floating-point tensors (a batch of real inputs)")
+    gm = _eval_graph(model, leaf_modules, device)
+    planned = {tuple(r["layers"]): r for r in sites_mod.recipe(model).get("plans", []) if r.get("runtime") == runtime}
+    with torch.no_grad():
+        expected = gm(*args)
+        batch_norms = fold_batch_norms(gm)
+        chains = find_chains(gm)
+        values = chain_values(gm, chains, args)
+        rows = [_decide(gm, chain, values, decide, planned, runtime, portable, allow_inexact) for chain in chains]
+        folded = _apply(gm, rows)
+        latency = None
+        if check and (original is not None or any(r["choice"] != "separate" for r in rows)):
+            baseline = gm if original is None else _eval_graph(original, leaf_modules, device)
+            if original is not None:
+                fold_batch_norms(baseline)
+            folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
+        error = _relative_error(folded(*args), expected)
+    done = sites_mod.recipe(folded)
+    done["fold"] = {"decide": decide if isinstance(decide, str) else "replayed", "runtime": runtime, "portable": portable,
+                    "allow_inexact": allow_inexact, "device": str(device), "batch_norms": len(batch_norms),
+                    "decisions": rows, "latency": latency, "relative_error": error,
+                    "example_shape": [list(a.shape) for a in args]}
+    folded.meta[sites_mod.RECIPE_KEY] = done
+    return folded
+
+
+def _eval_graph(model: nn.Module, leaf_modules, device) -> fx.GraphModule:
+    gm = sites_mod.trace(copy.deepcopy(model), leaf_modules).to(device).eval()
+    gm.requires_grad_(False)
+    return gm
+
+
+# ---- deciding per chain
+
+
+def _decide(gm, chain: Chain, values: dict, decide, planned: dict, runtime: str, portable: bool,
+            allow_inexact: bool) -> dict:
+    layers = [gm.get_submodule(t) for t in chain.targets]
+    n = len(layers)
+    options = segment_options(gm, chain, layers, values, fused=not portable, move=False)
+    inexact = [p for ps in options.values() for p in ps if not p.exact]
+    allowed = (lambda p: True) if allow_inexact else (lambda p: p.exact)
+    times, plan = {}, planned.get(tuple(chain.targets))
+    if isinstance(decide, dict):
+        if chain.name not in decide:
+            raise ValueError(f"no decision for the chain starting at {chain.name!r}; the decisions were made for another model")
+        choice, why = plan_label(parse_plan(decide[chain.name], n)), "replayed"
+    elif decide == "separate":
+        choice, why = "separate", "decide='separate'"
+    elif decide == "merge":
+        whole = [p for p in options[0] if p.size == n and p.label.startswith("merge")]
+        choice = whole[0].label if whole and allowed(whole[0]) else "separate"
+        why = ("decide='merge'" if choice != "separate" else "decide='merge', but these layers do not merge "
+               "(dilation, padding mode, or more than twice the work)" if not whole
+               else "decide='merge', but merging is not exact here (allow_inexact=False)")
+    elif plan is not None and _fits(plan["plan"], options, n, allowed):
+        choice, why = plan["plan"], f"planned by linearize ({runtime})"
+        times = {k: v / 1e3 for k, v in plan["candidates_ms"].items()}
+    else:
+        choice, times = best_plan(gm, chain, options, values, runtime, allowed)
+        why = "fastest" + (" exact plan (allow_inexact=False)" if inexact and not allow_inexact else "")
+    residual = values.get(chain.residual)
+    # what an inexact merge costs at the borders, shown whichever plan wins
+    errors = {f"{p.label}@{p.start}": _relative_error(p.module(x), _run_layers(layers[p.start:p.start + p.size], x))
+              for p in inexact if not p.takes_residual for x in [values[chain.layers[p.start].args[0]]]}
+    return {
+        "chain": chain.name,
+        "layers": chain.targets,
+        "residual": residual is not None,
+        "activation": act_spec(gm, chain.act)[0] if chain.act is not None else None,
+        "input": list(values[chain.input].shape),
+        "candidates_ms": {label: round(t * 1e3, 4) for label, t in times.items()},
+        "border_error": errors,
+        "choice": choice,
+        "why": why,
+    }
+
+
+def _fits(label: str, options: dict, n: int, allowed) -> bool:
+    """Whether plan `label` is made of segments available (and allowed) here."""
+    try:
+        plan = parse_plan(label, n)
+    except ValueError:
+        return False
+    available = {(p.label, p.start) for ps in options.values() for p in ps if allowed(p)}
+    return all((label, start) in available for label, start, _ in segments(plan))
+
+
+def _run_layers(layers: list, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _gain(row: dict) -> float:
+    """Expected ms saved by the chain's plan over keeping it separate (0 where not measured)."""
+    times = row["candidates_ms"]
+    return times.get("separate", 0.0) - times.get(row["choice"], 0.0) if row["choice"] in times else 0.0
+
+
+# ---- rewriting the graph
+
+
+def _apply(bn_folded: fx.GraphModule, rows: list[dict]) -> fx.GraphModule:
+    """A copy of the batch-norm-folded graph with every chain rewritten to its row's choice."""
+    gm = copy.deepcopy(bn_folded)
+    replaced = {}  # a chain's old last node -> its new output, for the chains that read it as a residual
+    for chain, row in zip(find_chains(gm), rows):
+        chain.residual = replaced.get(chain.residual, chain.residual)
+        layers = [gm.get_submodule(t) for t in chain.targets]
+        old, new = _rewrite(gm, chain, build(gm, chain, layers, parse_plan(row["choice"], len(layers))))
+        replaced[old] = new
+    drop_identities(gm)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _rewrite(gm: fx.GraphModule, chain: Chain, parts: list[Segment]) -> tuple[fx.Node, fx.Node]:
+    """Replaces the chain's nodes by the plan's segments: (old last node, its replacement)."""
+    last = chain.act if parts[-1].takes_act else chain.end
+    graph = gm.graph
+    with graph.inserting_before(last.next):
+        out = chain.input
+        for part in parts:
+            if part.label == "sep":
+                target = chain.targets[part.start]
+                if part.module is not gm.get_submodule(target):  # a pointwise layer run unpadded
+                    set_module(gm, target, part.module)
+            else:
+                target = f"fold_{chain.name}" + (f"_{part.start}" if len(parts) > 1 else "")
+                gm.add_submodule(target, part.module)
+            fused_residual = part.takes_residual and part.label == "fused"
+            out = graph.call_module(target, (out, chain.residual) if fused_residual else (out,))
+        if chain.residual is not None and not parts[-1].takes_residual:
+            out = graph.call_function(operator.add, (out, chain.residual))
+    last.replace_all_uses_with(out)
+    nodes = list(graph.nodes)
+    for node in reversed(nodes[nodes.index(chain.layers[0]):nodes.index(last) + 1]):  # the old chain, last first
+        if not node.users and (node in chain.layers or node in (chain.end, chain.act) or passthrough(gm, node)):
+            graph.erase_node(node)
+    return last, out
+
+
+# ---- the whole network, never slower
+
+
+def _never_slower(folded, baseline, bn_folded, rows: list[dict], args: tuple, runtime: str):
+    """Times `folded` against `baseline` in `runtime` (paired rounds); while it is slower, puts the
+    chain with the least expected gain back to "separate". Keeps the fastest network tried."""
+    base_run = runtimes.runner(baseline, args, runtime)
+    tried, fallbacks = [], []
+    while True:
+        timed = compare({"baseline": base_run, "folded": runtimes.runner(folded, args, runtime)}, "baseline", args[0].device,
+                        seconds=1.0)
+        tried.append((timed["folded"]["ratio"], folded, [r["choice"] for r in rows], list(fallbacks)))
+        changed = [r for r in rows if r["choice"] != "separate"]
+        if timed["folded"]["ratio"] <= 1.0 or not changed:
+            break
+        row = min(changed, key=_gain)
+        row["choice"], row["why"] = "separate", f"fell back: the whole network ran {timed['folded']['ratio']:.3f}x"
+        fallbacks.append(row["chain"])
+        folded = _apply(bn_folded, rows)
+    ratio, folded, choices, fallbacks = min(tried, key=lambda t: t[0])
+    for row, choice in zip(rows, choices):
+        if row["choice"] != choice:
+            row["choice"], row["why"] = choice, "kept: no fallback made the whole network faster"
+    latency = {"runtime": runtime, "baseline": "original" if baseline is not bn_folded else "input",
+               "baseline_ms": round(timed["baseline"]["ms"], 4), "ratio": round(ratio, 4),
+               "q1": round(timed["folded"]["q1"], 4), "q3": round(timed["folded"]["q3"], 4), "fallbacks": fallbacks}
+    latency["ms"] = round(latency["baseline_ms"] * ratio, 4)
+    return folded, latency
+
+
+def _outputs(out) -> list:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _relative_error(got, expected) -> float:
+    errors = [float((g.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30))
+              for g, e in zip(_outputs(got), _outputs(expected)) if e.numel()]
+    return max(errors, default=0.0)
+
+
+# ---- the record
+
+
+def decisions(folded: nn.Module) -> list[dict]:
+    """The decision table of a folded module: one row per chain."""
+    return sites_mod.recipe(folded).get("fold", {}).get("decisions", [])
+
+
+def format_decisions(rows: list[dict], latency: dict | None = None) -> str:
+    """The decision table as aligned text (what `easier-kernels fold` prints), and the whole
+    network's latency ratio where it was measured."""
+    lines = [f"{'chain':<28} {'layers':>6} {'input':<18} {'choice':<16} candidates (ms)"] if rows else \
+        ["no linear chains to fold (batch norms folded only)"]
+    for row in rows:
+        cands = ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["candidates_ms"].items(), key=lambda kv: kv[1]))
+        if row["border_error"]:
+            cands += "; inexact at borders: " + ", ".join(f"{k} {v:.1e}" for k, v in row["border_error"].items())
+        lines.append(f"{row['chain']:<28} {len(row['layers']):>6} {'x'.join(map(str, row['input'])):<18} "
+                     f"{row['choice']:<16} {cands or row['why']}")
+    if latency:
+        fell = f"; fell back to separate: {', '.join(latency['fallbacks'])}" if latency["fallbacks"] else ""
+        lines.append(f"whole network ({latency['runtime']}): {latency['ms']:.3f} ms vs {latency['baseline_ms']:.3f} ms for the "
+                     f"{'original' if latency['baseline'] == 'original' else 'unfolded network'} with batch norms folded = "
+                     f"{latency['ratio']:.3f}x (quartiles {latency['q1']:.3f}-{latency['q3']:.3f}){fell}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Runtimes a model is deployed with, and how a module runs in each: what plans are timed in.
+
+    run = runner(module, args, "onnxruntime")    # a zero-argument callable: one forward, in that runtime
+    export_onnx(module, args, path)              # the ONNX file ONNX Runtime runs
+
+"eager" is PyTorch as written (our fused kernels allowed); "inductor" is `torch.compile`;
+"onnxruntime" is an ONNX Runtime session on the module's export (standard operators only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["RUNTIMES", "check_runtime", "standard_only", "runner", "export_onnx", "onnx_session"]
+
+RUNTIMES = ("eager", "inductor", "onnxruntime")
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "onnxruntime":
+        _onnxruntime()
+    return runtime
+
+
+def standard_only(runtime: str) -> bool:
+    """Must a module for this runtime hold standard torch operators only? Our fused op is opaque
+    to inductor (it cannot fuse around it) and has no ONNX form, so only eager runs it."""
+    return runtime != "eager"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("runtime='onnxruntime' needs onnx and onnxruntime: pip install \"easier_kernels[onnx]\"") from None
+    return onnxruntime
+
+
+def export_onnx(module: nn.Module, args: tuple, path) -> None:
+    """module(*args) as an ONNX file (a path or a binary file object), by torch's TorchScript-based exporter (one fast, silent
+    export; the dynamo-based one takes ~10x longer per call and the plans export many segments)."""
+    with torch.no_grad(), contextlib.redirect_stdout(None):
+        torch.onnx.export(module, tuple(args), path if hasattr(path, "write") else str(path), dynamo=False, opset_version=17,
+                          input_names=[f"input_{i}" for i in range(len(args))])
+
+
+def onnx_session(model, device: torch.device):
+    """An ONNX Runtime session (of a file path or the model's bytes) for `device`, with as many
+    threads as torch uses."""
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("runtime='onnxruntime' on a CUDA device needs onnxruntime-gpu; install it, or plan on the CPU")
+        providers = ["CUDAExecutionProvider"]
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+
+
+def runner(module: nn.Module, args: tuple, runtime: str) -> Callable[[], object]:
+    """A zero-argument callable running module(*args) in `runtime` (no autograd). Building it
+    compiles or exports the module, so build once, call many times."""
+    args = tuple(args)
+    if runtime == "eager":
+        def run():
+            with torch.no_grad():
+                return module(*args)
+        return run
+    if runtime == "inductor":
+        compiled = torch.compile(module, dynamic=False)
+
+        def run():
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1 << 16):
+                return compiled(*args)
+        return run
+    if runtime == "onnxruntime":
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "module.onnx")
+            export_onnx(module, args, path)
+            session = onnx_session(path, args[0].device)
+        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+        return lambda: session.run(None, feeds)
+    raise ValueError(check_runtime(runtime))

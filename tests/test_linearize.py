@@ -36,7 +36,7 @@ def test_input_model_untouched_and_result_trainable():
 def test_linearized_sites_compute_the_identity():
     model = ek.models.resnet18(width=0.25)
     x = torch.randn(2, 3, 32, 32)
-    net = ek.linearize(model, ["layer1_0_relu1", "layer3_1_relu2"], x, exact_fold=False)
+    net = ek.linearize(model, ["layer1_0_relu1", "layer3_1_relu2"], x, plan="none")
     by_hand = copy.deepcopy(model)
     by_hand.layer1[0].relu1 = nn.Identity()
     by_hand.layer3[1].relu2 = nn.Identity()
@@ -49,7 +49,7 @@ def test_linearized_sites_compute_the_identity():
 def test_shared_module_keeps_its_other_call():
     model = torchvision_model("resnet18")
     x = torch.randn(2, 3, 32, 32)
-    net = ek.linearize(model, ["layer1_0_relu"], x, exact_fold=False)
+    net = ek.linearize(model, ["layer1_0_relu"], x, plan="none")
     names = [s.name for s in ek.find_sites(net, x)]
     assert "layer1_0_relu" not in names and "layer1_0_relu_1" in names and len(names) == 16
     model.eval()
@@ -96,7 +96,7 @@ def test_moved_padding_makes_the_chain_one_valid_convolution(stride):
     valid convolution, so a merged conv with the total padding is exact at every border."""
     model = Chain(stride).eval()
     x = torch.randn(2, 3, 13, 11)
-    net = ek.linearize(model, ["act1", "act2"], x)
+    net = ek.linearize(model, ["act1", "act2"], x, plan="merge")
     total = 1 + stride * (1 + 2)
     assert ek.recipe(net)["padding"] == [
         {"conv": "conv1", "before": [1, 1], "after": [total, total]},
@@ -107,15 +107,15 @@ def test_moved_padding_makes_the_chain_one_valid_convolution(stride):
     once = outputs(unpadded(net), F.pad(x, [total] * 4))
     torch.testing.assert_close(outputs(net, x), once, rtol=1e-5, atol=1e-5)
     # without the move, the zero padding of the intermediate maps breaks that at the borders
-    plain = ek.linearize(model, ["act1", "act2"], x, exact_fold=False)
+    plain = ek.linearize(model, ["act1", "act2"], x, plan="none")
     assert not torch.allclose(outputs(plain, x), once, atol=1e-3)
 
 
 def test_linearizing_step_by_step_equals_at_once():
     model = Chain().eval()
     x = torch.randn(2, 3, 9, 9)
-    at_once = ek.linearize(model, ["act1", "act2"], x)
-    stepwise = ek.linearize(ek.linearize(model, ["act2"], x), ["act1"], x)
+    at_once = ek.linearize(model, ["act1", "act2"], x, plan="merge")
+    stepwise = ek.linearize(ek.linearize(model, ["act2"], x, plan="merge"), ["act1"], x, plan="merge")
     assert ek.recipe(stepwise)["linearized"] == ["act2", "act1"]
     pads = lambda net: [m.padding for m in net.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
     assert pads(stepwise) == pads(at_once)
@@ -125,7 +125,7 @@ def test_linearizing_step_by_step_equals_at_once():
 def test_no_move_across_a_branch():
     """ResNet's block output feeds the next block and the skip: its padding must stay put."""
     model = ek.models.resnet18(width=0.25)
-    net = ek.linearize(model, ["layer1_0_relu2", "layer1_0_relu1"], torch.randn(1, 3, 32, 32))
+    net = ek.linearize(model, ["layer1_0_relu2", "layer1_0_relu1"], torch.randn(1, 3, 32, 32), plan="merge")
     assert ek.recipe(net)["padding"] == [
         {"conv": "layer1.0.conv1", "before": [1, 1], "after": [2, 2]},
         {"conv": "layer1.0.conv2", "before": [1, 1], "after": [0, 0]},
@@ -165,7 +165,7 @@ class SharedConv(nn.Module):
 def test_no_move_through_a_shared_conv():
     model = SharedConv().eval()
     x = torch.randn(1, 3, 8, 8)
-    net = ek.linearize(ek.linearize(model, ["act"], x), ["relu"], x)
+    net = ek.linearize(ek.linearize(model, ["act"], x, plan="merge"), ["relu"], x, plan="merge")
     skip = {"conv": "conv2", "skipped": "module conv2 is called more than once"}
     assert ek.recipe(net)["padding"] == [skip]  # noted once, nothing moved
     assert [m.padding for m in net.modules() if isinstance(m, nn.Conv2d)] == [(1, 1), (1, 1)]

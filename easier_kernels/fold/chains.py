@@ -83,6 +83,8 @@ def fold_batch_norms(gm: fx.GraphModule) -> list[str]:
         node.replace_all_uses_with(layer_node)
         gm.graph.erase_node(node)
         folded.append(node.name)
+    gm.delete_all_unused_submodules()
+    gm.recompile()  # the module runs what the graph now says
     return folded
 
 

@@ -14,6 +14,7 @@ from .. import runtimes
 from .. import sites as sites_mod
 from ..entropy import model_device
 from ..timing import compare
+from .blocks import lower_fused
 from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_norms, passthrough, set_module
 from .planner import best_plan, chain_values, segment_options
 from .plans import Segment, build, parse_plan, plan_label, segments
@@ -38,7 +39,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     later convs are padded is inexact at image borders: its error is measured and shown, and the
     plan used only with allow_inexact=True.
 
-    check=True then times the whole folded network against `original` (the unpruned model; by
+    With decide="measure", check=True then times the whole folded network against `original` (the unpruned model; by
     default `model` itself) with batch norms folded, in `runtime`, in paired rounds, and puts the
     chains back to "separate" one by one (least expected gain first) while it is slower.
     portable=True (implied by runtime="inductor"/"onnxruntime") uses standard torch modules only,
@@ -65,11 +66,13 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
         rows = [_decide(gm, chain, values, decide, planned, runtime, portable, allow_inexact) for chain in chains]
         folded = _apply(gm, rows)
         latency = None
-        if check and (original is not None or any(r["choice"] != "separate" for r in rows)):
+        if check and decide == "measure" and (original is not None or any(r["choice"] != "separate" for r in rows)):
             baseline = gm if original is None else _eval_graph(original, leaf_modules, device)
             if original is not None:
                 fold_batch_norms(baseline)
             folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
+        if portable:  # a replayed table may name fused plans
+            lower_fused(folded)
         error = _relative_error(folded(*args), expected)
     done = sites_mod.recipe(folded)
     done["fold"] = {"decide": decide if isinstance(decide, str) else "replayed", "runtime": runtime, "portable": portable,
@@ -210,7 +213,7 @@ def _never_slower(folded, baseline, bn_folded, rows: list[dict], args: tuple, ru
     while True:
         timed = compare({"baseline": base_run, "folded": runtimes.runner(folded, args, runtime)}, "baseline", args[0].device,
                         seconds=1.0)
-        tried.append((timed["folded"]["ratio"], folded, [r["choice"] for r in rows], list(fallbacks)))
+        tried.append((timed["folded"]["ratio"], folded, [r["choice"] for r in rows], list(fallbacks), timed))
         changed = [r for r in rows if r["choice"] != "separate"]
         if timed["folded"]["ratio"] <= 1.0 or not changed:
             break
@@ -218,12 +221,12 @@ def _never_slower(folded, baseline, bn_folded, rows: list[dict], args: tuple, ru
         row["choice"], row["why"] = "separate", f"fell back: the whole network ran {timed['folded']['ratio']:.3f}x"
         fallbacks.append(row["chain"])
         folded = _apply(bn_folded, rows)
-    ratio, folded, choices, fallbacks = min(tried, key=lambda t: t[0])
+    ratio, folded, choices, fallbacks, timed = min(tried, key=lambda t: t[0])
     for row, choice in zip(rows, choices):
         if row["choice"] != choice:
             row["choice"], row["why"] = choice, "kept: no fallback made the whole network faster"
     latency = {"runtime": runtime, "baseline": "original" if baseline is not bn_folded else "input",
-               "baseline_ms": round(timed["baseline"]["ms"], 4), "ratio": round(ratio, 4),
+               "baseline_ms": round(timed["baseline"]["ms"], 4), "ratio": round(ratio, 4), "rounds": timed["folded"]["rounds"],
                "q1": round(timed["folded"]["q1"], 4), "q3": round(timed["folded"]["q3"], 4), "fallbacks": fallbacks}
     latency["ms"] = round(latency["baseline_ms"] * ratio, 4)
     return folded, latency

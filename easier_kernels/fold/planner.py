@@ -23,7 +23,7 @@ from .blocks import fused_pattern
 from .chains import Chain, act_spec, find_chains, fold_batch_norms
 from .plans import ChainModule, Segment, laid_out, mergeable, plan_label, segment, signature
 
-__all__ = ["MARGIN", "MAX_MERGE_MACS", "segment_options", "best_plan", "choose", "chain_values", "plan_chains"]
+__all__ = ["MARGIN", "MAX_MERGE_MACS", "segment_options", "segment_seconds", "best_plan", "choose", "chain_values", "plan_chains"]
 
 # A plan replaces "separate" only when it is faster by more than this: the layout it fixes
 # before fine-tuning is permanent, and timing noise must not decide it.
@@ -62,20 +62,24 @@ def segment_options(gm: fx.GraphModule, chain: Chain, layers: list, values: dict
     return options
 
 
+def segment_seconds(gm: fx.GraphModule, chain: Chain, part: Segment, values: dict, runtime: str) -> float:
+    """Seconds of one segment alone in `runtime`, on the value its first layer reads (the last
+    segment with the chain's add and activation)."""
+    last = part.start + part.size == len(chain.layers)
+    residual = values.get(chain.residual) if last else None
+    act = act_spec(gm, chain.act) if last and chain.act is not None else None
+    args = (values[chain.layers[part.start].args[0]],) + (() if residual is None else (residual,))
+    return _seconds(ChainModule([part], residual is not None, act), args, runtime)
+
+
 def best_plan(gm: fx.GraphModule, chain: Chain, options: dict[int, list[Segment]], values: dict, runtime: str,
               allowed=lambda s: True) -> tuple[str, dict[str, float]]:
-    """The fastest plan by dynamic programming over the segments' times (each segment timed alone
-    in `runtime`, on the value its first layer reads), and the times of "separate", the whole
-    merge and the winner. "separate" wins ties within MARGIN (see `choose`)."""
+    """The fastest plan by dynamic programming over the segments' times (`segment_seconds`), and
+    the times of "separate", the whole merge and the winner. "separate" wins ties within MARGIN."""
     n = len(chain.layers)
-    residual = values.get(chain.residual)
-    act = act_spec(gm, chain.act) if chain.act is not None else None
 
-    def seconds(part: Segment) -> float:
-        last = part.start + part.size == n
-        module = ChainModule([part], last and residual is not None, act if last else None)
-        args = (values[chain.layers[part.start].args[0]],) + ((residual,) if last and residual is not None else ())
-        return _seconds(module, args, runtime)
+    def seconds(part):
+        return segment_seconds(gm, chain, part, values, runtime)
 
     best = {n: (0.0, ())}
     for i in reversed(range(n)):

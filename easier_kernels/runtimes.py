@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import warnings
 import tempfile
 from typing import Callable
 
@@ -45,11 +47,20 @@ def _onnxruntime():
 
 
 def export_onnx(module: nn.Module, args: tuple, path) -> None:
-    """module(*args) as an ONNX file (a path or a binary file object), by torch's TorchScript-based exporter (one fast, silent
-    export; the dynamo-based one takes ~10x longer per call and the plans export many segments)."""
-    with torch.no_grad(), contextlib.redirect_stdout(None):
-        torch.onnx.export(module, tuple(args), path if hasattr(path, "write") else str(path), dynamo=False, opset_version=17,
-                          input_names=[f"input_{i}" for i in range(len(args))])
+    """module(*args) as an ONNX file (a path or a binary file object). torch's TorchScript-based
+    exporter first: one fast, silent export (the plans export many small segments); where it has
+    no form for an operator (or is gone from torch), the torch.export-based one."""
+    target = path if hasattr(path, "write") else str(path)
+    names = [f"input_{i}" for i in range(len(args))]
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, tuple(args), target, dynamo=False, opset_version=17, input_names=names)
+        except Exception:
+            if hasattr(target, "seek"):
+                target.seek(0)
+                target.truncate()
+            torch.onnx.export(module, tuple(args), target, dynamo=True, input_names=names, verbose=False)
 
 
 def onnx_session(model, device: torch.device):

@@ -124,14 +124,15 @@ def test_setup_py_respects_cuda_home_and_builds_cpu_only_without_nvcc(setup_py, 
 
 
 def test_installed_test_extras_are_in_their_declared_ranges():
-    """What README command (2) installed is inside the ranges pyproject.toml declares."""
+    """What README command (2) installed (the test and onnx extras) is inside the ranges
+    pyproject.toml declares."""
     from importlib.metadata import version
 
     from packaging.requirements import Requirement
 
     text = (ROOT / "pyproject.toml").read_text()
-    line = next(line for line in text.splitlines() if line.startswith("test = ["))
-    requirements = [Requirement(r) for r in re.findall(r'"([^"]+)"', line)]
-    assert {r.name for r in requirements} >= {"pytest", "pytest-benchmark", "triton"}
+    lines = [line for line in text.splitlines() if line.startswith(("test = [", "onnx = ["))]
+    requirements = [Requirement(r) for line in lines for r in re.findall(r'"([^"]+)"', line)]
+    assert {r.name for r in requirements} >= {"pytest", "pytest-benchmark", "triton", "onnx", "onnxruntime"}
     for requirement in requirements:
         assert version(requirement.name) in requirement.specifier, f"{requirement.name} {version(requirement.name)} outside {requirement}"

@@ -91,11 +91,23 @@ def test_fold_prints_the_decision_table_and_saves_a_loadable_module(run_dir, tmp
     printed = capsys.readouterr().out
     record = ek.recipe(ek.load_folded(out, lambda: ek.models.build("resnet18", num_classes=10, in_channels=1, width=0.125)))
     rows = record["fold"]["decisions"]
-    assert "relative error of the outputs" in printed and "latency" in printed and f"saved {out}" in printed
+    assert "relative error of the outputs" in printed and "whole network (eager)" in printed and f"saved {out}" in printed
+    assert "for the original with batch norms folded" in printed
     assert all(row["chain"] in printed and row["choice"] in printed for row in rows)
     assert record["linearized"] == json.loads((run_dir / "report.json").read_text())["linearized"]
     assert record["fold"]["relative_error"] <= 1e-5 and record["fold"]["batch_norms"] == 20
     _one_line_error(capsys, ["fold", str(tmp_path / "nothing")], "no such file")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_writes_a_checked_file_and_prints_the_latency_in_its_runtime(run_dir, tmp_path, capsys, fmt):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
+    out = tmp_path / f"model.{fmt}"
+    assert cli.main(["export", str(run_dir), "--format", fmt, "--device", "cpu", "--batch-size", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    runtime = "onnxruntime" if fmt == "onnx" else "eager"
+    assert f"whole network ({runtime})" in printed and f"wrote {out} ({fmt})" in printed and out.stat().st_size > 0
+    assert f"plans timed in {runtime}" in printed
 
 
 def test_a_torchvision_model_on_grayscale_images(tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_linearized_sites_compute_the_identity():
     torch.testing.assert_close(outputs(net, x), outputs(by_hand, x), rtol=0, atol=0)
     remaining = [s.name for s in ek.find_sites(net, x)]
     assert len(remaining) == 15 and "layer1_0_relu1" not in remaining and "layer1_0_relu2" in remaining
-    assert ek.recipe(net) == {"linearized": ["layer1_0_relu1", "layer3_1_relu2"], "padding": []}
+    assert ek.recipe(net) == {"linearized": ["layer1_0_relu1", "layer3_1_relu2"], "padding": [], "plans": []}
 
 
 def test_shared_module_keeps_its_other_call():

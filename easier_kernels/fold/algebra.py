@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init  # every weight is assigned: no random init, no RNG drawn
 
 __all__ = ["dense_weight", "compose_conv", "add_identity", "compose_linear", "foldable_conv", "merged_layer", "merged_padding", "identity_fits",
            "unpad_pointwise"]
@@ -112,7 +113,7 @@ def merged_layer(layers: list[nn.Module], identity: bool = False) -> tuple[nn.Mo
             w, b = compose_linear(w, b, double(layer.weight), double(layer.bias))
         if identity:
             w = w + torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
-        merged = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype)
+        merged = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=dtype)
         _assign(merged, w, b)
         return merged, True
     groups, stride = first.groups, first.stride
@@ -124,7 +125,7 @@ def merged_layer(layers: list[nn.Module], identity: bool = False) -> tuple[nn.Mo
     if identity:
         w, b = add_identity(w, b, padding=padding, groups=groups)
     exact = all(not any(c.padding) for c in layers[1:])
-    merged = type(first)(w.shape[1] * groups, w.shape[0], w.shape[2:], stride=stride, padding=padding, groups=groups,
+    merged = skip_init(type(first), w.shape[1] * groups, w.shape[0], w.shape[2:], stride=stride, padding=padding, groups=groups,
                          bias=b is not None, device=w.device, dtype=dtype)
     _assign(merged, w, b)
     return merged, exact
@@ -169,9 +170,9 @@ def unpad_pointwise(first: nn.Module, second: nn.Module) -> tuple[nn.Module, nn.
             or isinstance(first.padding, str) or first.padding_mode != "zeros" or second.padding_mode != "zeros"
             or any(p % s for p, s in zip(first.padding, first.stride))):
         return None
-    unpadded = type(first)(first.in_channels, first.out_channels, 1, stride=first.stride, groups=first.groups,
+    unpadded = skip_init(type(first), first.in_channels, first.out_channels, 1, stride=first.stride, groups=first.groups,
                            bias=False, device=first.weight.device, dtype=first.weight.dtype)
-    padded = type(second)(second.in_channels, second.out_channels, second.kernel_size, stride=second.stride,
+    padded = skip_init(type(second), second.in_channels, second.out_channels, second.kernel_size, stride=second.stride,
                           padding=tuple(p // s for p, s in zip(first.padding, first.stride)), groups=second.groups,
                           bias=True, device=second.weight.device, dtype=second.weight.dtype)
     bias = second.bias.detach() if second.bias is not None else second.weight.new_zeros(second.out_channels)

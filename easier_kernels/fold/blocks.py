@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import skip_init  # every weight is assigned: no random init, no RNG drawn
 
 from .. import ops
 from .algebra import foldable_conv
@@ -50,10 +51,10 @@ class StandardConvBlock(nn.Module):
         w1, w2 = block.w1, block.w2
         dw = w2 if pw_dw else w1
         channels = dw.shape[0]
-        self.conv1 = nn.Conv2d(w1.shape[1] * (1 if pw_dw else channels), w1.shape[0], w1.shape[2:],
+        self.conv1 = skip_init(nn.Conv2d, w1.shape[1] * (1 if pw_dw else channels), w1.shape[0], w1.shape[2:],
                                stride=1 if pw_dw else block.stride, padding=0 if pw_dw else block.padding,
                                groups=1 if pw_dw else channels, device=w1.device, dtype=w1.dtype)
-        self.conv2 = nn.Conv2d(w2.shape[0] if pw_dw else w2.shape[1], w2.shape[0], w2.shape[2:],
+        self.conv2 = skip_init(nn.Conv2d, w2.shape[0] if pw_dw else w2.shape[1], w2.shape[0], w2.shape[2:],
                                stride=block.stride if pw_dw else 1, padding=block.padding if pw_dw else 0,
                                groups=channels if pw_dw else 1, device=w2.device, dtype=w2.dtype)
         with torch.no_grad():

@@ -10,10 +10,11 @@ MobileNetV2 at 224 px with its first 15 of 35 sites linear <= 0.5x eager, <= 0.8
 and ONNX Runtime.
 
 Site sets per model: "entropy" (the lowest-entropy sites on real images, at the paper's counts:
-ResNet-18 8 of 17, MobileNetV2 15 of 35, VGG-16-bn 10 of 15, Swin-T 8 of 12), "first-half",
-"every-other" and "all". Weights are random (seeded): latency does not depend on their values.
+ResNet-18 8 of 17, MobileNetV2 15 of 35, VGG-16-bn 10 of 15, Swin-T 8 of 12), "first" (as many,
+from the input end), "first-half", "every-other" and "all". Weights are random (seeded): latency does not depend on their values.
 With --benchmark-disable (CI) each runtime runs one small case and checks the outputs only.
-`EK_BENCH_RUNTIMES=eager,onnxruntime` / `EK_BENCH_MODELS=mobilenet_v2-224` pick a part.
+`EK_BENCH_RUNTIMES=eager,onnxruntime`, `EK_BENCH_MODELS=mobilenet_v2-224`, `EK_BENCH_BATCHES=1`,
+`EK_BENCH_SETS=entropy,first` pick a part of the matrix.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MODELS = {
     "vgg16_bn-cifar": (lambda small: ek.models.vgg16_bn(width=0.25 if small else 1.0), (32, 32), 10, (1, 128)),
     "swin_t-224": (lambda small: import_torchvision().models.swin_t(), (224, 64), 8, (1,)),
 }
-SITE_SETS = ("entropy", "first-half", "every-other", "all")
+SITE_SETS = ("entropy", "first", "first-half", "every-other", "all")
 
 
 def _picked(variable: str, default) -> list:
@@ -46,7 +47,8 @@ def _picked(variable: str, default) -> list:
 
 
 CASES = [(name, batch, sites, runtime) for runtime in _picked("EK_BENCH_RUNTIMES", runtimes.RUNTIMES)
-         for name in _picked("EK_BENCH_MODELS", MODELS) for batch in MODELS[name][3] for sites in SITE_SETS]
+         for name in _picked("EK_BENCH_MODELS", MODELS) for batch in MODELS[name][3]
+         if str(batch) in _picked("EK_BENCH_BATCHES", map(str, MODELS[name][3])) for sites in _picked("EK_BENCH_SETS", SITE_SETS)]
 SMALL = [("mobilenet_v2-224", 1, "first-half", runtime) for runtime in runtimes.RUNTIMES]
 
 
@@ -62,7 +64,7 @@ def site_set(model, which: str, example, images, size, count) -> list[str]:
     if which == "entropy":  # on real images, in train mode, as the paper scores
         batches = [F.interpolate(images[i:i + 16], size=size, mode="bilinear") for i in range(0, 64, 16)]
         return ek.entropy_scores(model.train(), batches).ranking()[:count]
-    return {"first-half": names[: len(names) // 2], "every-other": names[::2], "all": names}[which]
+    return {"first": names[:count], "first-half": names[: len(names) // 2], "every-other": names[::2], "all": names}[which]
 
 
 def test_fold_latency(benchmark, record, real_images, steady_malloc, name, batch, sites, runtime):

@@ -1,7 +1,8 @@
 """Linearize: replace chosen activation calls by the identity, in a new trainable module.
 
     net = ek.linearize(model, ["layer1_0_relu", "layer2_1_relu"], example_inputs)
-    ek.recipe(net)             # {"linearized": [...], "padding": [{"conv": ..., "before": ..., "after": ...}]}
+    ek.recipe(net)             # {"linearized": [...], "padding": [{"conv": ..., "before": ..., "after": ...}],
+                               #  "plans": [{"layers": [...], "plan": "merge2", "runtime": "eager", ...}]}
 
 Only the named calls change: a module called twice keeps its activation at the other call. The
 result is a GraphModule (the input model is deep-copied, never modified); its remaining sites keep

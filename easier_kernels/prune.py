@@ -140,8 +140,9 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         order from the input / output end, "random" in an order drawn once from `select_seed`
         (default `seed`), an RNG of its own, so training sees the same random numbers under every rule.
     runtime / plan: how each step's linearization plans its chains (see `ek.linearize`): timed in
-        the runtime the pruned model will run in ("eager", "inductor", "onnxruntime"), padding moved
-        only where a plan merges. Plans come from measurements, so two runs can differ in them;
+        the runtime the pruned model will run in ("eager", "inductor", "onnxruntime"), on
+        `example_inputs` (pass a batch of the size you will deploy with; by default one sample of
+        the validation loader), padding moved only where a plan merges. Plans come from measurements, so two runs can differ in them;
         plan="merge" (every chain's padding moved) or "none" makes a run independent of timing.
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
     on_step(result): called after every step and at the end with the result so far.

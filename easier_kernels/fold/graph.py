@@ -39,9 +39,10 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     later convs are padded is inexact at image borders: its error is measured and shown, and the
     plan used only with allow_inexact=True.
 
-    With decide="measure", check=True then times the whole folded network against `original` (the unpruned model; by
-    default `model` itself) with batch norms folded, in `runtime`, in paired rounds, and puts the
-    chains back to "separate" one by one (least expected gain first) while it is slower.
+    With decide="measure", check=True then times the whole folded network against `original`
+    (the unpruned model; by default `model` itself) with batch norms folded, in `runtime`, in
+    paired rounds, and puts chains back to "separate" one by one (least expected gain first)
+    while it is slower.
     portable=True (implied by runtime="inductor"/"onnxruntime") uses standard torch modules only,
     so the result exports (`ek.export`) and runs without this package.
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import TORCHVISION_MODELS, paper_or_torchvision
+from helpers import TORCHVISION_MODELS
 from test_fold import fused_mobilenet, linearized_model, relative_error
 
 import easier_kernels as ek

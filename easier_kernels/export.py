@@ -18,6 +18,7 @@ from . import runtimes
 from . import sites as sites_mod
 from .files import atomic_write, load_file
 from .fold import decisions, fold, lower_fused
+from .fold.graph import relative_error
 from .linearize import from_recipe
 
 __all__ = ["export", "FORMATS", "save_folded", "load_folded"]
@@ -52,22 +53,12 @@ def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tole
         buffer.seek(0)
         with torch.no_grad():
             got = torch.export.load(buffer).module()(*args)
-    error = _relative_error(got, expected)
+    error = relative_error(got, expected)
     if not error <= tolerance:
         raise RuntimeError(f"export: the {format} file's outputs differ from the module's (relative error {error:.1e} > "
                            f"{tolerance:.0e}); nothing was written. Please report this model")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
     return {"path": str(path), "format": format, "relative_error": error, "lowered_blocks": lowered}
-
-
-def _relative_error(got, expected) -> float:
-    got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
-    expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    if len(got) != len(expected):
-        return float("inf")
-    errors = [float((g.cpu().double() - e.cpu().double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
-              for g, e in zip(got, expected) if e.numel()]
-    return max(errors, default=0.0)
 
 
 def save_folded(folded: nn.Module, path) -> None:

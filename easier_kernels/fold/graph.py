@@ -19,7 +19,7 @@ from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_no
 from .planner import best_plan, chain_values, segment_options
 from .plans import Segment, build, parse_plan, plan_label, segments
 
-__all__ = ["fold", "decisions", "format_decisions", "DECIDE"]
+__all__ = ["fold", "decisions", "format_decisions", "relative_error", "DECIDE"]
 
 DECIDE = ("measure", "merge", "separate")
 
@@ -74,7 +74,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
             folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
         if portable:  # a replayed table may name fused plans
             lower_fused(folded)
-        error = _relative_error(folded(*args), expected)
+        error = relative_error(folded(*args), expected)
     done = sites_mod.recipe(folded)
     done["fold"] = {"decide": decide if isinstance(decide, str) else "replayed", "runtime": runtime, "portable": portable,
                     "allow_inexact": allow_inexact, "device": str(device), "batch_norms": len(batch_norms),
@@ -121,7 +121,7 @@ def _decide(gm, chain: Chain, values: dict, decide, planned: dict, runtime: str,
         why = "fastest" + (" exact plan (allow_inexact=False)" if inexact and not allow_inexact else "")
     residual = values.get(chain.residual)
     # what an inexact merge costs at the borders, shown whichever plan wins
-    errors = {f"{p.label}@{p.start}": _relative_error(p.module(x), _run_layers(layers[p.start:p.start + p.size], x))
+    errors = {f"{p.label}@{p.start}": relative_error(p.module(x), _run_layers(layers[p.start:p.start + p.size], x))
               for p in inexact if not p.takes_residual for x in [values[chain.layers[p.start].args[0]]]}
     return {
         "chain": chain.name,
@@ -237,9 +237,14 @@ def _outputs(out) -> list:
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _relative_error(got, expected) -> float:
-    errors = [float((g.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30))
-              for g, e in zip(_outputs(got), _outputs(expected)) if e.numel()]
+def relative_error(got, expected) -> float:
+    """Largest |got - expected| / max |expected| over the outputs' tensors (inf when they differ
+    in number): what fold records and export checks."""
+    got, expected = _outputs(got), _outputs(expected)
+    if len(got) != len(expected):
+        return float("inf")
+    errors = [float((g.cpu().double() - e.cpu().double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
+              for g, e in zip(got, expected) if e.numel()]
     return max(errors, default=0.0)
 
 

@@ -25,7 +25,7 @@ from .blocks import fused_block, fused_pattern
 from .chains import Chain, act_spec, origin
 
 __all__ = ["plans", "mergeable", "plan_label", "parse_plan", "segments", "layout", "laid_out", "Segment", "segment", "build",
-           "ChainModule", "chain_module", "signature"]
+           "ChainModule", "signature"]
 
 
 def plans(layers: list[nn.Module], *, fused: bool = True) -> list[tuple[str, ...]]:
@@ -159,10 +159,6 @@ class ChainModule(nn.Module):
         if self.add_residual:
             x = x + residual
         return x if self.act is None else ops.kinds.forward(x, *self.act)
-
-
-def chain_module(gm, chain: Chain, parts: list[Segment]) -> ChainModule:
-    return ChainModule(parts, chain.residual is not None, act_spec(gm, chain.act) if chain.act is not None else None)
 
 
 def signature(module: nn.Module) -> tuple:

@@ -23,7 +23,8 @@ from .runtimes import RUNTIMES
 
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
-                  "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure"}
+                  "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
+                  "latency_target": None, "split_seed": None}
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out")
 
@@ -65,12 +66,11 @@ def _cmd_prune(args) -> int:
                        layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                        scoring=args.scoring, scores=scores, lr=args.lr, device=device, seed=args.seed,
                        checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save,
-                       select=args.select, select_seed=args.select_seed, runtime=args.runtime, plan=args.plan)
-    removed = len(result.linearized)
-    print(f"\nremoved {removed} of {len(result.sites)} activation layers; validation accuracy {result.accuracy:.2f} "
-          f"(baseline {result.baseline_accuracy:.2f})" + (f", test {result.test_accuracy:.2f}" if result.test_accuracy is not None else ""))
-    print(f"stopped: {result.stopped}")
-    print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, pruned.pt (ek.load) and checkpoints/")
+                       select=args.select.replace("-", "_"), select_seed=args.select_seed, runtime=args.runtime,
+                       plan=args.plan, latency_target=args.latency_target)
+    print("\n" + report.summary(result.to_dict()))
+    print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
+          "checkpoints/")
     return 0
 
 
@@ -106,7 +106,8 @@ def _data_and_model(args):
     if args.dataset not in data.DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
     try:
-        splits = data.load(args.dataset, args.data_root, download=args.download, seed=args.seed, augment=args.augment)
+        split_seed = args.seed if args.split_seed is None else args.split_seed
+        splits = data.load(args.dataset, args.data_root, download=args.download, seed=split_seed, augment=args.augment)
         torch.manual_seed(args.seed)  # the same initial weights for the same seed
         model = _build_model(args.model, splits.num_classes, splits.in_channels, args.width)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
@@ -239,7 +240,8 @@ def _cmd_score(args) -> int:
     path, settings, result = _load_run(args.path, "score")
     try:
         splits = data.load(args.dataset or settings["dataset"], args.data_root or settings.get("data_root"),
-                           seed=settings["seed"], augment=settings["augment"])
+                           seed=settings["seed"] if settings.get("split_seed") is None else settings["split_seed"],
+                           augment=settings["augment"])
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     device = _device(args.device)
@@ -263,6 +265,7 @@ def _cmd_score(args) -> int:
 def _folded(args, what: str):
     """(run path, settings, the run's folded model, the example batch) for `fold` / `export`: folded
     for args.runtime, checked against the run's unpruned architecture with batch norms folded."""
+    from . import payoff, report
     from .fold import fold, format_decisions
 
     path, settings, result = _load_run(args.path, what)
@@ -280,6 +283,11 @@ def _folded(args, what: str):
           f"plans timed in {args.runtime} on {device} with a batch of {list(shape)}")
     print(format_decisions(record["decisions"], record["latency"]))
     print(f"relative error of the outputs: {record['relative_error']:.1e}")
+    before = {"runtime": args.runtime, "device": str(device), "example_shape": list(shape), **payoff.counts(original, example)}
+    latency = record["latency"] or {}
+    after = {**payoff.counts(folded, example), "latency_ratio": latency.get("ratio"), "latency_ms": latency.get("ms"),
+             "baseline_ms": latency.get("baseline_ms")}
+    print("\n".join(report.payoff_lines(before, after)))
     return path, settings, folded, example
 
 
@@ -362,12 +370,15 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
                        help="count during the last fine-tuning epoch, or in a separate pass")
-    prune.add_argument("--select", default=d["select"], choices=["entropy", "random", "first", "last"],
-                       help="which sites a step removes: the lowest entropy (the method), or a naive baseline: a random "
+    prune.add_argument("--select", default=d["select"], choices=["entropy", "entropy-latency", "random", "first", "last"],
+                       help="which sites a step removes: the lowest entropy (the method); the least entropy per ms "
+                            "saved, gains measured in --runtime (entropy-latency); or a naive baseline: a random "
                             "order, or execution order from the input (first) or output (last) end")
     prune.add_argument("--select-seed", type=int, help="seed of --select random's order (default: --seed)")
     prune.add_argument("--runtime", default=d["runtime"], choices=list(RUNTIMES),
                        help="where the pruned model will run: each chain's fold is planned (timed) there")
+    prune.add_argument("--latency-target", type=float, help="also stop, successfully, once the folded network runs "
+                       "in this fraction of the original's latency (e.g. 0.7)")
     prune.add_argument("--plan", default=d["plan"], choices=list(PLAN),
                        help="measure (plan each chain by timing it), merge (prepare every chain to merge), none")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no random flip / 4-pixel shift")
@@ -378,7 +389,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--val-size", type=int, help="validate on the first N images of the validation split only")
     prune.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     prune.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    prune.add_argument("--seed", type=int, default=d["seed"])
+    prune.add_argument("--seed", type=int, default=d["seed"], help="seeds the weights, the data order and augmentation, "
+                       "and the train/validation split")
+    prune.add_argument("--split-seed", type=int, help="seed of the train/validation split alone (default: --seed): "
+                       "other --seed values then train differently on the same split")
     prune.add_argument("--out", default="easier-run", help="folder for report, plots, checkpoints (default ./easier-run)")
     prune.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     prune.add_argument("--quiet", action="store_true", help="no progress bars or per-step rows")
@@ -429,6 +443,9 @@ def _check(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+    target = getattr(args, "latency_target", None)
+    if target is not None and not 0 < target <= 1:
+        raise UsageError(f"--latency-target must be a fraction of the original's latency in (0, 1], not {target}")
     for name in ("epochs", "max_steps", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 0:

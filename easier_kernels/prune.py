@@ -33,17 +33,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import runtimes, train as training
+from . import payoff, runtimes, train as training
 from .entropy import MODES, EntropyMeter, batch_inputs, entropy_scores, model_device
 from .files import atomic_write, load_file
+from .fold.gains import site_gains
 from .linearize import PLAN, from_recipe, linearize, recipe
+from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
 
 __all__ = ["prune", "PruneResult", "Step", "load", "read_record", "atomic_write"]
 
 SCORING = ("ride_along", "pass")
-# which sites a step removes: the method's rule, and the naive rules it is measured against
-SELECT = ("entropy", "random", "first", "last")
 _FORMAT = "easier_kernels.prune/1"
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt")
 
@@ -51,7 +51,10 @@ _CHECKPOINT = re.compile(r"step_(\d+)\.pt")
 @dataclasses.dataclass
 class Step:
     """One attempted step: the sites removed, the scores they were chosen by (every site active
-    before the step), the validation (and test) accuracy after fine-tuning, and whether it passed."""
+    before the step), the validation (and test) accuracy after fine-tuning, and whether it passed;
+    the payoff of the network after it (folded, in the run's runtime: latency over the original's
+    with batch norms folded, MACs and parameters); under select="entropy_latency" the measured
+    gains the sites were chosen by (`fold.gains.site_gains`)."""
 
     step: int
     removed: list
@@ -60,6 +63,11 @@ class Step:
     accepted: bool
     seconds: float
     test_accuracy: float | None = None
+    latency_ratio: float | None = None
+    latency_ms: float | None = None
+    macs: int | None = None
+    params: int | None = None
+    gains: list | None = None
 
 
 @dataclasses.dataclass
@@ -78,6 +86,10 @@ class PruneResult:
     example_shape: tuple = ()
     leaf_modules: list = dataclasses.field(default_factory=list)
     settings: dict = dataclasses.field(default_factory=dict)
+    # the original (BN-folded): runtime, device, example_shape, latency_ms, macs, params; and the
+    # latency_ratio of the unpruned network folded (its own linear chains may merge already)
+    baseline_payoff: dict | None = None
+    payoff: dict | None = None           # the result folded: latency_ratio, latency_ms, baseline_ms, macs, params
 
     def to_dict(self) -> dict:
         """JSON-ready: everything but the model (the schema of report.json)."""
@@ -121,7 +133,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
           checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
-          on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
+          latency_target: float | None = None, on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
     max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
@@ -135,7 +147,10 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         by default a pass over `train_loader` in train mode.
     exclude: site names never linearized. seed: seeds torch, numpy and random (None: leave them).
     select: which sites a step removes. "entropy" (the method): the `layers_per_step` lowest scores
-        and every site scoring exactly 0. The baselines it is measured against remove exactly
+        and every site scoring exactly 0. "entropy_latency" (ours): the latency gain of linearizing
+        each remaining site (or pair that only together forms a chain) is measured first, in
+        `runtime` on `example_inputs`, and sites go by least entropy per ms saved; sites that buy
+        nothing go last (see `easier_kernels.select`). The baselines they are measured against remove exactly
         `layers_per_step` sites per step, scores recorded but unused: "first" / "last" in execution
         order from the input / output end, "random" in an order drawn once from `select_seed`
         (default `seed`), an RNG of its own, so training sees the same random numbers under every rule.
@@ -144,10 +159,14 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         `example_inputs` (pass a batch of the size you will deploy with; by default one sample of
         the validation loader), padding moved only where a plan merges. Plans come from measurements, so two runs can differ in them;
         plan="merge" (every chain's padding moved) or "none" makes a run independent of timing.
+        Every step also records its payoff: the network folded for `runtime`, timed against the
+        original with batch norms folded (`latency_ratio`), its MACs and parameters.
+    latency_target: also stop, successfully, once an accepted step's latency_ratio is at most this
+        (e.g. 0.7: 70% of the original's latency).
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
     on_step(result): called after every step and at the end with the result so far.
     """
-    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select)
+    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target)
     runtimes.check_runtime(runtime)
     if plan not in PLAN:
         raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -162,7 +181,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(site_names)}")
     if select == "random" and seed is None and select_seed is None:
         raise ValueError("select='random' needs a seed or select_seed, so that a resumed run draws the same order")
-    order = _site_order(site_names, select, seed if select_seed is None else select_seed)
+    order = site_order(site_names, select, seed if select_seed is None else select_seed)
     evaluate = evaluate or (lambda net: training.accuracy(net, val_loader, device=device, progress=progress, desc="val"))
 
     def default_finetune(net, step, meter):
@@ -188,7 +207,17 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
                 # only where not the default, so that runs checkpointed before `select` existed still resume
                 **({"select": select} if select != "entropy" else {}),
                 **({"select_seed": select_seed} if select == "random" else {}),
-                **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {})}
+                **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
+                **({"latency_target": latency_target} if latency_target is not None else {})}
+
+    def measure(net: nn.Module) -> dict:  # the step's payoff: folded for the runtime, against the original
+        return payoff.measure(net, model, example, runtime=runtime, leaf_modules=leaf_paths)
+
+    def next_gains(net: nn.Module, scores: dict) -> list | None:  # measured before the checkpoint that resumes
+        if select != "entropy_latency" or not (names := list(_candidates(scores, exclude))):
+            return None
+        return site_gains(net, names, (example,), runtime=runtime, leaf_modules=leaf_paths)
+
     loaders = (train_loader, val_loader, test_loader)
     run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
     state = run.start(resume) if run else None
@@ -202,6 +231,12 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         state = {"baseline": baseline, "baseline_test": test(model), "linearized": [], "history": [], "done": False,
                  "stopped": "", "scores": dict(scores if scores is not None else scoring_pass(model))}
         current = linearize(model, [], example, plan="none", leaf_modules=leaf_paths)
+        unpruned = measure(current)
+        state["baseline_payoff"] = {"runtime": runtime, "device": str(device), "example_shape": list(example.shape),
+                                    "latency_ms": unpruned["baseline_ms"], **payoff.counts(model, example),
+                                    "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
+        state["payoff"] = unpruned
+        state["gains"] = next_gains(current, state["scores"])
         if run:
             run.save(state, current, 0)
     else:  # a resumed run: the network, the loop state and every RNG as checkpointed
@@ -213,7 +248,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
                          baseline_accuracy=state["baseline"], accuracy=state["baseline"], stopped=state["stopped"],
                          sites=site_names, max_drop=max_drop, mode=mode, baseline_test_accuracy=state["baseline_test"],
                          test_accuracy=state["baseline_test"], example_shape=tuple(example.shape), leaf_modules=leaf_paths,
-                         settings=dict(settings))
+                         settings=dict(settings), baseline_payoff=state.get("baseline_payoff"), payoff=state.get("payoff"))
     if accepted := [s for s in result.history if s.accepted]:
         result.accuracy, result.test_accuracy = accepted[-1].val_accuracy, accepted[-1].test_accuracy
     threshold = state["baseline"] - max_drop
@@ -226,13 +261,18 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         if max_steps is not None and len(result.history) >= max_steps:
             state["stopped"] = f"reached max_steps={max_steps}"  # not done: a resume with more steps goes on
             break
-        candidates = {n: e for n, e in scores.items() if n not in exclude and e == e}  # e == e: not NaN
+        candidates = _candidates(scores, exclude)
         if not candidates:
             state.update(done=True, stopped="no site left to linearize")
             break
         started = time.perf_counter()
         step = len(result.history) + 1
-        chosen = _choose(candidates, layers_per_step, order)  # linearize, fine-tune (counting), evaluate
+        gains = state.get("gains") if select == "entropy_latency" else None
+        if select == "entropy_latency":  # linearize, fine-tune (counting), evaluate
+            gains = gains if gains is not None else next_gains(current, scores)
+            chosen = choose_by_latency(candidates, gains, layers_per_step)
+        else:
+            chosen = choose(candidates, layers_per_step, order)
         net = linearize(current, chosen, example, plan=plan, runtime=runtime, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
@@ -246,15 +286,23 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
             if meter is not None:
                 meter.close()
         val = float(evaluate(net))  # accept or stop; then checkpoint and report
+        paid = measure(net)
         record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
-                      time.perf_counter() - started, test(net))
+                      time.perf_counter() - started, test(net), paid["latency_ratio"], paid["latency_ms"], paid["macs"],
+                      paid["params"], gains)
         result.history.append(record)
         state["history"].append(dataclasses.asdict(record))
         if record.accepted:
             current, scores = net, dict(new_scores)
             result.model, result.accuracy, result.test_accuracy = net, val, record.test_accuracy
             result.linearized += chosen
-            state.update(linearized=list(result.linearized), scores=scores)
+            result.payoff = paid
+            state.update(linearized=list(result.linearized), scores=scores, payoff=result.payoff)
+            if latency_target is not None and paid["latency_ratio"] <= latency_target:
+                state.update(done=True, stopped=_reached(paid["latency_ratio"], latency_target))
+                result.stopped = state["stopped"]
+            else:
+                state["gains"] = next_gains(current, scores)
         else:
             state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
                                             f"(baseline {state['baseline']:.2f} - max_drop {max_drop})")
@@ -277,7 +325,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select) -> None:
+def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target) -> None:
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
         raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step)):
@@ -291,29 +339,17 @@ def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, 
         raise ValueError(f"scoring must be one of {', '.join(SCORING)}, not {scoring!r}")
     if select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
+    if latency_target is not None and not (isinstance(latency_target, (int, float)) and 0 < latency_target <= 1):
+        raise ValueError(f"latency_target must be a fraction of the original's latency in (0, 1], not {latency_target}")
 
 
-def _site_order(site_names: list, select: str, seed: int | None) -> list | None:
-    """The fixed removal order of a naive rule (None for entropy): a function of the sites and the
-    seed only, so a resumed run continues it without saved state."""
-    if select == "first":
-        return list(site_names)
-    if select == "last":
-        return site_names[::-1]
-    if select == "random":
-        order = list(site_names)
-        random.Random(seed).shuffle(order)
-        return order
-    return None
+def _candidates(scores: dict, exclude: set) -> dict:
+    """The sites a step may remove: scored (not NaN) and not excluded."""
+    return {n: e for n, e in scores.items() if n not in exclude and e == e}  # e == e: not NaN
 
 
-def _choose(candidates: dict, k: int, order: list | None = None) -> list:
-    """The next k candidates in `order`; without one, the k lowest-entropy sites and every site
-    scoring exactly 0 (ties keep execution order)."""
-    if order is not None:
-        return [n for n in order if n in candidates][:k]
-    ranked = sorted(candidates, key=candidates.__getitem__)
-    return ranked[:k] + [n for n in ranked[k:] if candidates[n] == 0.0]
+def _reached(ratio: float, target: float) -> str:
+    return f"latency ratio {ratio:.3f} <= latency_target {target}"
 
 
 def _meter_scores(meter: EntropyMeter):

@@ -1,14 +1,16 @@
-"""The report files of a pruning run: report.json, report.md, entropy.png and accuracy.png.
+"""The report files of a pruning run: report.json, report.md, entropy.png, accuracy.png and latency.png.
 
     from easier_kernels import report
     paths = report.write_report(run, "runs/resnet18")   # run: the dict ek.prune returns
     print(report.step_header(run))                      # a CLI's live table, one row per step
     print(report.step_row(run, step))
+    print(report.summary(run))                          # what the run bought: layers, accuracy, latency, MACs, params
 
 The run dict (accuracies in percent): baseline_accuracy, baseline_test_accuracy?, max_drop,
 accuracy, test_accuracy?, sites (execution order), linearized, stopped, mode, settings?, and
 steps: [{step, removed, entropy (site -> bits, for the sites active before the step),
-val_accuracy, test_accuracy?, accepted, seconds}].
+val_accuracy, test_accuracy?, accepted, seconds, latency_ratio?, latency_ms?, macs?, params?}],
+baseline_payoff? {runtime, device, example_shape, latency_ms, macs, params} and payoff? (the result's).
 
 matplotlib is imported only when a plot is drawn, and only as a Figure on the Agg canvas, so
 no GUI backend is chosen and pyplot's global figure list is never touched.
@@ -24,11 +26,12 @@ import numpy as np
 
 from .files import atomic_write
 
-__all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "entropy_matrix", "accuracy_series",
-           "step_header", "step_row", "COLUMNS"]
+__all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "latency_plot", "entropy_matrix",
+           "accuracy_series", "step_header", "step_row", "summary", "payoff_lines", "COLUMNS"]
 
-COLUMNS = ("step", "removed", "entropy (bits)", "val acc", "drop", "test acc", "kept", "seconds")
-_LEFT = {1, 6}  # text columns; the rest are numbers, right-aligned in the terminal
+COLUMNS = ("step", "removed", "entropy (bits)", "val acc", "drop", "test acc", "latency", "MACs", "params", "kept",
+           "seconds")
+_LEFT = {1, 9}  # text columns; the rest are numbers, right-aligned in the terminal
 _GREY = "#d9d9d9"  # masked heatmap cells: already linearized, or no score
 
 
@@ -37,14 +40,15 @@ def write_report(run: dict, out_dir) -> dict[str, Path]:
     missing), each atomically, and return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "markdown": out / "report.md",
-             "entropy_plot": out / "entropy.png", "accuracy_plot": out / "accuracy.png"}
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "entropy_plot": out / "entropy.png",
+             "accuracy_plot": out / "accuracy.png", "latency_plot": out / "latency.png"}
     # Non-finite floats become null: NaN is not JSON, and other tools should read the file.
     text = json.dumps(_finite(run), indent=2, default=str) + "\n"
     atomic_write(paths["json"], lambda f: f.write(text.encode()))
     atomic_write(paths["markdown"], lambda f: f.write(markdown(run).encode()))
     entropy_heatmap(run, paths["entropy_plot"])
     accuracy_plot(run, paths["accuracy_plot"])
+    latency_plot(run, paths["latency_plot"])
     return paths
 
 
@@ -71,16 +75,28 @@ def _cells(run: dict, step: dict) -> list:
     entropy = step.get("entropy") or {}
     val = step.get("val_accuracy")
     drop = None if val is None else round(run["baseline_accuracy"] - val, 2) + 0.0  # no "-0.00"
+    ratio = step.get("latency_ratio")
     return [str(step.get("step", "")), removed, [_num(entropy.get(s), ".3f") for s in removed], _num(val),
-            _num(drop), _num(step.get("test_accuracy")), "yes" if step.get("accepted") else "rejected",
+            _num(drop), _num(step.get("test_accuracy")), "-" if ratio is None else f"{ratio:.3f}x",
+            _count(step.get("macs")), _count(step.get("params")), "yes" if step.get("accepted") else "rejected",
             _num(step.get("seconds"), ".1f")]
+
+
+def _count(n) -> str:
+    """A count with an SI suffix: 5.12M, 120.0k."""
+    if n is None:
+        return "-"
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{suffix}"
+    return str(n)
 
 
 def _widths(run: dict | None) -> list[int]:
     """Terminal column widths. "removed" is 24 wide, or the run's longest site name, so a header
     printed before the run is known still lines up with the rows of usual models."""
     removed = max([24, *map(len, (run or {}).get("sites") or [])])
-    return [max(len(c), w) for c, w in zip(COLUMNS, (4, removed, 0, 7, 6, 8, 8, 7))]
+    return [max(len(c), w) for c, w in zip(COLUMNS, (4, removed, 0, 7, 6, 8, 7, 7, 7, 8, 7))]
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -101,7 +117,7 @@ def step_row(run: dict, step: dict) -> str:
     cells, widths = _cells(run, step), _widths(run)
     removed, entropy = cells[1] or ["-"], cells[2] or ["-"]
     lines = [_line([cells[0], removed[0], entropy[0], *cells[3:]], widths)]
-    lines += [_line(["", r, e, "", "", "", "", ""], widths) for r, e in zip(removed[1:], entropy[1:])]
+    lines += [_line(["", r, e] + [""] * (len(COLUMNS) - 3), widths) for r, e in zip(removed[1:], entropy[1:])]
     return "\n".join(lines)
 
 
@@ -128,7 +144,8 @@ def markdown(run: dict) -> str:
              f"(drop {base - final:.2f} points, {max_drop:.2f} allowed)",
              f"- **Layers removed**: {len(removed)} of {len(sites)}{names}",
              f"- **Stopped**: {run.get('stopped') or '-'}",
-             f"- **Scoring mode**: {run.get('mode') or '-'}", ""]
+             f"- **Scoring mode**: {run.get('mode') or '-'}",
+             *[f"- {line}" for line in payoff_lines(run.get("baseline_payoff"), run.get("payoff"))], ""]
     if run.get("settings"):
         lines += ["## Settings", "", _md_row(["setting", "value"]), _md_row(["---", "---"])]
         lines += [_md_row([k, v if isinstance(v, str) else json.dumps(v, default=str)])
@@ -136,7 +153,7 @@ def markdown(run: dict) -> str:
         lines.append("")
     lines += ["## Steps", ""]
     if run.get("steps"):
-        lines += [_md_row(COLUMNS), _md_row(["---:", "---", "---:", "---:", "---:", "---:", "---", "---:"])]
+        lines += [_md_row(COLUMNS), _md_row(["---" if i in _LEFT else "---:" for i in range(len(COLUMNS))])]
         for step in run["steps"]:
             cells = _cells(run, step)
             cells[1] = ", ".join(f"`{s}`" for s in cells[1])
@@ -145,10 +162,43 @@ def markdown(run: dict) -> str:
     else:
         lines.append("No step was attempted; the model is the unpruned baseline.")
     lines += ["", "drop = baseline validation accuracy - step validation accuracy (points); "
-              "entropy = layer entropy of the removed site(s) when they were chosen.", "",
+              "entropy = layer entropy of the removed site(s) when they were chosen; latency = the step's network "
+              "folded, over the original with batch norms folded (paired timing in the run's runtime); MACs and "
+              "params of the folded network.", "",
               "## Plots", "", "![Layer entropy per step](entropy.png)", "",
-              "![Accuracy against layers removed](accuracy.png)", ""]
+              "![Accuracy against layers removed](accuracy.png)", "",
+              "![Accuracy against latency](latency.png)", ""]
     return "\n".join(lines)
+
+
+# ---- What the run bought
+
+def summary(run: dict) -> str:
+    """The end of a run in a few lines: layers removed, accuracy kept, why it stopped, and the
+    payoff (latency, MACs, parameters before and after)."""
+    base = run["baseline_accuracy"]
+    final = base if run.get("accuracy") is None else run["accuracy"]
+    test = "" if run.get("test_accuracy") is None else \
+        f"; test {run['test_accuracy']:.2f}% (baseline {run['baseline_test_accuracy']:.2f}%)"
+    lines = [f"removed {len(run.get('linearized') or [])} of {len(run.get('sites') or [])} activation layers; validation "
+             f"accuracy {final:.2f}% (baseline {base:.2f}%, drop {base - final:.2f} points){test}",
+             f"stopped: {run.get('stopped') or '-'}"]
+    return "\n".join(lines + payoff_lines(run.get("baseline_payoff"), run.get("payoff")))
+
+
+def payoff_lines(before: dict | None, after: dict | None) -> list[str]:
+    """Latency, MACs and parameters of the original (batch norms folded) and of the result folded:
+    `before` {runtime, device, example_shape, macs, params}, `after` {latency_ratio, latency_ms,
+    baseline_ms, macs, params} (both latencies from the same paired timing; none: no latency line)."""
+    if not before or not after:
+        return []
+    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}, input {before.get('example_shape')}"
+    ratio = lambda a, b: f" ({a / b:.3f}x)" if b else ""  # noqa: E731
+    lines = [f"latency ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
+             f"{after['latency_ratio']:.3f}x the original with batch norms folded"] if after.get("latency_ratio") else []
+    return lines + [f"MACs: {_count(before['macs'])} -> {_count(after['macs'])}{ratio(after['macs'], before['macs'])}; "
+                    f"parameters: {_count(before['params'])} -> {_count(after['params'])}"
+                    f"{ratio(after['params'], before['params'])}"]
 
 
 # ---- Plot data (pure)
@@ -296,3 +346,39 @@ def accuracy_plot(run: dict, path) -> Path:
     ax.grid(True, alpha=0.35)
     ax.legend(fontsize=8, loc="best")
     return _save_png(fig, path)
+
+
+def latency_plot(run: dict, path) -> Path:
+    """Validation accuracy against the latency ratio (folded / original with batch norms folded):
+    the run's path from the unpruned network, the accuracy stop line and the latency target."""
+    accepted, rejected = accuracy_series(run)
+    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    steps = run.get("steps", [])
+    # the unpruned network folded: its own chains may already run faster than the original
+    xs = [(run.get("baseline_payoff") or {}).get("latency_ratio")] + [s.get("latency_ratio") for s in steps if s.get("accepted")]
+    ys = accepted["val"][:len(xs)]
+    points = [(x, y) for x, y in zip(xs, ys) if x is not None]
+    fig = _figure(7.0, 4.4)
+    ax = fig.add_subplot()
+    if points:
+        ax.plot(*zip(*points), "o-", color="C0", label="validation (accepted steps)")
+    missed = [(s.get("latency_ratio"), s.get("val_accuracy")) for s in steps
+              if not s.get("accepted") and s.get("latency_ratio") is not None]
+    if missed:
+        ax.plot(*zip(*missed), "x", color="#e41a1c", markersize=10, markeredgewidth=2.5, label="rejected step")
+    ax.axhline(base - max_drop, color="0.3", linestyle="--", linewidth=1.2,
+               label=f"stop below ({base - max_drop:.2f}% = baseline - {max_drop:g})")
+    target = (run.get("settings") or {}).get("latency_target")
+    if target is not None:
+        ax.axvline(target, color="C2", linestyle="--", linewidth=1.2, label=f"latency target ({target:g}x)")
+    ax.axvline(1.0, color="0.6", linestyle=":", linewidth=1, label="original's latency")
+    ax.invert_xaxis()  # faster to the right, as the run goes
+    runtime = (run.get("baseline_payoff") or {}).get("runtime", "eager")
+    ax.set_xlabel(f"latency: folded network / original with batch norms folded ({runtime})")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Accuracy against latency while pruning" + ("" if points else "\n(no latency measured)"), fontsize=10)
+    ax.margins(y=0.15)
+    ax.grid(True, alpha=0.35)
+    ax.legend(fontsize=8, loc="best")
+    return _save_png(fig, path)
+

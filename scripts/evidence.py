@@ -5,6 +5,9 @@ selection rules, and the latency each removed layer buys after folding.
     python scripts/evidence.py latency      # folded latency vs layers removed (run it on a quiet machine)
     python scripts/evidence.py report       # docs/RESULTS.md's generated part and docs/images/evidence_*.png
 
+    python scripts/evidence.py run --study latency      # latency-aware selection against entropy and random
+    python scripts/evidence.py report --study latency   # its part of docs/RESULTS.md and plots
+
 `run` drives the `easier-kernels prune` CLI, exactly as a user would type it (every command is
 printed and logged), `--jobs` at a time with the cores split between them. A baseline is trained
 once per experiment; every rule starts from its weights with the same seed, schedule and data,
@@ -26,6 +29,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -62,6 +66,34 @@ RULES = {
     "last": ["--select", "last"],
 }
 SUMMARY = list(RULES)  # the columns of the summaries: the random draws are summarized together
+
+# The latency study (docs/RESULTS.md, "Latency-aware selection"): every step records the folded
+# network's latency ratio in the run's report. Per experiment one baseline (seed 0); `entropy`
+# and `entropy-latency` with two training seeds of the loop (--seed 1 --split-seed 0: other data
+# order and augmentation, the same split and baseline), `random` with three orders. Runs stop
+# after `max_steps` (past the region that keeps the accuracy, to fit one session on 2 cores).
+LATENCY_EXPERIMENTS = {
+    "mobilenet_v2-fashion-mnist": dict(model="mobilenet_v2", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                       baseline_train_size=None, epochs=2, train_size=3000, val_size=2000,
+                                       layers_per_step=2, max_steps=10),
+    "resnet18-cifar10-subset": dict(model="resnet18", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
+                                    baseline_train_size=None, epochs=30, train_size=None, val_size=None,
+                                    layers_per_step=1, max_steps=10),
+    "resnet18-fashion-mnist": dict(model="resnet18", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=2000,
+                                   layers_per_step=1, max_steps=10),
+    "mobilenet_v2-cifar10-subset": dict(model="mobilenet_v2", dataset="cifar10-subset", data="cifar10-subset",
+                                        width=0.25, baseline_train_size=None, epochs=30, train_size=None,
+                                        val_size=None, layers_per_step=2, max_steps=10),
+}
+SEED1 = ["--seed", "1", "--split-seed", "0"]
+LATENCY_RULES = {
+    "entropy": [], "entropy-seed1": SEED1,
+    "entropy-latency": ["--select", "entropy-latency"], "entropy-latency-seed1": ["--select", "entropy-latency", *SEED1],
+    "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"],
+    "random-2": ["--select", "random", "--select-seed", "2"],
+}
+STUDIES = {"rules": "evidence", "latency": "latency"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
@@ -90,7 +122,14 @@ def common_options(spec: dict, data_root: Path, train_size: int | None) -> list[
     return options
 
 
-def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
+def study(name: str) -> tuple[dict, Callable]:
+    """(experiments, experiment -> rules) of a study."""
+    if name == "latency":
+        return LATENCY_EXPERIMENTS, lambda experiment: dict(LATENCY_RULES)
+    return EXPERIMENTS, rules_of
+
+
+def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable = rules_of) -> list[dict]:
     """Every CLI invocation, as {name, out, argv, after}: a baseline per experiment, then its rules."""
     jobs = []
     for name, spec in experiments.items():
@@ -102,7 +141,8 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path) -> list[dict]:
         for rule, extra in rules_of(name).items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
-                                  "--layers-per-step", str(spec["layers_per_step"]), *extra]})
+                                  "--layers-per-step", str(spec["layers_per_step"]),
+                                  *(["--max-steps", str(spec["max_steps"])] if spec.get("max_steps") else []), *extra]})
     # baselines first, then the rules, the costly experiments first and the extra random draws last
     return sorted(jobs, key=lambda j: (j["after"] is not None, j["name"].split("/")[1].startswith("random-")))
 
@@ -112,12 +152,14 @@ def finished(out: Path, baseline: bool) -> bool:
     if not report.exists():
         return False
     stopped = json.loads(report.read_text()).get("stopped", "")
-    return stopped.startswith("reached max_steps=0") if baseline else stopped == "no site left to linearize"
+    return stopped.startswith("reached max_steps=0") if baseline else bool(stopped)  # a rule run: to the end or its cap
 
 
 def run(args) -> None:
-    experiments = {k: v for k, v in EXPERIMENTS.items() if not args.only or k in args.only}
-    jobs = jobs_of(experiments, Path(args.runs), Path(args.data_root))
+    experiments, rules = study(args.study)
+    experiments = {k: v for k, v in experiments.items() if not args.only or k in args.only}
+    jobs = jobs_of(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), Path(args.data_root), rules)
+    evidence = EVIDENCE / ("latency" if args.study == "latency" else "")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done, failed, running, pending = set(), [], {}, list(jobs)
@@ -127,7 +169,7 @@ def run(args) -> None:
                 pending.remove(job)
                 done.add(job["name"])
                 if job["after"] is not None:
-                    copy_report(job["out"], job["name"])
+                    copy_report(job["out"], evidence / f"{job['name']}.json")
         elsewhere = sum(locked(j["out"]) for j in pending)  # runs of another `run` share the --jobs slots
         ready = [j for j in pending if (j["after"] is None or j["after"] in done) and not locked(j["out"])]
         for job in ready[:max(0, args.jobs - len(running) - elsewhere)]:
@@ -180,8 +222,7 @@ def locked(out: Path) -> bool:
         return False
 
 
-def copy_report(out: Path, name: str) -> None:
-    target = EVIDENCE / f"{name}.json"
+def copy_report(out: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "report.json", target)
 
@@ -531,11 +572,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="the prune runs (baseline, then every rule, per experiment)")
-    p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="folder of the run folders and logs")
+    p.add_argument("--study", default="rules", choices=list(STUDIES), help="rules: the entropy against naive rules; "
+                   "latency: latency-aware selection against entropy and random")
+    p.add_argument("--runs", help="folder of the run folders and logs (default: runs/evidence or runs/latency)")
     p.add_argument("--data-root", default=str(DATA), help="the folder holding fashion-mnist/ and cifar10-subset/")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
     p.add_argument("--threads", type=int, help="threads per run (default: the cores over --jobs)")
-    p.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments only")
+    p.add_argument("--only", nargs="+", choices=sorted({*EXPERIMENTS, *LATENCY_EXPERIMENTS}), help="these experiments only")
     p.set_defaults(func=run)
     p = sub.add_parser("latency", help="folded latency vs layers removed, along each entropy run")
     p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="where `run` put the run folders (for "

@@ -75,6 +75,26 @@ def test_prune_with_a_naive_rule_and_a_smaller_validation_split(tmp_path):
     assert report["settings"]["select"] == "last" and report["settings"]["val_size"] == 64
 
 
+def test_prune_latency_aware_to_a_latency_target_prints_what_the_run_bought(tmp_path, capsys):
+    out = tmp_path / "fast"
+    assert cli.main(["prune", *QUICK, "--max-steps", "3", "--layers-per-step", "2", "--select", "entropy-latency",
+                     "--latency-target", "0.97", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["select"] == "entropy-latency" and report["settings"]["latency_target"] == 0.97
+    ratios = [step["latency_ratio"] for step in report["steps"]]
+    for step in report["steps"]:
+        assert step["latency_ratio"] > 0 and step["macs"] > 0 and step["params"] > 0 and step["gains"]
+    if report["stopped"].startswith("latency ratio"):  # stops on either condition, the target when reached
+        assert ratios[-1] <= 0.97 and all(r > 0.97 for r in ratios[:-1])
+    else:
+        assert report["stopped"] == "reached max_steps=3" and all(r > 0.97 for r in ratios)
+    assert f"latency (eager on cpu, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
+    assert f"= {report['payoff']['latency_ratio']:.3f}x the original" in printed
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](latency.png)" in (out / "report.md").read_text()
+
+
 def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
     assert cli.main(["score", str(run_dir), "--max-batches", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -93,6 +113,7 @@ def test_fold_prints_the_decision_table_and_saves_a_loadable_module(run_dir, tmp
     rows = record["fold"]["decisions"]
     assert "relative error of the outputs" in printed and "whole network (eager)" in printed and f"saved {out}" in printed
     assert "for the original with batch norms folded" in printed
+    assert "the original with batch norms folded" in printed.splitlines()[-3] and "MACs: " in printed
     assert all(row["chain"] in printed and row["choice"] in printed for row in rows)
     assert record["linearized"] == json.loads((run_dir / "report.json").read_text())["linearized"]
     assert record["fold"]["relative_error"] <= 1e-5 and record["fold"]["batch_norms"] == 20
@@ -158,6 +179,7 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--max-drop", "-1"], "--max-drop must be >= 0"),
     (["--epochs-per-step", "0"], "--epochs-per-step must be >= 1"),
     (["--val-size", "0"], "--val-size must be >= 1"),
+    (["--latency-target", "0"], "--latency-target must be a fraction of the original's latency in (0, 1]"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):

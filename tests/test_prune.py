@@ -1,5 +1,6 @@
 """ek.prune: the loop's decisions, user-supplied training, checkpoints, save and load."""
 
+import importlib
 import json
 
 import pytest
@@ -8,7 +9,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import easier_kernels as ek
-from easier_kernels.prune import _choose, read_record
+from easier_kernels import payoff
+from easier_kernels.prune import read_record
+from easier_kernels.select import choose_by_latency
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +39,6 @@ def scripted(accuracies):
 
 def linearized_sites(net) -> list:
     return ek.recipe(net)["linearized"]
-
-
-def test_choose_takes_the_lowest_and_every_exact_zero():
-    scores = {"a": 0.5, "b": 0.0, "c": 0.2, "d": 0.0, "e": 0.9}
-    assert _choose(scores, 1) == ["b", "d"]
-    assert _choose(scores, 3) == ["b", "d", "c"]
-    assert _choose({"a": 0.3, "b": 0.1, "c": 0.1}, 1) == ["b"]  # a tie keeps execution order
 
 
 def test_stops_below_the_threshold_and_returns_the_last_network_that_passed(loaders):
@@ -207,10 +203,82 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
     ({"scoring": "later"}, "scoring must be one of"),
     ({"layers_per_step": 0}, "layers_per_step must be an integer >= 1"),
     ({"exclude": ["nope"]}, "exclude names unknown site"),
-    ({"select": "worst"}, "select must be one of entropy, random, first, last"),
+    ({"select": "worst"}, "select must be one of entropy, entropy_latency, random, first, last"),
+    ({"latency_target": 1.5}, r"latency_target must be a fraction of the original's latency in \(0, 1\]"),
     ({"select": "random", "seed": None}, "select='random' needs a seed or select_seed"),
 ])
 def test_bad_options_are_clear_errors(loaders, options, message):
     train, val = loaders
     with pytest.raises(ValueError, match=message):
         ek.prune(small_model(), train, val, progress=False, **options)
+
+
+# ---- latency-aware selection and the payoff of every step
+
+
+def test_every_step_records_its_payoff_and_entropy_latency_follows_the_measured_gains(loaders):
+    train, val = loaders
+    result = ek.prune(small_model(), train, val, max_drop=100.0, max_steps=2, select="entropy_latency",
+                      scoring="pass", finetune=lambda net, step: None, progress=False)
+    before = result.baseline_payoff
+    assert before["runtime"] == "eager" and before["example_shape"] == [1, 1, 28, 28] and before["latency_ms"] > 0
+    assert before["macs"] == payoff.counts(small_model(), torch.zeros(1, 1, 28, 28))["macs"] > 0
+    for step in result.history:
+        assert step.latency_ratio > 0 and step.latency_ms > 0 and step.macs > 0 and step.params > 0
+        assert {tuple(m["sites"]) for m in step.gains} >= {(n,) for n in step.entropy}  # every candidate measured
+        assert step.removed == choose_by_latency(step.entropy, step.gains, 1)
+    assert result.payoff["latency_ratio"] == result.history[-1].latency_ratio
+    assert result.to_dict()["baseline_payoff"] == before
+
+
+def scripted_payoff(ratios):
+    """A payoff.measure stand-in returning the given latency ratios in turn (the first: the unpruned network)."""
+    values = iter(ratios)
+
+    def measure(net, original, example_inputs, *, runtime="eager", leaf_modules=None):
+        ratio = next(values)
+        return {"latency_ratio": ratio, "latency_ms": ratio, "baseline_ms": 1.0, "macs": 10, "params": 10}
+
+    return measure
+
+
+def test_a_latency_target_stops_the_loop_successfully(loaders, monkeypatch):
+    train, val = loaders
+    monkeypatch.setattr(payoff, "measure", scripted_payoff([1.0, 0.9, 0.75, 0.6]))
+    options = dict(max_drop=1.0, scoring="pass", finetune=lambda net, step: None, progress=False, latency_target=0.8)
+    result = ek.prune(small_model(), train, val, evaluate=scripted([90.0, 89.9, 89.8, 89.7]), **options)
+    assert [s.latency_ratio for s in result.history] == [0.9, 0.75] and all(s.accepted for s in result.history)
+    assert result.stopped == "latency ratio 0.750 <= latency_target 0.8" and result.payoff["latency_ratio"] == 0.75
+    assert result.settings["latency_target"] == 0.8
+    # the accuracy still stops it first, and a rejected step's payoff is recorded too
+    monkeypatch.setattr(payoff, "measure", scripted_payoff([1.0, 0.7]))
+    result = ek.prune(small_model(), train, val, evaluate=scripted([90.0, 88.0]), **options)
+    assert result.stopped.startswith("validation accuracy 88.00 < 89.00") and result.history[0].latency_ratio == 0.7
+    assert result.payoff["latency_ratio"] == 1.0  # the unpruned network is the result
+
+
+def scripted_gains(favourite):
+    """A site_gains stand-in under which `favourite` saves the most."""
+    def site_gains(net, names, args, *, runtime, leaf_modules=None):
+        return [{"sites": [n], "ms_saved": 1.0 if n == favourite else 0.001, "ms_before": 1.0, "pays": True}
+                for n in names]
+    return site_gains
+
+
+def test_a_resumed_latency_aware_run_chooses_from_the_gains_in_its_checkpoint(loaders, tmp_path, monkeypatch):
+    prune_module = importlib.import_module("easier_kernels.prune")  # (ek.prune is the function)
+    train, val = loaders
+    options = dict(max_drop=100.0, checkpoint_dir=tmp_path, progress=False, scoring="pass", select="entropy_latency",
+                   finetune=lambda net, step: None, evaluate=lambda net: 50.0)
+    monkeypatch.setattr(payoff, "measure", scripted_payoff([1.0] * 10))
+    monkeypatch.setattr(prune_module, "site_gains", scripted_gains("layer2_0_relu1"))
+    first = ek.prune(small_model(), train, val, max_steps=1, **options)  # measures step 2's gains before its checkpoint
+    assert first.history[0].removed == ["layer2_0_relu1"]
+    monkeypatch.setattr(prune_module, "site_gains", scripted_gains("layer3_0_relu1"))  # another measurement now
+    more = ek.prune(small_model(), train, val, max_steps=3, resume=True, **options)
+    second, third = more.history[1], more.history[2]
+    # step 2 chose from the gains checkpointed by the first run (all 0.001: its favourite was gone) ...
+    assert all(m["ms_saved"] == 0.001 for m in second.gains)
+    assert second.removed == choose_by_latency(second.entropy, second.gains, 1) != ["layer3_0_relu1"]
+    # ... and step 3 from a measurement of this process
+    assert third.removed == ["layer3_0_relu1"]

@@ -1,5 +1,6 @@
-"""report: the files of a pruning run (json, markdown, two PNGs), the heatmap's data, the terminal
-table rows, and the edge cases (no step, missing optional fields, NaN entropy, rejected last step)."""
+"""report: the files of a pruning run (json, markdown, three PNGs), the heatmap's data, the terminal
+table rows, the end-of-run summary, and the edge cases (no step, missing optional fields (reports of
+older runs), NaN entropy, rejected last step)."""
 
 import json
 import math
@@ -28,14 +29,19 @@ def make_run(plan=PLAN, **overrides):
     steps, gone = [], []
     for k, (removed, val, test, ok) in enumerate(plan, 1):
         steps.append({"step": k, "removed": removed, "entropy": {s: entropy_of(s, k) for s in SITES if s not in gone},
-                      "val_accuracy": val, "test_accuracy": test, "accepted": ok, "seconds": 10.0 + k})
+                      "val_accuracy": val, "test_accuracy": test, "accepted": ok, "seconds": 10.0 + k,
+                      "latency_ratio": 1.0 - 0.1 * k, "latency_ms": 2.0 - 0.2 * k, "macs": 5_000_000 - 100_000 * k,
+                      "params": 120_000 - 1_000 * k})
         gone += removed if ok else []
     accepted = [s for s in steps if s["accepted"]]
     run = {"baseline_accuracy": 91.3, "baseline_test_accuracy": 90.8, "max_drop": 1.0,
            "accuracy": accepted[-1]["val_accuracy"] if accepted else 91.3,
            "test_accuracy": accepted[-1]["test_accuracy"] if accepted else 90.8, "sites": SITES, "linearized": gone,
            "stopped": "validation accuracy 89.9 < 90.3 (baseline 91.3 - max_drop 1.0)", "mode": "pooled",
-           "steps": steps, "settings": {"model": "resnet18", "dataset": "cifar10", "epochs": 5}}
+           "steps": steps, "settings": {"model": "resnet18", "dataset": "cifar10", "epochs": 5, "latency_target": 0.5},
+           "baseline_payoff": {"runtime": "eager", "device": "cpu", "example_shape": [1, 3, 32, 32], "latency_ms": 2.0,
+                               "macs": 5_000_000, "params": 120_000, "latency_ratio": 0.98},
+           "payoff": {"latency_ratio": 0.6, "latency_ms": 1.2, "baseline_ms": 2.0, "macs": 4_600_000, "params": 116_000}}
     run.update(overrides)
     return run
 
@@ -51,12 +57,13 @@ def check_png(path, min_side=200):
 def test_write_report_files_and_json_round_trip(tmp_path):
     run = make_run()
     paths = report.write_report(run, tmp_path / "new" / "dir")  # created if missing
-    assert set(paths) == {"json", "markdown", "entropy_plot", "accuracy_plot"}
+    assert set(paths) == {"json", "markdown", "entropy_plot", "accuracy_plot", "latency_plot"}
     assert all(p.is_file() and p.parent == tmp_path / "new" / "dir" for p in paths.values())
     assert json.loads(paths["json"].read_text()) == run
     assert paths["markdown"].read_text() == report.markdown(run)
     check_png(paths["entropy_plot"])
     check_png(paths["accuracy_plot"])
+    check_png(paths["latency_plot"])
 
 
 def test_heatmap_height_grows_with_sites(tmp_path):
@@ -71,7 +78,8 @@ def test_rewrite_replaces_files_and_leaves_no_temp_files(tmp_path):
     second = make_run(plan=PLAN[:2], stopped="max steps")
     report.write_report(second, tmp_path)
     assert json.loads((tmp_path / "report.json").read_text()) == second
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "entropy.png", "report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "entropy.png", "latency.png", "report.json",
+                                                          "report.md"]
     umask = os.umask(0)
     os.umask(umask)
     assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}  # not mkstemp's 0600
@@ -82,7 +90,7 @@ def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "markdown", lambda run: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         report.write_report(make_run(plan=PLAN[:1]), tmp_path)
-    assert len(list(tmp_path.iterdir())) == 4 and not list(tmp_path.glob(".*"))
+    assert len(list(tmp_path.iterdir())) == 5 and not list(tmp_path.glob(".*"))
     # each file is replaced whole: report.json was already new when report.md failed
     assert json.loads((tmp_path / "report.json").read_text()) == make_run(plan=PLAN[:1])
 
@@ -95,12 +103,30 @@ def test_markdown_content():
     assert len(rows) == 5
     for row, drop, (_, val, test, ok) in zip(rows, DROPS, PLAN):
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3:7] == [f"{val:.2f}", drop, "-" if test is None else f"{test:.2f}", "yes" if ok else "rejected"]
+        assert cells[3:6] == [f"{val:.2f}", drop, "-" if test is None else f"{test:.2f}"]
+        assert cells[9] == ("yes" if ok else "rejected")
+    assert [row.split("|")[7:10] for row in rows][2] == [" 0.700x ", " 4.70M ", " 117.00k "]
     assert f"{entropy_of('layer3_1_relu2', 3):.3f}, {entropy_of('layer4_1_relu1', 3):.3f}" in rows[2]
-    assert "| step | removed | entropy (bits) | val acc | drop | test acc | kept | seconds |" in text
+    assert ("| step | removed | entropy (bits) | val acc | drop | test acc | latency | MACs | params | kept | seconds |"
+            in text)
     assert "5 of 17" in text and "91.30%" in text and "90.40%" in text and "pooled" in text
     assert "validation accuracy 89.9 < 90.3" in text and "| epochs | 5 |" in text
-    assert "](entropy.png)" in text and "](accuracy.png)" in text
+    assert "](entropy.png)" in text and "](accuracy.png)" in text and "](latency.png)" in text
+    assert "2.000 ms -> 1.200 ms = 0.600x the original with batch norms folded" in text
+    assert "MACs: 5.00M -> 4.60M (0.920x); parameters: 120.00k -> 116.00k (0.967x)" in text
+
+
+def test_summary_says_what_the_run_bought():
+    lines = report.summary(make_run()).splitlines()
+    assert lines[0] == ("removed 5 of 17 activation layers; validation accuracy 90.40% (baseline 91.30%, drop 0.90 "
+                        "points); test 89.90% (baseline 90.80%)")
+    assert lines[1] == "stopped: validation accuracy 89.9 < 90.3 (baseline 91.3 - max_drop 1.0)"
+    assert lines[2] == ("latency (eager on cpu, input [1, 3, 32, 32]): 2.000 ms -> 1.200 ms = 0.600x the original with "
+                        "batch norms folded")
+    assert lines[3].startswith("MACs: 5.00M -> 4.60M")
+    old = make_run()
+    del old["baseline_payoff"], old["payoff"]  # a report of a run from before the payoff was measured
+    assert len(report.summary(old).splitlines()) == 2
 
 
 def test_entropy_matrix_values():
@@ -150,6 +176,13 @@ def test_missing_optional_fields(tmp_path):
     assert "Settings" not in text and "test " not in text.split("## Steps")[0]
     assert all(math.isnan(t) for t in report.accuracy_series(run)[0]["test"])
     check_png(paths["accuracy_plot"])
+    for step in run["steps"]:  # an older run's steps: no payoff measured
+        for key in ("latency_ratio", "latency_ms", "macs", "params"):
+            del step[key]
+    del run["baseline_payoff"], run["payoff"]
+    paths = report.write_report(run, tmp_path)
+    assert "latency (" not in paths["markdown"].read_text() and "| - | - | - |" in paths["markdown"].read_text()
+    check_png(paths["latency_plot"])
 
 
 def test_accuracy_series_x_is_layers_removed():

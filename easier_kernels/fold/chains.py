@@ -101,9 +101,9 @@ def passthrough(gm, node: fx.Node) -> bool:
     return module is not None and not (isinstance(module, nn.Sequential) and len(module))
 
 
-def origin(gm, node: fx.Node) -> fx.Node:
+def origin(gm, node: fx.Node, identities=frozenset()) -> fx.Node:
     """The node an identity passes on (itself when it is none)."""
-    while isinstance(node, fx.Node) and passthrough(gm, node):
+    while isinstance(node, fx.Node) and (node in identities or passthrough(gm, node)):
         node = node.args[0]
     return node
 
@@ -112,9 +112,10 @@ def _family(module) -> tuple:
     return ("linear",) if isinstance(module, nn.Linear) else ("conv", module.weight.dim())
 
 
-def find_chains(gm: fx.GraphModule) -> list[Chain]:
-    """The maximal linear chains of at least two layers (after batch-norm folding). A layer whose
-    module is called more than once is never part of one (its weights serve other calls too)."""
+def find_chains(gm: fx.GraphModule, *, min_layers: int = 2, identities=frozenset()) -> list[Chain]:
+    """The maximal linear chains of at least `min_layers` layers (after batch-norm folding). A
+    layer whose module is called more than once is never part of one (its weights serve other
+    calls too). `identities`: nodes taken as identities too (what linearizing them would give)."""
     calls, chains, taken = sites_mod.module_calls(gm), [], set()
     layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -124,7 +125,7 @@ def find_chains(gm: fx.GraphModule) -> list[Chain]:
 
     def after(node):  # the next non-identity node on a single-user path, else None
         node = _sole_user(node)
-        while node is not None and passthrough(gm, node):
+        while node is not None and (node in identities or passthrough(gm, node)):
             node = _sole_user(node)
         return node
 
@@ -137,13 +138,13 @@ def find_chains(gm: fx.GraphModule) -> list[Chain]:
             if nxt is None or layer(nxt) is None or _family(layer(nxt)) != _family(layer(start)) or nxt.args[0] is None:
                 break
             layers.append(nxt)
-        if len(layers) < 2:
+        if len(layers) < min_layers:
             continue
         taken.update(layers)
         end, residual, act = layers[-1], None, None
         nxt = after(end)
         if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2 and not nxt.kwargs:
-            path = [a for a in nxt.args if isinstance(a, fx.Node) and origin(gm, a) is end]
+            path = [a for a in nxt.args if isinstance(a, fx.Node) and origin(gm, a, identities) is end]
             others = [a for a in nxt.args if isinstance(a, fx.Node) and a not in path]
             if len(path) == 1 and len(others) == 1:
                 end, residual = nxt, others[0]

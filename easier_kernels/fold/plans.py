@@ -163,7 +163,7 @@ class ChainModule(nn.Module):
 
 def signature(module: nn.Module) -> tuple:
     """What a module's run time depends on: its layers' types, weight shapes and settings."""
-    keys = ("stride", "padding", "groups", "pattern", "activation", "kind_args")
+    keys = ("stride", "padding", "groups", "pattern", "activation", "kind_args", "act", "add_residual", "fused_residual")
     return tuple((type(m).__name__, *[tuple(t.shape) for t in m.parameters(recurse=False)],
                   *[tuple(t.shape) for t in m.buffers(recurse=False)], *[repr(getattr(m, k, None)) for k in keys])
                  for m in module.modules())

@@ -5,12 +5,14 @@
     scores = ek.entropy_scores(model, loader)          # site name -> layer entropy (bits)
     net = ek.linearize(model, scores.ranking()[:2], example_inputs)
     result = ek.prune(model, train_loader, val_loader, max_drop=1.0)   # the EASIER loop
+    result = ek.prune(..., select="entropy_latency", latency_target=0.7)  # spend the accuracy budget on speed
+    ek.payoff.measure(result.model, model, example_inputs)  # latency ratio, MACs, parameters once folded
     fast = ek.fold(result.model, example_inputs)       # chains run per plan, never slower as a whole
     ek.export(fast, example_inputs, "model.onnx")      # a file that runs without this package
     counts = ek.ops.count_on(x)                        # per-channel on-counts, int64
 """
 
-from . import data, models, ops, train
+from . import data, models, ops, payoff, train
 from .entropy import EntropyMeter, Scores, entropy_scores
 from .export import export, load_folded, save_folded
 from .fold import fold, format_decisions
@@ -19,6 +21,6 @@ from .prune import PruneResult, Step, load, prune
 from .sites import Site, find_sites
 
 __version__ = "0.1.0"
-__all__ = ["ops", "models", "data", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
+__all__ = ["ops", "models", "data", "payoff", "Site", "find_sites", "Scores", "entropy_scores", "EntropyMeter", "linearize", "recipe",
            "train", "prune", "PruneResult", "Step", "load", "fold", "format_decisions", "export", "save_folded", "load_folded",
            "__version__"]

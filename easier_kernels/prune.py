@@ -267,12 +267,11 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
             break
         started = time.perf_counter()
         step = len(result.history) + 1
-        gains = state.get("gains") if select == "entropy_latency" else None
-        if select == "entropy_latency":  # linearize, fine-tune (counting), evaluate
-            gains = gains if gains is not None else next_gains(current, scores)
+        if select == "entropy_latency":  # choose; linearize, fine-tune (counting), evaluate
+            gains = state.get("gains") or next_gains(current, scores)
             chosen = choose_by_latency(candidates, gains, layers_per_step)
         else:
-            chosen = choose(candidates, layers_per_step, order)
+            gains, chosen = None, choose(candidates, layers_per_step, order)
         net = linearize(current, chosen, example, plan=plan, runtime=runtime, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
         meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None

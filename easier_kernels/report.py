@@ -350,7 +350,8 @@ def accuracy_plot(run: dict, path) -> Path:
 
 def latency_plot(run: dict, path) -> Path:
     """Validation accuracy against the latency ratio (folded / original with batch norms folded):
-    the run's path from the unpruned network, the accuracy stop line and the latency target."""
+    the run's path from the unpruned network (each point labelled with the layers removed), the
+    accuracy stop line and the latency target."""
     accepted, rejected = accuracy_series(run)
     base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
     steps = run.get("steps", [])
@@ -362,6 +363,10 @@ def latency_plot(run: dict, path) -> Path:
     ax = fig.add_subplot()
     if points:
         ax.plot(*zip(*points), "o-", color="C0", label="validation (accepted steps)")
+        if len(points) <= 16:  # layers removed at each point
+            for (x, y), removed in zip(points, [n for n, r in zip(accepted["x"], xs) if r is not None]):
+                ax.annotate(str(removed), (x, y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7,
+                            color="0.35")
     missed = [(s.get("latency_ratio"), s.get("val_accuracy")) for s in steps
               if not s.get("accepted") and s.get("latency_ratio") is not None]
     if missed:

@@ -129,8 +129,10 @@ def study(name: str) -> tuple[dict, Callable]:
     return EXPERIMENTS, rules_of
 
 
-def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable = rules_of) -> list[dict]:
-    """Every CLI invocation, as {name, out, argv, after}: a baseline per experiment, then its rules."""
+def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable = rules_of,
+            draws_last: bool = True) -> list[dict]:
+    """Every CLI invocation, as {name, out, argv, after}: a baseline per experiment, then its rules
+    (with `draws_last`, every experiment's extra random draws after all the other rules)."""
     jobs = []
     for name, spec in experiments.items():
         common = common_options(spec, data_root, spec["train_size"])
@@ -144,7 +146,8 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable =
                                   "--layers-per-step", str(spec["layers_per_step"]),
                                   *(["--max-steps", str(spec["max_steps"])] if spec.get("max_steps") else []), *extra]})
     # baselines first, then the rules, the costly experiments first and the extra random draws last
-    return sorted(jobs, key=lambda j: (j["after"] is not None, j["name"].split("/")[1].startswith("random-")))
+    return sorted(jobs, key=lambda j: (j["after"] is not None,
+                                       draws_last and j["name"].split("/")[1].startswith("random-")))
 
 
 def finished(out: Path, baseline: bool) -> bool:
@@ -158,7 +161,8 @@ def finished(out: Path, baseline: bool) -> bool:
 def run(args) -> None:
     experiments, rules = study(args.study)
     experiments = {k: v for k, v in experiments.items() if not args.only or k in args.only}
-    jobs = jobs_of(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), Path(args.data_root), rules)
+    jobs = jobs_of(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), Path(args.data_root), rules,
+                   draws_last=args.study == "rules")  # the latency study: one experiment whole after another
     evidence = EVIDENCE / ("latency" if args.study == "latency" else "")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -534,6 +538,8 @@ def latency_figure(path: Path) -> bool:
 
 
 def report(args) -> None:
+    if args.study == "latency":
+        return latency_report()
     runs = load_runs()
     if not runs:
         sys.exit(f"nothing in {EVIDENCE}: run `python scripts/evidence.py run` first")
@@ -568,6 +574,166 @@ def report(args) -> None:
     print(f"wrote {RESULTS} and {IMAGES}/evidence_*.png")
 
 
+# ---- the latency study's report
+
+LATENCY_BEGIN, LATENCY_END = "<!-- latency:begin (scripts/evidence.py report --study latency) -->", "<!-- latency:end -->"
+GROUPS = {"entropy": "entropy (the paper's rule)", "entropy-latency": "entropy-latency (ours)", "random": "random"}
+GROUP_COLORS = {"entropy": "#1f77b4", "entropy-latency": "#d62728", "random": "#7f7f7f"}
+RATIO_LEVELS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+DROP_LEVELS = (1.0, 2.0, 3.0)
+
+
+def group_of(rule: str) -> str:
+    """entropy-seed1 -> entropy, random-2 -> random: the runs summarized together."""
+    return "random" if rule.startswith("random") else rule.removesuffix("-seed1")
+
+
+def load_latency_runs() -> dict:
+    """experiment -> group -> [report.json of each seed or draw], for what docs/evidence/latency/ holds."""
+    runs = {}
+    for name in LATENCY_EXPERIMENTS:
+        for rule in LATENCY_RULES:
+            path = EVIDENCE / "latency" / name / f"{rule}.json"
+            if path.exists():
+                runs.setdefault(name, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
+    return runs
+
+
+def path_points(run: dict, key: str = "val") -> list[tuple]:
+    """(layers removed, latency ratio, accuracy) from the unpruned network (folded) through every accepted step."""
+    from easier_kernels.report import accuracy_series
+
+    accepted, _ = accuracy_series(run)
+    ratios = [run["baseline_payoff"]["latency_ratio"]] + [s["latency_ratio"] for s in run["steps"] if s["accepted"]]
+    return list(zip(accepted["x"], ratios, accepted[key]))
+
+
+def kept_within(run: dict, drop: float, key: str) -> tuple:
+    """(layers removed, latency ratio) of the last network before the accuracy first fell more than
+    `drop` points below the baseline: what --max-drop would have returned."""
+    points = path_points(run, key)
+    kept = points[0]
+    for point in points[1:]:
+        if point[2] < points[0][2] - drop:
+            break
+        kept = point
+    return kept[0], kept[1]
+
+
+def accuracy_at(run: dict, level: float, key: str) -> float | None:
+    """Accuracy drop (points) of the first network on the path at or below latency ratio `level`."""
+    points = path_points(run, key)
+    return next((points[0][2] - acc for _, ratio, acc in points if ratio <= level), None)
+
+
+def spread(values: list) -> str:
+    """mean (min-max) of the values present; "n/N" when some runs never got there."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "-"
+    text = fmt(statistics.mean(present)) + (f" ({fmt(min(present))}-{fmt(max(present))})" if len(present) > 1 else "")
+    return text + (f" [{len(present)}/{len(values)}]" if len(present) < len(values) else "")
+
+
+def latency_tables(runs: dict) -> list[str]:
+    lines = ["#### At most 1 (2, 3) points below the baseline: the latency ratio reached", "",
+             "What `--max-drop` would have returned: its latency ratio (folded / original with batch norms folded, "
+             "measured in the run) and, in brackets, layers removed; judged on validation (as the loop judges) at 1, 2 "
+             "and 3 points, and on test at 1 point; mean (min-max) over seeds / draws.", ""]
+    head = ["experiment", "rule", "runs"] + [f"<= {d} pt (val)" for d in DROP_LEVELS] + ["<= 1 pt (test)"]
+    body = []
+    for name, groups in runs.items():
+        for group, members in groups.items():
+            cells = [name, GROUPS[group], len(members)]
+            for drop, key in [(d, "val") for d in DROP_LEVELS] + [(1.0, "test")]:
+                kept = [kept_within(r, drop, key) for r in members]
+                cells.append(f"{spread([k[1] for k in kept])} [{spread([k[0] for k in kept])}]")
+            body.append(cells)
+    lines += markdown_table(head, body)
+    lines += ["", "#### At equal latency ratio: the accuracy kept", "",
+              "Test accuracy drop (points below the baseline) of the first network on each path at or below the ratio; "
+              "mean (min-max); [k/n]: only k of the n runs got that fast.", ""]
+    body = []
+    for name, groups in runs.items():
+        for group, members in groups.items():
+            body.append([name, GROUPS[group]] + [spread([accuracy_at(r, level, "test") for r in members])
+                                                 for level in RATIO_LEVELS])
+    lines += markdown_table(["experiment", "rule"] + [f"<= {level:g}x" for level in RATIO_LEVELS], body)
+    return lines
+
+
+def target_verdict(runs: dict) -> list[str]:
+    """The issue's target on MobileNetV2: <= 0.7x at <= 1 point (validation), ahead of entropy and random."""
+    groups = runs.get("mobilenet_v2-fashion-mnist", {})
+    if not {"entropy", "entropy-latency", "random"} <= set(groups):
+        return []
+    mean = {g: statistics.mean(kept_within(r, 1.0, "val")[1] for r in groups[g]) for g in groups}
+    ours = mean["entropy-latency"]
+    return [f"Target (MobileNetV2, Fashion-MNIST, validation): entropy-latency reaches {ours:.3f}x at <= 1 point "
+            f"(target <= 0.7x: {'met' if ours <= 0.7 else 'missed'}); entropy {mean['entropy']:.3f}x, random "
+            f"{mean['random']:.3f}x (mean of the draws): {'ahead of both' if ours < min(mean['entropy'], mean['random']) else 'not ahead of both'}."]
+
+
+def latency_figure_of_study(runs: dict, path: Path) -> None:
+    from easier_kernels.report import _figure, _save_png
+
+    fig = _figure(11, 8)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (name, groups) in zip(axes, runs.items()):
+        for group, members in groups.items():
+            for k, run in enumerate(members):
+                _, ratios, accuracy = zip(*path_points(run, "val"))
+                ax.plot(ratios, accuracy, marker=".", color=GROUP_COLORS[group], alpha=0.9 if k == 0 else 0.5,
+                        linestyle="-" if group != "random" else "--", label=GROUPS[group] if k == 0 else None)
+        base = groups[next(iter(groups))][0]["baseline_accuracy"]
+        ax.axhline(base - 1.0, color="0.3", linestyle=":", linewidth=1, label="1 point below the baseline")
+        ax.invert_xaxis()
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("latency: folded / original with BN folded (eager, batch 1)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(runs):]:
+        ax.set_visible(False)
+    _save_png(fig, path)
+
+
+def latency_orders(name: str, groups: dict) -> list[str]:
+    lines = []
+    for group in ("entropy", "entropy-latency"):
+        if group in groups:
+            run = groups[group][0]
+            steps = [f"`{', '.join(s['removed'])}` ({s['latency_ratio']:.2f}x)" for s in run["steps"]]
+            lines.append(f"- {GROUPS[group]}, seed 0: " + " -> ".join(steps))
+    return lines
+
+
+def latency_report() -> None:
+    runs = load_latency_runs()
+    if not runs:
+        sys.exit(f"nothing in {EVIDENCE / 'latency'}: run `python scripts/evidence.py run --study latency` first")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    latency_figure_of_study(runs, IMAGES / "latency_study.png")
+    lines = [LATENCY_BEGIN, "", *target_verdict(runs), "", *latency_tables(runs), "",
+             "![validation accuracy against latency ratio, per rule](images/latency_study.png)", ""]
+    for name, groups in runs.items():
+        run = next(iter(groups.values()))[0]
+        settings, before = run["settings"], run["baseline_payoff"]
+        lines += [f"#### {name}", "",
+                  f"{len(run['sites'])} sites; width {settings['width']}, {settings['layers_per_step']} per step, "
+                  f"baseline validation {run['baseline_accuracy']:.2f}%, test {run['baseline_test_accuracy']:.2f}%; "
+                  f"original {before['latency_ms']:.3f} ms ({before['runtime']}, input {before['example_shape']}), "
+                  f"{before['macs'] / 1e6:.2f} M MACs. Removal order (latency ratio after each step):", "",
+                  *latency_orders(name, groups), ""]
+    lines.append(LATENCY_END)
+    text = RESULTS.read_text()
+    if LATENCY_BEGIN not in text:
+        text += f"\n{LATENCY_BEGIN}\n{LATENCY_END}\n"
+    head, rest = text.split(LATENCY_BEGIN, 1)
+    RESULTS.write_text(head + "\n".join(lines) + rest.split(LATENCY_END, 1)[1])
+    print(f"wrote {RESULTS} (latency study) and {IMAGES}/latency_study.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -588,6 +754,7 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="timing time per point")
     p.set_defaults(func=latency)
     p = sub.add_parser("report", help="docs/RESULTS.md's generated part and the plots, from docs/evidence/")
+    p.add_argument("--study", default="rules", choices=list(STUDIES))
     p.set_defaults(func=report)
     args = parser.parse_args(argv)
     args.func(args)

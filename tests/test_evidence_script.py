@@ -106,3 +106,68 @@ def test_versus_random_counts_where_entropy_is_above_below_or_among_the_draws():
     rules = {"entropy": run(79, 70, 60, 50), "random": run(78, 72, 61, 40), "random-1": run(77, 71, 59, 45)}
     assert module.versus_random(rules) == (2, 1, 1)  # above at 1 and 4, below at 2, among at 3
     assert module.versus_random({"entropy": run(79)}) is None
+
+
+def test_the_latency_study_runs_two_seeds_of_each_entropy_rule_and_three_random_orders(tmp_path):
+    module = load_script()
+    experiments, rules_of = module.study("latency")
+    assert "mobilenet_v2-fashion-mnist" in experiments and "resnet18-cifar10-subset" in experiments
+    jobs = module.jobs_of({"m": experiments["mobilenet_v2-fashion-mnist"]}, tmp_path, tmp_path, rules_of)
+    names = [j["name"] for j in jobs]
+    assert names[0] == "m/baseline" and sorted(names[1:]) == sorted(f"m/{r}" for r in module.LATENCY_RULES)
+    argv = {j["name"].split("/")[1]: j["argv"] for j in jobs}
+    for rule, args in argv.items():
+        if rule == "baseline":
+            continue
+        seed = args[len(args) - 1 - args[::-1].index("--seed") + 1]  # the last --seed given is the one used
+        assert seed == ("1" if rule.endswith("seed1") else "0")
+        assert args[args.index("--max-steps") + 1] == "10"
+        assert ("--split-seed" in args) == rule.endswith("seed1")  # the same split (and baseline) at every seed
+        assert ("entropy-latency" in args) == rule.startswith("entropy-latency")
+    assert {module.group_of(r) for r in module.LATENCY_RULES} == set(module.GROUPS)
+
+
+def fake_run(val, test, ratios, baseline=(90.0, 89.0)):
+    steps = [{"removed": [f"s{i}"], "val_accuracy": v, "test_accuracy": t, "accepted": True, "latency_ratio": r}
+             for i, (v, t, r) in enumerate(zip(val, test, ratios))]
+    return {"baseline_accuracy": baseline[0], "baseline_test_accuracy": baseline[1], "steps": steps,
+            "sites": [f"s{i}" for i in range(len(steps))], "settings": {"width": 0.25, "layers_per_step": 1},
+            "baseline_payoff": {"latency_ratio": 1.0, "latency_ms": 2.0, "runtime": "eager", "example_shape": [1, 1, 28, 28],
+                                "macs": 1e6}}
+
+
+def test_the_latency_report_answers_both_questions_from_the_copied_reports(tmp_path, monkeypatch):
+    module = load_script()
+    monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
+    monkeypatch.setattr(module, "IMAGES", tmp_path / "images")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")
+    runs = {"entropy": fake_run([89.9, 89.5, 88.0], [89, 88.5, 87], [0.99, 0.97, 0.9]),
+            "entropy-seed1": fake_run([89.8, 89.6, 87.0], [89, 88, 86], [0.98, 0.96, 0.92]),
+            "entropy-latency": fake_run([89.5, 89.2, 88.5], [88.5, 88, 87.5], [0.8, 0.65, 0.5]),
+            "entropy-latency-seed1": fake_run([89.4, 89.1, 88.0], [88, 87.5, 87], [0.82, 0.7, 0.55]),
+            "random": fake_run([88.0, 87.0, 86.0], [87, 86, 85], [0.9, 0.8, 0.7]),
+            "random-1": fake_run([89.5, 88.0, 87.0], [88, 86, 84], [0.95, 0.85, 0.75])}
+    for rule, run in runs.items():
+        path = tmp_path / "evidence" / "latency" / "mobilenet_v2-fashion-mnist" / f"{rule}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run))
+    assert module.kept_within(runs["entropy-latency"], 1.0, "val") == (2, 0.65)
+    assert module.kept_within(runs["random"], 1.0, "val") == (0, 1.0)  # the first step already fell 2 points
+    assert module.accuracy_at(runs["entropy"], 0.95, "test") == pytest.approx(89.0 - 87.0)
+    assert module.accuracy_at(runs["entropy"], 0.8, "test") is None  # never that fast
+    module.RESULTS.write_text("# Results\n\nintro\n")
+    module.main(["report", "--study", "latency"])
+    text = module.RESULTS.read_text()
+    assert text.startswith("# Results\n\nintro\n") and module.LATENCY_BEGIN in text
+    # at <= 1 point (validation): ours 0.65 and 0.70, entropy 0.97 and 0.96, random 1.0 and 0.95
+    assert ("entropy-latency reaches 0.675x at <= 1 point (target <= 0.7x: met); entropy 0.965x, random 0.975x (mean "
+            "of the draws): ahead of both") in text
+    row = next(line for line in text.splitlines() if "| entropy-latency (ours) | 2 |" in line)
+    # at 1 point: 0.65 and 0.70 after 2 layers; at 2 points every step of both seeds is kept
+    assert row.split(" | ")[3:5] == ["0.68 (0.65-0.70) [2.00 (2.00-2.00)]", "0.53 (0.50-0.55) [3.00 (3.00-3.00)]"]
+    row = next(line for line in text.splitlines() if "| entropy (the paper's rule) |" in line and "<=" not in line
+               and line.count("|") > 8)  # the equal-latency table: at 0.95x, 0.9x (one seed only), 0.85x (none)
+    assert row.split(" | ")[2:5] == ["2.50 (2.00-3.00)", "2.00 [1/2]", "-"]
+    assert (tmp_path / "images" / "latency_study.png").read_bytes()[:4] == b"\x89PNG"
+    module.main(["report", "--study", "latency"])  # regenerates in place
+    assert module.RESULTS.read_text().count(module.LATENCY_BEGIN) == 1

@@ -5,6 +5,7 @@
     blocks    the fused pointwise/depthwise block as a module, and its standard-module form
     plans     how a chain can run (separate / merged / fused) and the padding layout each needs
     planner   timing the plans in a runtime and choosing (used by `ek.linearize` and `fold`)
+    gains     the latency each remaining site's linearization would save (latency-aware selection)
     graph     the pass itself: `fold(model, example_inputs, runtime=...)`
 
     fast = fold(net, example_inputs)                     # chains run per plan, never slower as a whole

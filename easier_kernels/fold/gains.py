@@ -38,7 +38,7 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
     MARGIN of those units' time (less is within timing noise)."""
     gm = sites_mod.trace(copy.deepcopy(net), leaf_modules).eval()
     gm.requires_grad_(False)
-    sites_mod.sites_of(gm)
+    sites_mod.sites_of(gm)  # marks the site nodes (node.meta["ek_site"])
     nodes = {n.name: n for n in gm.graph.nodes if n.meta.get("ek_site") in site_names}
     with torch.no_grad():
         fold_batch_norms(gm)
@@ -51,7 +51,6 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
         out = []
         for move in moves:
             saved, before = units.gain([nodes[s] for s in move if s in nodes])
-            saved += sum(units.loose_act(nodes[s]) for s in move if s in nodes)
             out.append({"sites": move, "ms_saved": round(saved * 1e3, 5), "ms_before": round(before * 1e3, 5),
                         "pays": saved > MARGIN * before and saved > 0})
     return out
@@ -114,15 +113,15 @@ class _Units:
                 if self._key(u) not in self.now]
 
     def gain(self, identities: list) -> tuple[float, float]:
-        """(seconds saved, seconds of the units changed) by linearizing `identities`."""
-        if not identities:
-            return 0.0, 0.0
+        """(seconds saved, seconds of what changes) by linearizing `identities`: the units changed,
+        and the activations that end no unit (linearizing one saves just its call)."""
         units = {self._key(u): u for u in find_chains(self.gm, min_layers=1, identities=frozenset(identities))}
-        before = sum(self.seconds(u) for k, u in self.now.items() if k not in units)
+        loose = sum(map(self._loose_act, identities))
+        before = sum(self.seconds(u) for k, u in self.now.items() if k not in units) + loose
         return before - sum(self.seconds(u) for k, u in units.items() if k not in self.now), before
 
-    def loose_act(self, node: fx.Node) -> float:
-        """Seconds of an activation call that ends no unit (linearizing it saves just that call)."""
+    def _loose_act(self, node: fx.Node) -> float:
+        """Seconds of an activation call that ends no unit (0 for one that does)."""
         if node in self.acts or node.args[0] not in self.values or sites_mod._call_spec(self.gm, node) is None:
             return 0.0
         return _seconds(_Activation(act_spec(self.gm, node)), (self.values[node.args[0]],), self.runtime)
@@ -144,10 +143,11 @@ class _Units:
 
 
 class _Activation(nn.Module):
+    """One activation call on its own, as a chain runs it."""
+
     def __init__(self, spec: tuple):
         super().__init__()
-        self.kind, self.kind_args = spec
-        self.resolved = ops.kinds.resolve(*spec)
+        self.act = ops.kinds.resolve(*spec)  # named as ChainModule's, so that `signature` tells kinds apart
 
     def forward(self, x):
-        return ops.kinds.forward(x, *self.resolved)
+        return ops.kinds.forward(x, *self.act)

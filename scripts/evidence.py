@@ -79,12 +79,16 @@ LATENCY_EXPERIMENTS = {
     "resnet18-cifar10-subset": dict(model="resnet18", dataset="cifar10-subset", data="cifar10-subset", width=0.25,
                                     baseline_train_size=None, epochs=30, train_size=None, val_size=None,
                                     layers_per_step=1, max_steps=10),
-    "resnet18-fashion-mnist": dict(model="resnet18", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
-                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=2000,
-                                   layers_per_step=1, max_steps=10),
+    # the same baseline, one site per step and twice the fine-tuning: a finer look at the first point
+    "mobilenet_v2-fashion-mnist-fine": dict(model="mobilenet_v2", dataset="fashion-mnist", data="fashion-mnist",
+                                            width=0.25, baseline_of="mobilenet_v2-fashion-mnist", epochs=2,
+                                            train_size=6000, val_size=2000, layers_per_step=1, max_steps=14),
     "mobilenet_v2-cifar10-subset": dict(model="mobilenet_v2", dataset="cifar10-subset", data="cifar10-subset",
                                         width=0.25, baseline_train_size=None, epochs=30, train_size=None,
                                         val_size=None, layers_per_step=2, max_steps=10),
+    "resnet18-fashion-mnist": dict(model="resnet18", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=2000,
+                                   layers_per_step=1, max_steps=10),
 }
 SEED1 = ["--seed", "1", "--split-seed", "0"]
 LATENCY_RULES = {
@@ -136,12 +140,14 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable =
     jobs = []
     for name, spec in experiments.items():
         common = common_options(spec, data_root, spec["train_size"])
-        base = runs / name / "baseline"
-        jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
-                     "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
-                              "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
+        trained = spec.get("baseline_of", name)  # an experiment may start from another's baseline
+        base = runs / trained / "baseline"
+        if trained == name:
+            jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
+                         "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
+                                  "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
         for rule, extra in rules_of(name).items():
-            jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
+            jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{trained}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
                                   "--layers-per-step", str(spec["layers_per_step"]),
                                   *(["--max-steps", str(spec["max_steps"])] if spec.get("max_steps") else []), *extra]})
@@ -677,14 +683,16 @@ def target_verdict(runs: dict) -> list[str]:
 def latency_figure_of_study(runs: dict, path: Path) -> None:
     from easier_kernels.report import _figure, _save_png
 
-    fig = _figure(11, 8)
-    axes = fig.subplots(2, 2).ravel()
+    rows = math.ceil(len(runs) / 2)
+    fig = _figure(11, 4 * rows)
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
     for ax, (name, groups) in zip(axes, runs.items()):
         for group, members in groups.items():
-            for k, run in enumerate(members):
+            for k, run in enumerate(members):  # a path per seed / draw: thin lines, the points are the data
                 _, ratios, accuracy = zip(*path_points(run, "val"))
-                ax.plot(ratios, accuracy, marker=".", color=GROUP_COLORS[group], alpha=0.9 if k == 0 else 0.5,
-                        linestyle="-" if group != "random" else "--", label=GROUPS[group] if k == 0 else None)
+                ax.plot(ratios, accuracy, marker="o", markersize=3.5, linewidth=0.8, color=GROUP_COLORS[group],
+                        alpha=0.85 if k == 0 else 0.5, linestyle="-" if group != "random" else "--",
+                        label=GROUPS[group] if k == 0 else None)
         base = groups[next(iter(groups))][0]["baseline_accuracy"]
         ax.axhline(base - 1.0, color="0.3", linestyle=":", linewidth=1, label="1 point below the baseline")
         ax.invert_xaxis()

@@ -142,10 +142,11 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable =
         common = common_options(spec, data_root, spec["train_size"])
         trained = spec.get("baseline_of", name)  # an experiment may start from another's baseline
         base = runs / trained / "baseline"
-        if trained == name:
-            jobs.append({"name": f"{name}/baseline", "out": base, "after": None,
-                         "argv": ["prune", *common_options(spec, data_root, spec["baseline_train_size"]),
-                                  "--epochs", str(spec["epochs"]), "--max-steps", "0"]})
+        if all(j["name"] != f"{trained}/baseline" for j in jobs):
+            owner = experiments.get(trained) or LATENCY_EXPERIMENTS[trained]  # the spec that trains it
+            jobs.append({"name": f"{trained}/baseline", "out": base, "after": None,
+                         "argv": ["prune", *common_options(owner, data_root, owner["baseline_train_size"]),
+                                  "--epochs", str(owner["epochs"]), "--max-steps", "0"]})
         for rule, extra in rules_of(name).items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{trained}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",

@@ -160,7 +160,7 @@ def test_the_latency_report_answers_both_questions_from_the_copied_reports(tmp_p
     text = module.RESULTS.read_text()
     assert text.startswith("# Results\n\nintro\n") and module.LATENCY_BEGIN in text
     # at <= 1 point (validation): ours 0.65 and 0.70, entropy 0.97 and 0.96, random 1.0 and 0.95
-    assert ("entropy-latency reaches 0.675x at <= 1 point (target <= 0.7x: met); entropy 0.965x, random 0.975x (mean "
+    assert ("Target (mobilenet_v2-fashion-mnist, validation): entropy-latency reaches 0.675x at <= 1 point (target <= 0.7x: met); entropy 0.965x, random 0.975x (mean "
             "of the draws): ahead of both") in text
     row = next(line for line in text.splitlines() if "| entropy-latency (ours) | 2 |" in line)
     # at 1 point: 0.65 and 0.70 after 2 layers; at 2 points every step of both seeds is kept

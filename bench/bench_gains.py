@@ -64,7 +64,8 @@ def _measure(benchmark, record, name: str, small: bool) -> None:
     base = ek.fold(net, x, original=model)
     for move in ranked[:3] + ranked[-1:]:
         folded = ek.fold(ek.linearize(net, move["sites"], x), x, original=model)
-        timed = compare({"without": lambda: base(x), "with": lambda: folded(x)}, "without", seconds=4.0)
+        with torch.no_grad():
+            timed = compare({"without": lambda: base(x), "with": lambda: folded(x)}, "without", seconds=4.0)
         measured = timed["without"]["ms"] * (1 - timed["with"]["ratio"])
         record({"model": name, "sites": len(sites), "moves": len(moves), "cold s": cold, "warm s": warm_seconds,
                 "move": "+".join(move["sites"]), "predicted ms": move["ms_saved"], "measured ms": measured,

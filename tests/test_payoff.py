@@ -36,6 +36,7 @@ def test_a_merged_chain_counts_as_the_one_layer_it_runs():
     folded = ek.fold(net, X, decide="merge", check=False)
     assert [r["choice"] for r in ek.recipe(folded)["fold"]["decisions"]] == ["merge2"]
     assert payoff.counts(folded, X) == {"macs": 2 * (64 * 9 + 10 * 4), "params": 36 + 4 + 50}
+    assert not any(p.requires_grad for p in folded.parameters())  # an inference module: no autograd recorded
 
 
 def test_measure_times_the_folded_network_against_the_original():

@@ -173,6 +173,7 @@ def _apply(bn_folded: fx.GraphModule, rows: list[dict]) -> fx.GraphModule:
     drop_identities(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    gm.requires_grad_(False)  # an inference module: its merged layers must not record autograd either
     gm.recompile()
     return gm
 

@@ -13,6 +13,7 @@ linear call on the example; parameters count the folded module's (what it stores
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ def counts(model: nn.Module, example_inputs) -> dict:
 
     def hook(layer, args, out):
         per_output = layer.in_features if isinstance(layer, nn.Linear) else \
-            layer.in_channels // layer.groups * int(torch.tensor(layer.kernel_size).prod())
+            layer.in_channels // layer.groups * math.prod(layer.kernel_size)
         macs.append(out.numel() * per_output)
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, _LAYERS)]

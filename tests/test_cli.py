@@ -89,7 +89,7 @@ def test_prune_latency_aware_to_a_latency_target_prints_what_the_run_bought(tmp_
         assert ratios[-1] <= 0.97 and all(r > 0.97 for r in ratios[:-1])
     else:
         assert report["stopped"] == "reached max_steps=3" and all(r > 0.97 for r in ratios)
-    assert f"latency (eager on cpu, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
+    assert "latency (eager on cpu, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
     assert f"= {report['payoff']['latency_ratio']:.3f}x the original" in printed
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](latency.png)" in (out / "report.md").read_text()

@@ -71,7 +71,7 @@ def _pairs(gm: fx.GraphModule, nodes: dict, units: "_Units") -> list[list[str]]:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pairs = []
     for name, node in nodes.items():
-        for unit in units.after([node]):
+        for unit in units.changed([node])[1]:
             if not _joins(unit, node):
                 continue
             for other in (unit.act, origin(gm, unit.input)):
@@ -107,18 +107,17 @@ class _Units:
     def _key(unit: Chain) -> tuple:
         return tuple(unit.layers), unit.end, unit.residual, unit.act
 
-    def after(self, identities: list) -> list[Chain]:
-        """The units that linearizing `identities` creates (the others stay as they are)."""
-        return [u for u in find_chains(self.gm, min_layers=1, identities=frozenset(identities))
-                if self._key(u) not in self.now]
+    def changed(self, identities: list) -> tuple[list[Chain], list[Chain]]:
+        """(the units that linearizing `identities` removes, the units it creates)."""
+        units = {self._key(u): u for u in find_chains(self.gm, min_layers=1, identities=frozenset(identities))}
+        return [u for k, u in self.now.items() if k not in units], [u for k, u in units.items() if k not in self.now]
 
     def gain(self, identities: list) -> tuple[float, float]:
         """(seconds saved, seconds of what changes) by linearizing `identities`: the units changed,
         and the activations that end no unit (linearizing one saves just its call)."""
-        units = {self._key(u): u for u in find_chains(self.gm, min_layers=1, identities=frozenset(identities))}
-        loose = sum(map(self._loose_act, identities))
-        before = sum(self.seconds(u) for k, u in self.now.items() if k not in units) + loose
-        return before - sum(self.seconds(u) for k, u in units.items() if k not in self.now), before
+        old, new = self.changed(identities)
+        before = sum(map(self.seconds, old)) + sum(map(self._loose_act, identities))
+        return before - sum(map(self.seconds, new)), before
 
     def _loose_act(self, node: fx.Node) -> float:
         """Seconds of an activation call that ends no unit (0 for one that does)."""

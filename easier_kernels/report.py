@@ -83,7 +83,7 @@ def _cells(run: dict, step: dict) -> list:
 
 
 def _count(n) -> str:
-    """A count with an SI suffix: 5.12M, 120.0k."""
+    """A count with an SI suffix: 5.12M, 120.00k."""
     if n is None:
         return "-"
     for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -357,14 +357,13 @@ def latency_plot(run: dict, path) -> Path:
     steps = run.get("steps", [])
     # the unpruned network folded: its own chains may already run faster than the original
     xs = [(run.get("baseline_payoff") or {}).get("latency_ratio")] + [s.get("latency_ratio") for s in steps if s.get("accepted")]
-    ys = accepted["val"][:len(xs)]
-    points = [(x, y) for x, y in zip(xs, ys) if x is not None]
+    points = [(x, y, n) for x, y, n in zip(xs, accepted["val"], accepted["x"]) if x is not None]  # n: layers removed
     fig = _figure(7.0, 4.4)
     ax = fig.add_subplot()
     if points:
-        ax.plot(*zip(*points), "o-", color="C0", label="validation (accepted steps)")
-        if len(points) <= 16:  # layers removed at each point
-            for (x, y), removed in zip(points, [n for n, r in zip(accepted["x"], xs) if r is not None]):
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="C0", label="validation (accepted steps)")
+        if len(points) <= 16:
+            for x, y, removed in points:
                 ax.annotate(str(removed), (x, y), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=7,
                             color="0.35")
     missed = [(s.get("latency_ratio"), s.get("val_accuracy")) for s in steps

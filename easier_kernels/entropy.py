@@ -21,6 +21,7 @@ Modes:
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -28,7 +29,9 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops, sites as sites_mod
 from .ops import kinds
@@ -103,45 +106,100 @@ class Scores(Mapping):
 class SiteProbe(nn.Module):
     """Stands at one site: computes the activation (when fused) and adds its counts.
 
-    Counts live on the activation's device and are created at the first call; adding to them
-    never synchronizes the device. In batch_mean mode each call is one batch: its layer entropy
-    is added to a running sum (a device scalar) before its counts join the pooled ones.
+    Its state is tensors updated in place on the activation's device, so that a compiled
+    training step (torch.compile of `meter.model`) traces one graph and reuses it at every step:
+    `counts`, `nan_counts` (int64 [C]), `entropy_sum` (float64 [1]: batch_mean adds each call's
+    layer entropy) and `tally` (int64 [2]: elements per channel and calls, added by compiled
+    calls; eager calls add the plain ints `_elements` and `_calls` instead, which costs no tensor
+    op). Python values that a compiled graph would bake in never change per call.
+
+    The tensors are allocated at construction when the meter read the channel count from the
+    graph (`channels`, checked at every call), else at the first call (under torch.compile: a
+    second compilation, once), and follow the activations to another device. Nothing here
+    synchronizes the device; `totals()` does, when scores are asked. They are plain attributes,
+    not buffers: they stay out of state_dict and out of DDP's buffer broadcasts.
     """
 
-    def __init__(self, site: Site, mode: str, fused: bool):
+    def __init__(self, site: Site, mode: str, fused: bool, channels: int | None = None, device=None):
         super().__init__()
         self.site, self.mode, self.fused = site, mode, fused
         self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)
         # unfused probes count only; their call's own activation runs after them
         self.count_kind, self.count_args = (site.kind, site.kind_args) if fused else ("identity", {})
+        self.channel_dim, self.pooled = site.channel_dim, mode == "pooled"
         self.counting = True
+        self.counts = self.nan_counts = self.entropy_sum = self.tally = None
+        self._channels, self._device = -1, None  # what the tensors are sized and placed for
+        if channels is not None:
+            self._allocate(channels, torch.device("cpu" if device is None else device))
         self.reset()
 
+    def _allocate(self, channels: int, device: torch.device) -> None:
+        self.counts = torch.zeros(channels, dtype=torch.int64, device=device)
+        self.nan_counts = torch.zeros(channels, dtype=torch.int64, device=device)
+        self.entropy_sum = torch.zeros(1, dtype=torch.float64, device=device)  # not 0-d: dynamo would trace a float
+        self.tally = torch.zeros(2, dtype=torch.int64, device=device)
+        self._channels, self._device = channels, device
+
     def reset(self) -> None:
-        self.counts = self.nan_counts = self.entropy_sum = None
-        self.elements = 0  # per channel, over all calls
-        self.calls = 0
+        """Zeroes the counts in place: the same tensors, so a compiled step stays valid."""
+        if self.counts is not None:
+            for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally):
+                t.zero_()
+        self._elements = self._calls = 0
+
+    def totals(self) -> tuple[int, int]:
+        """(elements counted per channel, calls) since the last reset; synchronizes the device."""
+        if self.counts is None:
+            return 0, 0
+        elements, calls = self.tally.tolist()
+        return self._elements + elements, self._calls + calls
+
+    def _fit(self, x: torch.Tensor, channels: int) -> None:
+        """Tensors sized and placed for x: allocated at the first call when the channel count
+        was not known, moved when the activations moved (both traceable), resized when the
+        meter's reading of the graph was wrong."""
+        if self.counts is None:
+            self._allocate(channels, x.device)
+            return
+        if x.device != self._device:
+            self.counts, self.nan_counts, self.entropy_sum, self.tally = (
+                t.to(x.device) for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally))
+            self._device = x.device
+        if channels != self._channels:
+            self._resize(channels)
+
+    @torch.compiler.disable  # it reads the calls back from the device (a graph break, where it ever runs compiled)
+    def _resize(self, channels: int) -> None:
+        if self.totals()[1] == 0:  # else act_count reports that the channel count changed
+            self._allocate(channels, self._device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.counting:
             return kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
-        cdim = self.site.channel_dim
-        if self.counts is None:
-            self.counts = torch.zeros(x.shape[cdim], dtype=torch.int64, device=x.device)
-            self.nan_counts = torch.zeros_like(self.counts)
-            self.entropy_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-        kind, kind_args = self.count_kind, self.count_args
-        per_channel = x.numel() // max(x.shape[cdim], 1)
-        if self.mode == "pooled":
-            y = ops.act_count(x, self.counts, kind, cdim, nan_counts=self.nan_counts, **kind_args)
+        cdim = self.channel_dim
+        try:
+            channels = x.shape[cdim]
+        except IndexError:
+            raise ValueError(f"site {self.site.name}: channel_dim={cdim} is out of range for an activation of shape "
+                             f"{tuple(x.shape)}") from None
+        if channels != self._channels or x.device != self._device:
+            self._fit(x, channels)
+        per_channel = x.numel() // max(channels, 1)
+        if self.pooled:
+            y = ops.act_count(x, self.counts, self.count_kind, cdim, nan_counts=self.nan_counts, **self.count_args)
         else:
-            counts, nans = torch.zeros_like(self.counts), torch.zeros_like(self.counts)
-            y = ops.act_count(x, counts, kind, cdim, nan_counts=nans, **kind_args)
-            self.entropy_sum += layer_entropy(counts, per_channel - nans)
-            self.counts += counts
-            self.nan_counts += nans
-        self.elements += per_channel
-        self.calls += 1
+            counts, nans = torch.zeros_like(self.counts), torch.zeros_like(self.nan_counts)
+            y = ops.act_count(x, counts, self.count_kind, cdim, nan_counts=nans, **self.count_args)
+            self.entropy_sum.add_(layer_entropy(counts, per_channel - nans))
+            self.counts.add_(counts)
+            self.nan_counts.add_(nans)
+        if torch.compiler.is_compiling():  # a Python int would be a constant of the graph
+            self.tally[0].add_(per_channel)
+            self.tally[1].add_(1)
+        else:
+            self._elements += per_channel
+            self._calls += 1
         return y
 
 
@@ -159,7 +217,8 @@ class EntropyMeter:
 
     `meter.model` is a GraphModule over the model's own submodules: training it trains `model`,
     and wrapping it in DistributedDataParallel works as for `model`. `close()` removes the hooks
-    of sites inside leaf modules (the only change made to `model` itself).
+    of sites inside leaf modules (the only change made to `model` itself). `torch.compile(meter.model)`
+    compiles one graph for the training step, kept across steps and reset() (pausing adds one).
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "pooled", sites: Iterable[str] | None = None,
@@ -170,9 +229,10 @@ class EntropyMeter:
         self.model = sites_mod.trace(model, leaf_modules)
         self.sites = sites_mod.select(sites_mod.sites_of(self.model, require=True), sites)
         self.probes: dict[str, SiteProbe] = {}
+        channels, device = _site_channels(self.model, self.sites), model_device(model)
 
         def make_probe(site: Site, fused: bool) -> SiteProbe:
-            self.probes[site.name] = SiteProbe(site, mode, fused)
+            self.probes[site.name] = SiteProbe(site, mode, fused, channels.get(site.name), device)
             return self.probes[site.name]
 
         self._handles = sites_mod.instrument(self.model, self.sites, make_probe)
@@ -203,6 +263,10 @@ class EntropyMeter:
         initialized, every rank must call this (counts are summed over `group`)."""
         probes = list(self.probes.values())
         missing = [p.site.name for p in probes if p.counts is None]
+        if not missing:  # (elements, calls) per site, in one device sync
+            tallies = torch.stack([p.tally for p in probes]).tolist()
+            local = [[p._elements + e, p._calls + c] for p, (e, c) in zip(probes, tallies)]
+            missing = [p.site.name for p, (_, calls) in zip(probes, local) if calls == 0]
         if missing:
             raise RuntimeError(
                 f"no counts for site(s) {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: run batches "
@@ -210,8 +274,8 @@ class EntropyMeter:
             )
         counts = torch.cat([p.counts for p in probes] + [p.nan_counts for p in probes])
         device = counts.device
-        per_site = torch.tensor([[p.elements, p.calls] for p in probes], dtype=torch.int64, device=device)
-        entropy_sums = torch.stack([p.entropy_sum for p in probes])
+        per_site = torch.tensor(local, dtype=torch.int64, device=device)
+        entropy_sums = torch.cat([p.entropy_sum for p in probes])
         if dist.is_available() and dist.is_initialized():
             for t in (counts, per_site, entropy_sums):
                 dist.all_reduce(t, group=group)
@@ -232,6 +296,92 @@ class EntropyMeter:
             warnings.warn(f"NaN activations at {len(nan_sites)} site(s): {shown}; they are neither on nor off and are left "
                           "out of the on-probabilities (Scores.nan_counts has them per channel)", stacklevel=2)
         return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
+
+
+def _out_channels(module: nn.Module) -> int | None:
+    """How many channels a layer's output has, where its type says."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape):
+        return module.normalized_shape[-1]
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    return None
+
+
+_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}  # out channels: the weight's first dim
+# between a layer and its activation, what keeps the channel count (anything else ends the walk)
+_KEEPING_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd,
+                    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                    nn.modules.pooling._AdaptiveMaxPoolNd, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
+                    *sites_mod.ACTIVATION_MODULES)
+_KEEPING_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,
+    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sigmoid, torch.tanh, F.dropout,
+    F.hardsigmoid, F.batch_norm, F.group_norm, F.instance_norm, F.layer_norm, F.max_pool1d, F.max_pool2d,
+    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, sites_mod.linearized, *sites_mod.ACTIVATION_FUNCTIONS,
+}
+_KEEPING_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "contiguous", "clone",
+                    "float", "half", "bfloat16", "double", "to", "type_as", "sigmoid", "tanh",
+                    *sites_mod.ACTIVATION_METHODS}
+
+
+def _site_channels(gm: fx.GraphModule, sites: Iterable[Site]) -> dict:
+    """Site name -> its channel count, where the graph tells it without running the model: the
+    layer that produces the activation's input, through ops that keep the channel count (for a
+    site inside a leaf module, the module registered just before it). The probes' counts then
+    exist before the first call, and a compiled step does not trace their allocation. The probe
+    checks the number at every call."""
+    nodes = {n.meta["ek_site"]: n for n in gm.graph.nodes if "ek_site" in n.meta}
+    found = {}
+    for site in sites:
+        if site.in_leaf:
+            parent_path, _, child = site.module.rpartition(".")
+            previous = None
+            for name, module in gm.get_submodule(parent_path).named_children():
+                if name == child:
+                    break
+                previous = module
+            channels = _out_channels(previous) if previous is not None else None
+        else:
+            channels = _channels_before(gm, nodes[site.name].args[0])
+        if channels is not None:
+            found[site.name] = channels
+    return found
+
+
+def _channels_before(gm: fx.GraphModule, node) -> int | None:
+    for _ in range(64):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            channels = _out_channels(module)
+            if channels is not None or not isinstance(module, _KEEPING_MODULES):
+                return channels
+        elif node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+                return None
+            try:
+                return gm.get_parameter(weight.target).shape[0]
+            except AttributeError:
+                return None
+        elif not ((node.op == "call_function" and node.target in _KEEPING_FUNCTIONS)
+                  or (node.op == "call_method" and node.target in _KEEPING_METHODS)):
+            return None
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if not inputs:
+            return None
+        node = inputs[0]
+    return None
 
 
 @contextmanager

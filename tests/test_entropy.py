@@ -175,7 +175,6 @@ def test_meter_rides_along_a_training_loop():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     batches = real_batches(2, 16)
-    stored_counts = {}
     for images, labels in batches:
         for net, optimizer in ((meter.model, opt), (twin, twin_opt)):
             optimizer.zero_grad()
@@ -186,17 +185,172 @@ def test_meter_rides_along_a_training_loop():
         torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
     scores = meter.scores()
     assert scores.batches == 2 and len(scores) == 17
+    assert all(c.sum() > 0 for c in scores.counts.values())
     with meter.paused():
         meter.model(batches[0][0])
     assert meter.scores().batches == 2  # paused: nothing counted
-    stored_counts = {n: c.clone() for n, c in scores.counts.items()}
+
+
+def test_meter_reset_counts_only_what_comes_after():
+    """After reset() the meter holds exactly what a fresh meter on the same model gets from the
+    later batches: counts, NaN counts, totals, batches and entropies, in both modes."""
+    torch.manual_seed(0)
+    model = ek.models.resnet18(width=0.25).eval()
+    before, after = real_batches(3, 8)[:2], real_batches(3, 8)[2:]
+    for mode in ("pooled", "batch_mean"):
+        meter = ek.EntropyMeter(model, mode=mode)
+        with torch.no_grad():
+            for images, _ in before:
+                meter.model(images)
+        assert meter.scores().batches == 2
+        meter.reset()
+        with pytest.raises(RuntimeError, match="run batches through meter.model"):
+            meter.scores()  # nothing counted since the reset
+        with torch.no_grad():
+            for images, _ in after:
+                meter.model(images)
+        got = meter.scores()
+        fresh = ek.entropy_scores(model, after, mode=mode)
+        assert got.batches == fresh.batches == 1
+        assert got.totals == fresh.totals
+        assert dict(got) == dict(fresh)
+        for name in fresh:
+            assert torch.equal(got.counts[name], fresh.counts[name]), name
+            assert torch.equal(got.nan_counts[name], fresh.nan_counts[name]), name
+        meter.close()
+
+
+class SmallNet(nn.Module):
+    """A small conv net with every kind of site: a module (in place), functional calls, an
+    in-place call whose input is read again (an unfused probe), a residual, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        self.conv2, self.conv3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.out = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = F.gelu(self.conv2(h)) + h
+        g = self.conv3(h)
+        F.relu_(g)
+        h = (g + 2 * g).mean((2, 3))
+        return self.out(F.silu(self.fc(h)))
+
+
+def _train(net, steps, batches, model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for images, labels in batches[:steps]:
+        opt.zero_grad()
+        F.cross_entropy(net(images), labels).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
+def test_compiled_training_compiles_once_and_counts_as_eager(mode):
+    """torch.compile(meter.model): one graph for every step (the probes' state is tensors
+    updated in place, allocated before the first call), no graph break, and the counts of the
+    eager meter over the same training. Pausing adds one graph; reset() none."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(5, 4, 3, 8, 8), torch.randint(0, 10, (5, 4))
+    batches = list(zip(images, labels))
+    eager_model = SmallNet().train()
+    compiled_model = SmallNet().train()
+    compiled_model.load_state_dict(eager_model.state_dict())
+    eager = ek.EntropyMeter(eager_model, mode=mode)
+    meter = ek.EntropyMeter(compiled_model, mode=mode)
+    assert [p.fused for p in meter.probes.values()] == [True, True, False, True]
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(meter.model, backend=backend)
+    _train(eager.model, 4, batches, eager_model)
+    _train(step, 4, batches, compiled_model)
+    assert backend.frame_count == 1, f"{backend.frame_count} compilations for 4 steps"
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+    got, expected = meter.scores(), eager.scores()
+    assert got.batches == expected.batches == 4 and got.totals == expected.totals
+    for name in expected:
+        assert torch.equal(got.counts[name], expected.counts[name]), name
+        assert torch.equal(got.nan_counts[name], expected.nan_counts[name]), name
+        assert got[name] == pytest.approx(expected[name], abs=1e-12)
+
+    # reset() zeroes the same tensors: the graph stays valid; pausing adds one graph, once
     meter.reset()
-    with pytest.raises(RuntimeError, match="run batches through meter.model"):
-        meter.scores()
+    eager.reset()
+    _train(step, 1, batches[4:], compiled_model)
+    _train(eager.model, 1, batches[4:], eager_model)
+    assert backend.frame_count == 1
+    for net, m in ((step, meter), (eager.model, eager)):
+        with m.paused():
+            net(batches[0][0])
+            net(batches[1][0])
+        net(batches[2][0])
+    assert backend.frame_count == 2 and dict(counters["graph_break"]) == {}
+    got, expected = meter.scores(), eager.scores()
+    assert got.batches == expected.batches == 2 and got.totals == expected.totals
+    assert all(torch.equal(got.counts[n], expected.counts[n]) for n in expected)
+
+
+class Unsized(nn.Module):
+    """Sites whose channel count the graph does not tell (after a cat, after a flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(torch.cat([self.a(x), self.b(x)], 1))
+        return F.relu(h.flatten(1))
+
+
+def test_sites_sized_at_their_first_call():
+    """A channel count the graph does not tell is taken at the first call (eager: exact counts;
+    compiled: a second compilation, once, and no graph break)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    model = Unsized()
+    meter, compiled = ek.EntropyMeter(model), ek.EntropyMeter(model)
+    assert all(p.counts is None for p in meter.probes.values())
+    x = torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(compiled.model, backend=backend)
     with torch.no_grad():
-        for images, _ in batches:
-            meter.model(images)
-    assert all(c.sum() > 0 for c in stored_counts.values())
+        for _ in range(3):
+            meter.model(x)
+            step(x)
+        h = torch.cat([model.a(x), model.b(x)], 1)
+    assert backend.frame_count == 2 and dict(counters["graph_break"]) == {}
+    scores, compiled_scores = meter.scores(), compiled.scores()
+    assert list(scores) == ["relu", "relu_1"]
+    assert torch.equal(scores.counts["relu"], 3 * (h >= 0).sum((0, 2, 3)))
+    assert torch.equal(scores.counts["relu_1"], 3 * (h.relu().flatten(1) >= 0).sum(0))
+    assert scores.totals == compiled_scores.totals == {"relu": 3 * 2 * 16, "relu_1": 3 * 2}
+    assert all(torch.equal(scores.counts[n], compiled_scores.counts[n]) for n in scores)
+
+
+def test_a_wrong_channel_count_is_corrected_before_counting():
+    """The meter's reading of the graph is checked at every call: wrong before anything was
+    counted, the counts are sized anew; a channel count that changes after counting is an error."""
+    from easier_kernels.entropy import SiteProbe
+    from easier_kernels.sites import Site
+
+    probe = SiteProbe(Site("relu", "relu", None, 1), "pooled", True, channels=3)
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(probe(x), x.relu(), rtol=0, atol=0)
+    assert torch.equal(probe.counts, (x >= 0).sum((0, 2))) and probe.totals() == (10, 1)
+    with pytest.raises(ValueError):
+        probe(torch.randn(2, 5, 5))
 
 
 class InplaceReused(nn.Module):

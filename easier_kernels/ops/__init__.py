@@ -16,7 +16,7 @@ import torch
 from . import kinds
 from .backends import BACKENDS, available_backends, kernels_for, use_backend
 
-__all__ = ["count_on", "act_count", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
+__all__ = ["count_on", "act_count", "act_count_resolved", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
 
 KINDS = kinds.KINDS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -119,16 +119,23 @@ def act_count(
     _check_counts("counts", counts, x, channels, "act_count")
     nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
     _check_counts("nan_counts", nans, x, channels, "act_count")
-    if op_kind == "identity":
-        _count_into(x, counts, nans, channel_dim)
-        y = x
-    elif torch.is_grad_enabled() and x.requires_grad:
-        y = _ActCountFunction.apply(x, counts, nans, op_kind, channel_dim, param)
-    else:
-        y = _act_into(x, counts, nans, op_kind, channel_dim, param)
+    y = act_count_resolved(x, counts, nans, op_kind, channel_dim, param)
     if nan_counts is None:
         _raise_on_nan(nans, "act_count")
     return y
+
+
+def act_count_resolved(x: torch.Tensor, counts: torch.Tensor, nan_counts: torch.Tensor, kind: str, channel_dim: int,
+                       param: float) -> torch.Tensor:
+    """act_count for callers that checked x and the count buffers and resolved the kind once
+    (`kinds.resolve`), as the meter's probes do: per call only the kernel runs, and the autograd
+    node when x needs a gradient. NaNs are added to nan_counts, never raised."""
+    if kind == "identity":
+        _count_into(x, counts, nan_counts, channel_dim)
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ActCountFunction.apply(x, counts, nan_counts, kind, channel_dim, param)
+    return _act_into(x, counts, nan_counts, kind, channel_dim, param)
 
 
 from .conv_block import conv_block  # noqa: E402  (it adds to the op namespace defined above)

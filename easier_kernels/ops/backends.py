@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import types
 
 import torch
 
@@ -113,11 +114,17 @@ def _default_backend(device_type: str) -> str:
 @functools.lru_cache(maxsize=None)
 def kernels(name: str, traced: bool = False):
     """A backend's `count_on`, `act_count` and `conv_block`, each taking its op's schema arguments
-    (csrc/library.cpp). cpp and cuda are the registered ops themselves: the dispatcher runs the
-    kernel of the tensors' device. triton runs its launchers in eager and its own ops when
-    `traced` (torch.compile, export). reference is plain torch, traceable as it is."""
+    (csrc/library.cpp). cpp and cuda are the registered ops, whose dispatcher runs the kernel of
+    the tensors' device; in eager the counting ops are entered from C++ (`_C`), which skips
+    Python's argument parsing. triton runs its launchers in eager and its own ops when `traced`
+    (torch.compile, export). reference is plain torch, traceable as it is."""
     if name in ("cpp", "cuda"):
-        return torch.ops.easier_kernels
+        ops = torch.ops.easier_kernels
+        if traced:
+            return types.SimpleNamespace(count_on=ops.count_on.default, act_count=ops.act_count.default,
+                                         conv_block=ops.conv_block.default)
+        ext = native_extension()
+        return types.SimpleNamespace(count_on=ext.count_on, act_count=ext.act_count, conv_block=ops.conv_block.default)
     if name == "reference":
         from . import reference
 

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import types
 
 import torch
 
@@ -101,6 +100,7 @@ def _checked(name: str, device_type: str) -> str:
             f"easier_kernels backend {name!r} cannot run on {device_type} tensors (it runs on: {where}); "
             f"pick another with ek.ops.use_backend(...) or {ENV_VAR}"
         )
+    _backend_module(name)  # imported here, outside tracing, where torch.compile evaluates this
     return name
 
 
@@ -108,31 +108,35 @@ def _checked(name: str, device_type: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _default_backend(device_type: str) -> str:
     order = _DEFAULT_ORDER.get(device_type, ("reference",))
-    return next(n for n in order if device_type in devices_for(n))
+    name = next(n for n in order if device_type in devices_for(n))
+    _backend_module(name)  # imported here, outside tracing, where torch.compile evaluates this
+    return name
 
 
-@functools.lru_cache(maxsize=None)
 def kernels(name: str, traced: bool = False):
     """A backend's `count_on`, `act_count` and `conv_block`, each taking its op's schema arguments
-    (csrc/library.cpp). cpp and cuda are the registered ops, whose dispatcher runs the kernel of
-    the tensors' device; in eager the counting ops are entered from C++ (`_C`), which skips
-    Python's argument parsing. triton runs its launchers in eager and its own ops when `traced`
-    (torch.compile, export). reference is plain torch, traceable as it is."""
+    (csrc/library.cpp): in eager, and when `traced` (torch.compile, export: registered ops only).
+    cpp and cuda are the registered ops (native.py); triton runs its launchers in eager and its
+    own ops when traced; reference is plain torch, traceable as it is."""
+    module = _backend_module(name)
+    if name == "reference":
+        return module
+    return module.traced if traced else module.eager
+
+
+def _backend_module(name: str):
     if name in ("cpp", "cuda"):
-        ops = torch.ops.easier_kernels
-        if traced:
-            return types.SimpleNamespace(count_on=ops.count_on.default, act_count=ops.act_count.default,
-                                         conv_block=ops.conv_block.default)
-        ext = native_extension()
-        return types.SimpleNamespace(count_on=ext.count_on, act_count=ext.act_count, conv_block=ops.conv_block.default)
+        from . import native
+
+        return native
+    if name == "triton":
+        from . import triton_ops
+
+        return triton_ops
     if name == "reference":
         from . import reference
 
         return reference
-    if name == "triton":
-        from . import triton_ops
-
-        return triton_ops.traced if traced else triton_ops.eager
     raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
 

@@ -98,8 +98,8 @@ EK_HD T activation(T x, T param) {
     const T clamped = shifted < T(0) ? T(0) : (shifted > T(6) ? T(6) : shifted);
     const T low = x < T(-3) ? T(-3) : x;  // where clamped is 0: -3 * 0 = -0, at -inf too
     return low * clamped / T(6);
-  } else {  // kElu
-    return x > T(0) ? x : param * ek_expm1(x);
+  } else {  // kElu: x itself at +-0 and NaN, as torch's CPU kernel (its CUDA one gives alpha * +-0)
+    return x < T(0) ? param * ek_expm1(x) : x;
   }
 }
 

@@ -36,3 +36,14 @@ def device(backend):
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """Oracles in IEEE float32: on CUDA, torch runs float32 convolutions (cudnn) in TF32 by default,
+    10-bit mantissas that an exactness test would mistake for a kernel's error. Restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

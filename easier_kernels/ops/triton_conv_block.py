@@ -43,7 +43,10 @@ float32 rounding. float16/bfloat16 dots take 16-bit operands and accumulate in f
 depthwise result (float32) is rounded to x's dtype before its dot (the tensor cores take 16-bit
 operands; the unfused torch chain stores it in that dtype too), while the outer-product path keeps
 it in float32. float64 is rejected (ValueError): Triton dots have no float64 tensor-core path and the
-backend would have to be a different kernel.
+backend would have to be a different kernel. The epilogue's activation is act_count's
+(triton_kernels: libdevice math when compiled, the parameter passed as float32 bits), launched
+without flush-to-zero; FMA contraction stays on here (see _LAUNCH_OPTIONS). Launches run under a
+guard for x's device.
 
 Offsets: every offset that can pass 2**31 (image, channel and output offsets: n * C * H * W,
 c * H * W, (n * Cout + o) * Ho * Wo) is computed in int64: the program id of n and the channel
@@ -59,13 +62,16 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import kinds
-from .triton_kernels import _activation, _round_to_bfloat16
+from .triton_kernels import LAUNCH_OPTIONS, _activation, _param, _round_to_bfloat16, device_guard, param_bits
 
 PATTERNS = ("pw_dw", "dw_pw")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_P = 64  # output pixels per program
 _MAX_C = 64  # output channels per program
 _MIN_DOT = 16  # tl.dot's smallest M, N and K
+# No flush-to-zero, as for act_count; FMA contraction pinned on (Triton 3.10 changes the default):
+# the accumulations are tolerance-compared and an FMA is one instruction where mul + add are two.
+_LAUNCH_OPTIONS = dict(LAUNCH_OPTIONS, enable_fp_fusion=True)
 
 
 @triton.jit
@@ -78,9 +84,9 @@ def _dot(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["param_bits"])
 def _pw_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr,
-                  Cin, Cmid, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, param,
+                  Cin, Cmid, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, param_bits,
                   KH: tl.constexpr, KW: tl.constexpr, KIND: tl.constexpr, HAS_RES: tl.constexpr,
                   USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_C: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -138,15 +144,15 @@ def _pw_dw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr,
     mask = c_mask[:, None] & p_mask[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(acc, param, KIND)
+    y = _activation(acc, _param(param_bits, False), KIND)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         y = _round_to_bfloat16(y)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["param_bits"])
 def _dw_pw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr,
-                  Cin, Cout, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, param,
+                  Cin, Cout, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, param_bits,
                   KH: tl.constexpr, KW: tl.constexpr, KIND: tl.constexpr, HAS_RES: tl.constexpr,
                   USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_O: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -220,7 +226,7 @@ def _dw_pw_kernel(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr,
     mask = o_mask[:, None] & p_mask[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activation(acc, param, KIND)
+    y = _activation(acc, _param(param_bits, False), KIND)
     if out_ptr.dtype.element_ty == tl.bfloat16:
         y = _round_to_bfloat16(y)
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -331,9 +337,11 @@ def _conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, par
     res = residual if residual is not None else out  # never read when HAS_RES is False
     common = dict(KH=kh, KW=kw, KIND=kinds.KIND_IDS[kind], HAS_RES=residual is not None,
                   USE_DOT=use_dot, DOT_F32=dot_f32, BLOCK_P=block_p, BLOCK_K=block_k)
-    args = (x, w1, b1, w2, b2, res, out, cin, cout, h, w, ho, wo, sh, sw, ph, pw, float(param))
-    if pattern == "pw_dw":
-        _pw_dw_kernel[grid](*args, BLOCK_C=block_c, num_stages=2, **common)
-    else:
-        _dw_pw_kernel[grid](*args, BLOCK_O=block_c, num_stages=1, **common)
+    # the parameter as float32 bits, the epilogue's type (compiled and interpreted alike)
+    args = (x, w1, b1, w2, b2, res, out, cin, cout, h, w, ho, wo, sh, sw, ph, pw, param_bits(param, False))
+    with device_guard(x.device):
+        if pattern == "pw_dw":
+            _pw_dw_kernel[grid](*args, BLOCK_C=block_c, num_stages=2, **common, **_LAUNCH_OPTIONS)
+        else:
+            _dw_pw_kernel[grid](*args, BLOCK_O=block_c, num_stages=1, **common, **_LAUNCH_OPTIONS)
     return out

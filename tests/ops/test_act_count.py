@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import DTYPES, assert_bitwise_equal, random_cases
+from test_count_on import past_2_to_the_31_device, two_channels_past_2_to_the_31
 
 import easier_kernels as ek
 
@@ -79,6 +80,7 @@ SPECIAL_RULE = [
     ("silu", {}, [0.0, -0.0, INF, -0.0, NAN]),
     ("hardswish", {}, [0.0, -0.0, INF, -0.0, NAN]),
     ("elu", {"alpha": 0.7}, [0.0, -0.0, INF, -0.7, NAN]),
+    ("elu", {"alpha": 0.0}, [0.0, -0.0, INF, -0.0, NAN]),
 ]
 
 
@@ -93,6 +95,40 @@ def test_special_values_follow_the_written_rule(backend, device, kind, kwargs, e
         want = torch.tensor(expected * 7, dtype=dtype, device=device)
         assert_bitwise_equal(y[0, :-2], want)
         assert counts.tolist() == [3 * 7 + 1] and nans.tolist() == [7]
+
+
+# Kinds whose formula branches at 0 or whose value there is a product with 0, with parameters of
+# both signs: the sign of a zero output is torch's CPU kernels' (relu(-0.0) is -0.0, leaky_relu(-0.0)
+# with a negative slope +0.0, elu(+-0.0) +-0.0 for any alpha) on every backend and device. Torch's
+# CUDA elu differs for a negative alpha (alpha * +-0.0): the CPU's is the one the rule keeps.
+SIGNED_ZERO_KINDS = [
+    ("relu", {}),
+    ("relu6", {}),
+    ("leaky_relu", {"negative_slope": 0.1}),
+    ("leaky_relu", {"negative_slope": -0.1}),
+    ("leaky_relu", {"negative_slope": 0.0}),
+    ("hardswish", {}),
+    ("elu", {"alpha": 0.7}),
+    ("elu", {"alpha": -0.5}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("silu", {}),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind,kwargs", SIGNED_ZERO_KINDS,
+                         ids=[k + "".join(f"-{v}" for v in a.values()) for k, a in SIGNED_ZERO_KINDS])
+def test_signed_zeros_match_torch(backend, device, kind, kwargs, dtype):
+    """+-0 through the activation give torch's (CPU) bits on every backend, through both kernel
+    layouts (channel-major rows and channels-last columns), past a vector's width."""
+    x = torch.tensor([-0.0, 0.0] * 37, dtype=dtype, device=device)
+    expected = TORCH_FN[kind](x.cpu(), **kwargs).to(device)
+    assert (expected == 0).all()
+    for view, cdim in ((x.view(1, -1), 0), (x.view(-1, 2), -1)):
+        y, _, _ = run(backend, view, kind, cdim, kwargs)
+        assert torch.equal(torch.signbit(y).flatten(), torch.signbit(expected)), (kind, kwargs)
+        assert (y == 0).all()
 
 
 def test_output_keeps_the_input_memory_format(backend, device):
@@ -134,6 +170,19 @@ def test_gradient_is_the_activations_own(backend, device, kind, kwargs, exact):
     TORCH_FN[kind](x_torch, **kwargs).backward(grad)
     torch.testing.assert_close(x_ours.grad, x_torch.grad, rtol=0, atol=0)
     assert not counts.requires_grad
+
+
+def test_output_is_exact_past_2_to_the_31_elements(backend, device):
+    """64-bit offsets in the written output too: leaky_relu (slope 0.5) of the 2^31 + 2^20 float16
+    elements, the counts and every output element checked. (The columns layout's offsets past
+    2^31 are test_count_on's; here they would double a minute of CPU time.)"""
+    x = two_channels_past_2_to_the_31(past_2_to_the_31_device(backend, device))
+    inner = x.shape[2]
+    y, counts, nans = run(backend, x, "leaky_relu", 1, {"negative_slope": 0.5})
+    assert counts.tolist() == [inner - 1, inner - 2**20] and nans.tolist() == [1, 0]
+    flat = y.view(-1)
+    assert bool((flat[-(2**20):] == -0.5).all()) and bool(flat[123].isnan())
+    assert int(torch.count_nonzero(flat)) == 2**20 + 1  # every other element is 0
 
 
 def test_act_count_nan_raises_without_nan_counts():

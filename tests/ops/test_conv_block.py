@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_bitwise_equal
+from test_count_on import past_2_to_the_31_device
 
 import easier_kernels as ek
 
@@ -130,6 +131,32 @@ def test_registered_op_traces_with_fake_tensors_compile_and_export():
     assert any("conv_block" in str(n.target) for n in exported.graph.nodes)
     torch.testing.assert_close(exported.module()(x, r), expected)
     torch.testing.assert_close(torch.compile(Block(), fullgraph=True)(x, r), expected)
+
+
+@pytest.mark.parametrize("pattern", ["pw_dw", "dw_pw"])
+def test_output_offsets_past_2_to_the_31(backend, device, pattern):
+    """(n * Cout + o) * Ho * Wo past 2^31: one input channel to 2^15 + 16 output channels of
+    256 x 256 (2^31 + 2^20 float32 outputs, 8.6 GB); the first channels and the last 16 (all past
+    2^31) against the unfused convolutions of those channels alone."""
+    cout, big = 2**15 + 16, past_2_to_the_31_device(backend, device)
+    x, w1, b1, w2, b2, _ = case(pattern, 1, 1, cout, 256, 256, 1, 1, 0, False, device=big)
+    with ek.ops.use_backend(backend):
+        got = ek.ops.conv_block(x, w1, b1, w2, b2, pattern=pattern, activation="relu")
+    assert got.shape == (1, cout, 256, 256)
+    for channels in (slice(0, 2), slice(cout - 16, cout)):
+        # pw_dw: each channel is its own chain; dw_pw: the one depthwise channel feeds every output
+        if pattern == "pw_dw":
+            parts = (w1[channels], b1[channels], w2[channels], b2[channels])
+        else:
+            parts = (w1, b1, w2[channels], b2[channels])
+        expected = unfused(x, *parts, pattern, 1, 0, None, "relu", {})
+        torch.testing.assert_close(got[:, channels], expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_oracles_run_in_ieee_float32():
+    """tests/conftest.py turns TF32 off for every test: torch's CUDA convolutions are then IEEE
+    float32, fit to be an exactness oracle."""
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 @pytest.mark.parametrize("change,match", [

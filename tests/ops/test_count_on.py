@@ -76,20 +76,44 @@ def test_channels_last_and_tokens_need_no_copy(monkeypatch):
     assert len(seen) == 2
 
 
-def test_count_is_exact_past_2_to_the_31_elements():
-    """64-bit indexing: 2^31 + 2^20 float16 elements (4.3 GB) in one channel-major tensor."""
-    if "cpp" not in ek.ops.available_backends():
-        pytest.fail("the cpp backend is not built")
-    channels, inner = 2, (2**30 + 2**19)
-    x = torch.zeros(1, channels, inner, dtype=torch.float16)
-    x[0, 1, -(2**20):] = -1.0  # the last 2^20 elements of channel 1, past index 2^31
+def past_2_to_the_31_device(backend, device):
+    """Where a backend's 2^31-element test runs: its own device, the reference on a CUDA GPU; or a
+    skip for want of one (host memory here stays under ~10 GB)."""
+    if backend == "triton" and device.type == "cpu":
+        pytest.skip("needs a CUDA GPU: interpreted Triton (TRITON_INTERPRET=1) would take hours on 2^31 elements")
+    if backend == "reference":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU: the reference (plain torch) on the CPU would hold over 20 GB of host "
+                        "memory past 2^31 elements (its int64 sums, its unfused chain)")
+        return torch.device("cuda")
+    return device
+
+
+def two_channels_past_2_to_the_31(device):
+    """[1, 2, 2^30 + 2^19] float16 (2^31 + 2^20 elements, 4.3 GB): zeros, a NaN early in channel
+    0 and the last 2^20 elements, all past index 2^31, -1."""
+    inner = 2**30 + 2**19
+    x = torch.zeros(1, 2, inner, dtype=torch.float16, device=device)
+    x[0, 1, -(2**20):] = -1.0
     x[0, 0, 123] = float("nan")
-    nans = torch.zeros(channels, dtype=torch.int64)
-    counts = ek.ops.count_on(x, 1, nan_counts=nans)
-    assert counts.tolist() == [inner - 1, inner - 2**20]
-    assert nans.tolist() == [1, 0]
-    tokens = x.view(channels, inner).t()  # [inner, 2] with the channel as a strided last dim
-    assert ek.ops.count_on(tokens, -1, nan_counts=torch.zeros_like(nans)).tolist() == counts.tolist()
+    return x
+
+
+def test_count_is_exact_past_2_to_the_31_elements(backend, device):
+    """64-bit indexing in every layout's kernel: channel-major rows, the same memory as tokens
+    [inner, 2] (channel strided), and as [N, 2] rows with the channel fastest (columns)."""
+    x = two_channels_past_2_to_the_31(past_2_to_the_31_device(backend, device))
+    inner = x.shape[2]
+    with ek.ops.use_backend(backend):
+        nans = torch.zeros(2, dtype=torch.int64, device=x.device)
+        assert ek.ops.count_on(x, 1, nan_counts=nans).tolist() == [inner - 1, inner - 2**20]
+        assert nans.tolist() == [1, 0]
+        tokens = x.view(2, inner).t()
+        assert ek.ops.count_on(tokens, -1, nan_counts=nans.zero_()).tolist() == [inner - 1, inner - 2**20]
+        # flat index i is channel i % 2 here: the 2^20 negatives split evenly, the NaN (123) is odd
+        columns = x.view(-1, 2)
+        assert ek.ops.count_on(columns, -1, nan_counts=nans.zero_()).tolist() == [inner - 2**19, inner - 2**19 - 1]
+        assert nans.tolist() == [0, 1]
 
 
 def test_special_values_in_every_dtype_match_reference(backend, device):

@@ -5,8 +5,10 @@
 // special-value rule (ek_math.h) for the rest.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include "counting_cpu.h"
+#include "op_args.h"
 
 namespace ek {
 
@@ -89,5 +91,15 @@ at::Tensor act_count_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& na
   });
   return y;
 }
+
+namespace {
+at::Tensor act_count_op(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, c10::string_view kind,
+                        int64_t channel_dim, double param) {
+  const DenseView v = counting_args("act_count", x, counts, nan_counts, channel_dim);
+  return act_count_cpu(v.x, counts, nan_counts, kind_id(kind), param, v.outer, v.channels, v.inner);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(easier_kernels, CPU, m) { m.impl("act_count", &act_count_op); }
 
 }  // namespace ek

@@ -1,39 +1,39 @@
-// Python bindings of the native kernels. The public ops (easier_kernels::count_on / act_count /
-// conv_block) are registered with torch.library in easier_kernels/ops; these are the raw entries.
+// The Python module `easier_kernels._C`. Importing it loads this library, whose static
+// registrations (library.cpp, TORCH_LIBRARY_IMPL beside each kernel) define the
+// easier_kernels::* ops. The module adds eager entries to the counting ops: the same dispatcher
+// call, without the ~2-3 us per call of Python's torch.ops argument parsing (the meter calls
+// them once per activation call).
 #include <torch/extension.h>
 
-namespace ek {
-void count_on_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t outer,
-                  int64_t C, int64_t inner);
-at::Tensor act_count_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts,
-                         int64_t kind, double param, int64_t outer, int64_t C, int64_t inner);
-at::Tensor conv_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                          const at::Tensor& w2, const at::Tensor& b2,
-                          const std::optional<at::Tensor>& residual, int64_t pattern, int64_t stride_h,
-                          int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t kind, double param);
-#ifdef EK_WITH_CUDA
-void count_on_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t outer,
-                   int64_t C, int64_t inner);
-at::Tensor act_count_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts,
-                          int64_t kind, double param, int64_t outer, int64_t C, int64_t inner);
-at::Tensor conv_block_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                           const at::Tensor& w2, const at::Tensor& b2,
-                           const std::optional<at::Tensor>& residual, int64_t pattern, int64_t stride_h,
-                           int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t kind, double param);
-#endif
-}  // namespace ek
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace {
+
+void count_on(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t channel_dim) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("easier_kernels::count_on", "")
+                             .typed<void(const at::Tensor&, at::Tensor&, at::Tensor&, int64_t)>();
+  op.call(x, counts, nan_counts, channel_dim);
+}
+
+at::Tensor act_count(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, c10::string_view kind,
+                     int64_t channel_dim, double param) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("easier_kernels::act_count", "")
+          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, c10::string_view, int64_t, double)>();
+  return op.call(x, counts, nan_counts, kind, channel_dim, param);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "easier_kernels native kernels (C++ CPU, and CUDA where built)";
-  m.def("count_on_cpu", &ek::count_on_cpu);
-  m.def("act_count_cpu", &ek::act_count_cpu);
-  m.def("conv_block_cpu", &ek::conv_block_cpu);
+  m.doc() = "easier_kernels native kernels (C++ CPU, and CUDA where built), registered as torch.ops.easier_kernels";
 #ifdef EK_WITH_CUDA
   m.attr("has_cuda") = true;
-  m.def("count_on_cuda", &ek::count_on_cuda);
-  m.def("act_count_cuda", &ek::act_count_cuda);
-  m.def("conv_block_cuda", &ek::conv_block_cuda);
 #else
   m.attr("has_cuda") = false;
 #endif
+  m.def("count_on", &count_on, "easier_kernels::count_on through the dispatcher");
+  m.def("act_count", &act_count, "easier_kernels::act_count through the dispatcher");
 }

@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "ek_math.h"
+#include "op_args.h"
 
 // Vector-typed values in always_inline helpers would warn about the vector calling convention;
 // they never cross a real call.
@@ -755,5 +757,18 @@ at::Tensor conv_block_cpu(const at::Tensor& x, const at::Tensor& w1, const at::T
   });
   return out;
 }
+
+namespace {
+at::Tensor conv_block_op(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                         const at::Tensor& b2, const std::optional<at::Tensor>& residual, c10::string_view pattern,
+                         c10::IntArrayRef stride, c10::IntArrayRef padding, c10::string_view kind, double param) {
+  const auto [stride_h, stride_w] = pair_arg(stride, "stride");
+  const auto [pad_h, pad_w] = pair_arg(padding, "padding");
+  return conv_block_cpu(x, w1, b1, w2, b2, residual, pattern_id(pattern), stride_h, stride_w, pad_h, pad_w,
+                        kind_id(kind), param);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(easier_kernels, CPU, m) { m.impl("conv_block", &conv_block_op); }
 
 }  // namespace ek

@@ -1,8 +1,10 @@
 // count_on, CPU: per-channel on/NaN counts of a dense [outer, C, inner] buffer, one read pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
 
 #include "counting_cpu.h"
+#include "op_args.h"
 
 namespace ek {
 
@@ -16,5 +18,14 @@ void count_on_cpu(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_count
                                            nan_counts.data_ptr<int64_t>());
   });
 }
+
+namespace {
+void count_on_op(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t channel_dim) {
+  const DenseView v = counting_args("count_on", x, counts, nan_counts, channel_dim);
+  count_on_cpu(v.x, counts, nan_counts, v.outer, v.channels, v.inner);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(easier_kernels, CPU, m) { m.impl("count_on", &count_on_op); }
 
 }  // namespace ek

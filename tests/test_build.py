@@ -17,11 +17,19 @@ import easier_kernels as ek
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_native_extension_is_built():
-    from easier_kernels import _C
+def native_kernel_file(op: str, key: str) -> str | None:
+    """The source file that registered op's kernel for a dispatch key (None: no kernel)."""
+    dump = torch._C._dispatch_dump(f"easier_kernels::{op}")
+    line = next((line for line in dump.splitlines() if line.startswith(f"{key}: registered at ")), None)
+    return None if line is None else line.split("registered at ", 1)[1].split(":", 1)[0]
+
+
+def test_the_native_extension_is_built_and_registers_the_cpu_kernels():
+    from easier_kernels import _C  # noqa: F401
 
     assert "cpp" in ek.ops.available_backends()
-    assert hasattr(_C, "count_on_cpu") and hasattr(_C, "act_count_cpu")
+    for op in ("count_on", "act_count", "conv_block"):
+        assert native_kernel_file(op, "CPU").endswith(f"csrc/{op}_cpu.cpp")
 
 
 def test_the_package_works_without_the_extension():
@@ -69,7 +77,9 @@ def test_cuda_kernels_are_built_where_torch_has_cuda_and_nvcc_is_here():
         pytest.skip("no nvcc here: the CUDA kernels are built only where nvcc is")
     from easier_kernels import _C
 
-    assert all(hasattr(_C, f"{op}_cuda") for op in ("count_on", "act_count", "conv_block"))
+    assert _C.has_cuda
+    for op in ("count_on", "act_count", "conv_block"):
+        assert native_kernel_file(op, "CUDA").endswith("csrc/cuda/bindings_cuda.cpp")
 
 
 def test_setup_py_sets_no_language_standard():

@@ -1,9 +1,12 @@
-// Torch side of the CUDA kernels: tensors in, raw pointers and the current stream out.
+// Torch side of the CUDA kernels: the ops' CUDA registrations. Tensors in, raw pointers and the
+// current stream of x's device out.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "ek_cuda.h"
+#include "op_args.h"
 
 namespace ek {
 
@@ -20,33 +23,36 @@ ek_dtype to_ek_dtype(at::ScalarType t) {
 void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "easier_kernels cuda: ", cudaGetErrorString(err)); }
 }  // namespace
 
-void count_on_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t outer,
-                   int64_t C, int64_t inner) {
-  TORCH_CHECK(x.is_cuda() && counts.is_cuda() && nan_counts.is_cuda(), "count_on_cuda: CUDA tensors only");
+void count_on_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, int64_t channel_dim) {
+  TORCH_CHECK(x.is_cuda(), "count_on (cuda): CUDA tensors only, got one on ", x.device());
+  const DenseView v = counting_args("count_on", x, counts, nan_counts, channel_dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  check(ek_count_on_cuda(x.const_data_ptr(), to_ek_dtype(x.scalar_type()), outer, C, inner,
+  check(ek_count_on_cuda(v.x.const_data_ptr(), to_ek_dtype(x.scalar_type()), v.outer, v.channels, v.inner,
                          counts.data_ptr<int64_t>(), nan_counts.data_ptr<int64_t>(),
                          c10::cuda::getCurrentCUDAStream()));
 }
 
-at::Tensor act_count_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts,
-                          int64_t kind, double param, int64_t outer, int64_t C, int64_t inner) {
-  TORCH_CHECK(x.is_cuda() && counts.is_cuda() && nan_counts.is_cuda(), "act_count_cuda: CUDA tensors only");
+at::Tensor act_count_cuda(const at::Tensor& x, at::Tensor& counts, at::Tensor& nan_counts, c10::string_view kind,
+                          int64_t channel_dim, double param) {
+  TORCH_CHECK(x.is_cuda(), "act_count (cuda): CUDA tensors only, got one on ", x.device());
+  const DenseView v = counting_args("act_count", x, counts, nan_counts, channel_dim);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty_like(x);  // keeps x's strides
-  check(ek_act_count_cuda(x.const_data_ptr(), y.data_ptr(), to_ek_dtype(x.scalar_type()),
-                          static_cast<int>(kind), param, outer, C, inner, counts.data_ptr<int64_t>(),
-                          nan_counts.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()));
+  at::Tensor y = at::empty_like(v.x);  // keeps the dense view's strides
+  check(ek_act_count_cuda(v.x.const_data_ptr(), y.data_ptr(), to_ek_dtype(x.scalar_type()),
+                          static_cast<int>(kind_id(kind)), param, v.outer, v.channels, v.inner,
+                          counts.data_ptr<int64_t>(), nan_counts.data_ptr<int64_t>(),
+                          c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
 at::Tensor conv_block_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2,
-                           const std::optional<at::Tensor>& residual, int64_t pattern, int64_t stride_h,
-                           int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t kind, double param) {
-  TORCH_CHECK(pattern == 0 || pattern == 1, "conv_block_cuda: pattern must be 0 (pw_dw) or 1 (dw_pw), got ",
-              pattern);
-  TORCH_CHECK(kind >= 0 && kind <= 8, "conv_block_cuda: unknown activation kind id ", kind);  // ek::Kind
+                           const std::optional<at::Tensor>& residual, c10::string_view pattern_name,
+                           c10::IntArrayRef stride, c10::IntArrayRef padding, c10::string_view kind_name,
+                           double param) {
+  const int64_t pattern = pattern_id(pattern_name), kind = kind_id(kind_name);
+  const auto [stride_h, stride_w] = pair_arg(stride, "stride");
+  const auto [pad_h, pad_w] = pair_arg(padding, "padding");
   const bool has_res = residual.has_value() && residual->defined();
   for (const at::Tensor* t : {&x, &w1, &b1, &w2, &b2}) {
     TORCH_CHECK(t->is_cuda(), "conv_block_cuda: CUDA tensors only, got one on ", t->device());
@@ -104,6 +110,12 @@ at::Tensor conv_block_cuda(const at::Tensor& x, const at::Tensor& w1, const at::
                            dtype, N, Cin, H, W, C, kh, kw, static_cast<int>(pattern), stride_h, stride_w, pad_h,
                            pad_w, static_cast<int>(kind), param, c10::cuda::getCurrentCUDAStream()));
   return out;
+}
+
+TORCH_LIBRARY_IMPL(easier_kernels, CUDA, m) {
+  m.impl("count_on", &count_on_cuda);
+  m.impl("act_count", &act_count_cuda);
+  m.impl("conv_block", &conv_block_cuda);
 }
 
 }  // namespace ek

@@ -14,45 +14,18 @@ from __future__ import annotations
 import torch
 
 from . import kinds
-from .backends import BACKENDS, available_backends, backend_name, kernels, use_backend
+from .backends import BACKENDS, available_backends, kernels_for, use_backend
 
-__all__ = ["count_on", "act_count", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
+__all__ = ["count_on", "act_count", "act_count_resolved", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
 
 KINDS = kinds.KINDS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-# ---- the registered ops: what torch.compile / export see. The dispatcher picks the device,
-# backends.py the implementation. (torch.library.custom_op would cost ~80 us a call here.)
-
-_lib = torch.library.Library("easier_kernels", "DEF")
-_lib.define("count_on(Tensor x, Tensor(a!) counts, Tensor(b!) nan_counts, int channel_dim) -> ()")
-_lib.define(
-    "act_count(Tensor x, Tensor(a!) counts, Tensor(b!) nan_counts, str kind, int channel_dim, float param) -> Tensor"
-)
-
-
-def _count_on_kernel(x, counts, nan_counts, channel_dim):
-    kernels(backend_name(x.device)).count_on(x, counts, nan_counts, channel_dim)
-
-
-def _act_count_kernel(x, counts, nan_counts, kind, channel_dim, param):
-    return kernels(backend_name(x.device)).act_count(x, counts, nan_counts, channel_dim, kind, param)
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("count_on", _count_on_kernel, _key)
-    _lib.impl("act_count", _act_count_kernel, _key)
-
-
-@torch.library.register_fake("easier_kernels::count_on", lib=_lib)
-def _(x, counts, nan_counts, channel_dim):
-    return None
-
-
-@torch.library.register_fake("easier_kernels::act_count", lib=_lib)
-def _(x, counts, nan_counts, kind, channel_dim, param):
-    return torch.empty_like(x)
+# ---- the registered ops (library.py; schemas and native kernels in csrc/): what torch.compile
+# and export see. The dispatcher picks the device's native kernel; backends.py says when another
+# backend (triton, reference) runs instead.
+from . import library  # noqa: E402,F401  (registers the ops)
 
 
 class _ActCountFunction(torch.autograd.Function):
@@ -74,21 +47,12 @@ class _ActCountFunction(torch.autograd.Function):
 # ---- the public API
 
 
-def _direct(x: torch.Tensor) -> bool:
-    """Eager calls on plain tensors go straight to the backend's kernel: the dispatcher round
-    trip into a Python kernel costs ~15 us a call. Tracing (torch.compile, export, fake or meta
-    tensors) goes through the registered ops, which is what those systems see."""
-    return type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not torch.compiler.is_compiling()
-
-
 def _count_into(x, counts, nans, channel_dim):
-    count = _count_on_kernel if _direct(x) else torch.ops.easier_kernels.count_on
-    count(x, counts, nans, channel_dim)
+    kernels_for(x).count_on(x, counts, nans, channel_dim)
 
 
 def _act_into(x, counts, nans, kind, channel_dim, param):
-    act = _act_count_kernel if _direct(x) else torch.ops.easier_kernels.act_count
-    return act(x, counts, nans, kind, channel_dim, param)
+    return kernels_for(x).act_count(x, counts, nans, kind, channel_dim, param)
 
 
 def _check(x: torch.Tensor, channel_dim: int, op: str) -> int:
@@ -155,16 +119,23 @@ def act_count(
     _check_counts("counts", counts, x, channels, "act_count")
     nans = torch.zeros_like(counts) if nan_counts is None else nan_counts
     _check_counts("nan_counts", nans, x, channels, "act_count")
-    if op_kind == "identity":
-        _count_into(x, counts, nans, channel_dim)
-        y = x
-    elif torch.is_grad_enabled() and x.requires_grad:
-        y = _ActCountFunction.apply(x, counts, nans, op_kind, channel_dim, param)
-    else:
-        y = _act_into(x, counts, nans, op_kind, channel_dim, param)
+    y = act_count_resolved(x, counts, nans, op_kind, channel_dim, param)
     if nan_counts is None:
         _raise_on_nan(nans, "act_count")
     return y
+
+
+def act_count_resolved(x: torch.Tensor, counts: torch.Tensor, nan_counts: torch.Tensor, kind: str, channel_dim: int,
+                       param: float) -> torch.Tensor:
+    """act_count for callers that checked x and the count buffers and resolved the kind once
+    (`kinds.resolve`), as the meter's probes do: per call only the kernel runs, and the autograd
+    node when x needs a gradient. NaNs are added to nan_counts, never raised."""
+    if kind == "identity":
+        _count_into(x, counts, nan_counts, channel_dim)
+        return x
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ActCountFunction.apply(x, counts, nan_counts, kind, channel_dim, param)
+    return _act_into(x, counts, nan_counts, kind, channel_dim, param)
 
 
 from .conv_block import conv_block  # noqa: E402  (it adds to the op namespace defined above)

@@ -8,11 +8,9 @@ for the tensor's device.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
-import types
 
 import torch
 
@@ -24,7 +22,9 @@ ENV_VAR = "EASIER_KERNELS_BACKEND"
 # whose kernels the test suite executes (Triton, through its interpreter) until one does.
 _DEFAULT_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "cuda", "reference")}
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("easier_kernels_backend", default=None)
+# A plain module global, not a ContextVar: torch.compile reads it while tracing and guards on its
+# value, so a function compiled under one backend recompiles under another. Process-wide.
+_forced: str | None = None
 _from_env = os.environ.get(ENV_VAR) or None  # os.environ costs ~2 us a lookup: read it once
 
 
@@ -38,7 +38,7 @@ def native_extension():
     return _C
 
 
-def _triton_interpreted() -> bool:
+def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -59,7 +59,7 @@ def devices_for(name: str) -> tuple[str, ...]:
     if name == "triton":
         if not _triton_installed():
             return ()
-        if _triton_interpreted():
+        if triton_interpreted():
             return ("cpu",)
         return ("cuda",) if torch.cuda.is_available() else ()
     raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
@@ -72,48 +72,77 @@ def available_backends() -> list[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend inside a `with` block: `with ek.ops.use_backend("reference"): ...`."""
+    """Force a backend inside a `with` block: `with ek.ops.use_backend("reference"): ...`.
+    Process-wide (every thread), and compiled functions recompile for it."""
+    global _forced
     if name not in available_backends():
         raise ValueError(f"backend {name!r} is not available here; available: {available_backends()}")
-    token = _forced.set(name)
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def backend_name(device: torch.device) -> str:
     """The backend that runs ops on tensors of `device`."""
-    name = _forced.get() or _from_env
-    if not name:
-        return _default_backend(device.type)
-    if device.type not in devices_for(name):
+    name = _forced or _from_env
+    return _checked(name, device.type) if name else _default_backend(device.type)
+
+
+# Both are constant for given arguments on a machine: torch.compile evaluates them once while
+# tracing (what they read, importlib and torch.cuda, it cannot trace).
+@torch.compiler.assume_constant_result
+def _checked(name: str, device_type: str) -> str:
+    if device_type not in devices_for(name):
         where = ", ".join(devices_for(name)) or "nowhere on this machine"
         raise RuntimeError(
-            f"easier_kernels backend {name!r} cannot run on {device.type} tensors (it runs on: {where}); "
+            f"easier_kernels backend {name!r} cannot run on {device_type} tensors (it runs on: {where}); "
             f"pick another with ek.ops.use_backend(...) or {ENV_VAR}"
         )
+    _backend_module(name)  # imported here, outside tracing, where torch.compile evaluates this
     return name
 
 
+@torch.compiler.assume_constant_result
 @functools.lru_cache(maxsize=None)
 def _default_backend(device_type: str) -> str:
     order = _DEFAULT_ORDER.get(device_type, ("reference",))
-    return next(n for n in order if device_type in devices_for(n))
+    name = next(n for n in order if device_type in devices_for(n))
+    _backend_module(name)  # imported here, outside tracing, where torch.compile evaluates this
+    return name
 
 
-@functools.lru_cache(maxsize=None)
-def kernels(name: str):
-    """The module-like object holding `count_on`, `act_count` and `conv_block` for a backend."""
+def kernels(name: str, traced: bool = False):
+    """A backend's `count_on`, `act_count` and `conv_block`, each taking its op's schema arguments
+    (csrc/library.cpp): in eager, and when `traced` (torch.compile, export: registered ops only).
+    cpp and cuda are the registered ops (native.py); triton runs its launchers in eager and its
+    own ops when traced; reference is plain torch, traceable as it is."""
+    module = _backend_module(name)
+    if name == "reference":
+        return module
+    return module.traced if traced else module.eager
+
+
+def _backend_module(name: str):
+    if name in ("cpp", "cuda"):
+        from . import native
+
+        return native
+    if name == "triton":
+        from . import triton_ops
+
+        return triton_ops
     if name == "reference":
         from . import reference
 
         return reference
-    if name == "triton":
-        from . import triton_conv_block, triton_kernels
+    raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
-        return types.SimpleNamespace(count_on=triton_kernels.count_on, act_count=triton_kernels.act_count,
-                                     conv_block=triton_conv_block.conv_block)
-    from .native import NativeBackend
 
-    return NativeBackend(native_extension(), "cpu" if name == "cpp" else "cuda")
+def kernels_for(x: torch.Tensor):
+    """The kernels that run an op on x. Eager calls on plain tensors may skip the dispatcher
+    (triton's launchers); tracing (torch.compile, export, fake or meta tensors) goes through
+    registered ops, which is what those systems see."""
+    direct = type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not torch.compiler.is_compiling()
+    return kernels(backend_name(x.device), not direct)

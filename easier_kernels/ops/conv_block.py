@@ -12,8 +12,9 @@ one (w2 [Cout, Cin, 1, 1]). These are the chains that merging into one conv make
 (a pointwise-then-depthwise pair merged is a dense kxk conv with ~k*k times the work). `ek.fold`
 times this op against the separate convolutions and keeps whichever is faster.
 
-Registered as `easier_kernels::conv_block` with a fake kernel, so torch.compile and export see
-it; the backend (reference / cpp / triton / cuda) is chosen in `backends.py`. Inference only:
+Registered as `easier_kernels::conv_block` (csrc/library.cpp, fake kernel in library.py), so
+torch.compile and export see it; the backend (reference / cpp / triton / cuda) is chosen in
+`backends.py`. Inference only:
 there is no gradient.
 """
 
@@ -21,39 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from . import kinds
-from .backends import backend_name, kernels
+from . import kinds, library
+from .backends import kernels_for
 
 __all__ = ["conv_block", "PATTERNS", "output_size"]
 
 PATTERNS = ("pw_dw", "dw_pw")
 
-_lib = torch.library.Library("easier_kernels", "FRAGMENT")
-_lib.define(
-    "conv_block(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? residual, str pattern, "
-    "int[] stride, int[] padding, str kind, float param) -> Tensor"
-)
-
-
-def _kernel(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, param):
-    return kernels(backend_name(x.device)).conv_block(x, w1, b1, w2, b2, residual, pattern, tuple(stride), tuple(padding),
-                                                      kind, param)
-
-
-for _key in ("CPU", "CUDA"):
-    _lib.impl("conv_block", _kernel, _key)
-
-
-def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-@torch.library.register_fake("easier_kernels::conv_block", lib=_lib)
-def _(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, param):
-    dw = w2 if pattern == "pw_dw" else w1
-    out_channels = w2.shape[0]
-    sizes = [output_size(s, k, st, p) for s, k, st, p in zip(x.shape[2:], dw.shape[1:], stride, padding)]
-    return x.new_empty((x.shape[0], out_channels, *sizes))
+output_size = library.output_size
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -125,5 +101,5 @@ def conv_block(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: t
     kind, param = kinds.resolve(activation, kind_args)
     if residual is not None:
         residual = residual.contiguous()
-    return torch.ops.easier_kernels.conv_block(x.contiguous(), k1, b1, k2, b2, residual, pattern, list(stride), list(padding),
-                                               kind, param)
+    x = x.contiguous()
+    return kernels_for(x).conv_block(x, k1, b1, k2, b2, residual, pattern, list(stride), list(padding), kind, param)

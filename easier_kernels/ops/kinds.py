@@ -36,6 +36,12 @@ KINDS = tuple(_KIND_ARGS)
 
 def resolve(kind: str, kind_args: dict) -> tuple[str, float]:
     """Public (kind, kwargs) -> (kernel kind, its one float parameter)."""
+    if not kind_args and kind in _RESOLVED_DEFAULTS:  # the common call, once per activation call
+        return _RESOLVED_DEFAULTS[kind]
+    return _resolve(kind, kind_args)
+
+
+def _resolve(kind: str, kind_args: dict) -> tuple[str, float]:
     if kind not in _KIND_ARGS:
         raise ValueError(f"unknown activation kind {kind!r}; use one of {', '.join(KINDS)}")
     unknown = set(kind_args) - set(_KIND_ARGS[kind])
@@ -52,6 +58,9 @@ def resolve(kind: str, kind_args: dict) -> tuple[str, float]:
     if kind == "elu":
         return kind, float(args["alpha"])
     return kind, 0.0
+
+
+_RESOLVED_DEFAULTS = {kind: _resolve(kind, {}) for kind in KINDS}
 
 
 def forward(x: torch.Tensor, kind: str, param: float) -> torch.Tensor:

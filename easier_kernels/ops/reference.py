@@ -21,7 +21,7 @@ def count_on(x, counts, nan_counts, channel_dim):
     nan_counts += torch.isnan(x).sum(dims, dtype=torch.int64) if dims else torch.isnan(x).long()
 
 
-def act_count(x, counts, nan_counts, channel_dim, kind, param):
+def act_count(x, counts, nan_counts, kind, channel_dim, param):
     count_on(x, counts, nan_counts, channel_dim)
     return activation(x, kind, param)
 

@@ -62,7 +62,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import kinds
-from .triton_kernels import LAUNCH_OPTIONS, _activation, _param, _round_to_bfloat16, device_guard, param_bits
+from .triton_kernels import LAUNCH_OPTIONS, _activation, _param, _round_to_bfloat16, device_guard, launcher, param_bits
 
 PATTERNS = ("pw_dw", "dw_pw")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -341,7 +341,7 @@ def _conv_block(x, w1, b1, w2, b2, residual, pattern, stride, padding, kind, par
     args = (x, w1, b1, w2, b2, res, out, cin, cout, h, w, ho, wo, sh, sw, ph, pw, param_bits(param, False))
     with device_guard(x.device):
         if pattern == "pw_dw":
-            _pw_dw_kernel[grid](*args, BLOCK_C=block_c, num_stages=2, **common, **_LAUNCH_OPTIONS)
+            launcher(_pw_dw_kernel, x)[grid](*args, BLOCK_C=block_c, num_stages=2, **common, **_LAUNCH_OPTIONS)
         else:
-            _dw_pw_kernel[grid](*args, BLOCK_O=block_c, num_stages=1, **common, **_LAUNCH_OPTIONS)
+            launcher(_dw_pw_kernel, x)[grid](*args, BLOCK_O=block_c, num_stages=1, **common, **_LAUNCH_OPTIONS)
     return out

@@ -253,6 +253,12 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def launcher(kernel, x: torch.Tensor):
+    """The kernel itself on real tensors; wrapped where x is a fake or functional tensor (the
+    triton ops traced by torch.compile or export), so the launch is recorded in the graph."""
+    return kernel if type(x) is torch.Tensor else torch.library.wrap_triton(kernel)
+
+
 def param_bits(value: float, f64: bool) -> int:
     """The activation's parameter as the signed integer bits of its float64 value (f64) or of
     its float32 rounding (otherwise; to nearest, as torch rounds it); _param() reverses it."""
@@ -280,7 +286,7 @@ def _launch(x, outer, channels, inner, y, counts, nan_counts, kind_id, param):
         n_rows = outer * channels
         grid = (triton.cdiv(n_rows, block_r),)
         with device_guard(x.device):
-            _runs_kernel[grid](x, y_buffer, counts, nan_counts, n_rows, channels, inner, bits,
+            launcher(_runs_kernel, x)[grid](x, y_buffer, counts, nan_counts, n_rows, channels, inner, bits,
                                BLOCK_R=block_r, BLOCK_I=block_i, **common)
     else:
         block_c = min(triton.next_power_of_2(channels), 128)
@@ -290,7 +296,7 @@ def _launch(x, outer, channels, inner, y, counts, nan_counts, kind_id, param):
         rows_per_program = triton.cdiv(triton.cdiv(outer, row_programs), block_r) * block_r
         grid = (column_programs, triton.cdiv(outer, rows_per_program))
         with device_guard(x.device):
-            _columns_kernel[grid](x, y_buffer, counts, nan_counts, outer, channels, rows_per_program,
+            launcher(_columns_kernel, x)[grid](x, y_buffer, counts, nan_counts, outer, channels, rows_per_program,
                                   bits, BLOCK_R=block_r, BLOCK_C=block_c, **common)
 
 

@@ -304,7 +304,7 @@ def count_on(x, counts, nan_counts, channel_dim):
     _launch(*dense_view(x, channel_dim), None, counts, nan_counts, kinds.KIND_IDS["identity"], 0.0)
 
 
-def act_count(x, counts, nan_counts, channel_dim, kind, param):
+def act_count(x, counts, nan_counts, kind, channel_dim, param):
     dense, outer, channels, inner = dense_view(x, channel_dim)
     y = torch.empty_like(dense)  # same strides as dense, so the kernel writes y in x's order
     _launch(dense, outer, channels, inner, y, counts, nan_counts, kinds.KIND_IDS[kind], param)

@@ -22,7 +22,7 @@ def count_on(x: torch.Tensor, counts: torch.Tensor, nan_counts: torch.Tensor, ch
 
 def act_count(x: torch.Tensor, counts: torch.Tensor, nan_counts: torch.Tensor, kind: str, channel_dim: int,
               param: float) -> torch.Tensor:
-    return triton_kernels.act_count(x, counts, nan_counts, channel_dim, kind, param)
+    return triton_kernels.act_count(x, counts, nan_counts, kind, channel_dim, param)
 
 
 def conv_block(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,

@@ -64,7 +64,7 @@ def random_inputs(dtype, device):
 def act(backend, x, kind, param, channel_dim=0):
     """The backend's act_count kernel itself: kernel kind names (gelu_tanh) and float parameters."""
     counts = torch.zeros(x.shape[channel_dim], dtype=torch.int64, device=x.device)
-    return ek.ops.backends.kernels(backend).act_count(x, counts, torch.zeros_like(counts), channel_dim, kind, param)
+    return ek.ops.backends.kernels(backend).act_count(x, counts, torch.zeros_like(counts), kind, channel_dim, param)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16], ids=lambda d: str(d)[6:])

@@ -20,7 +20,8 @@ _MISSING = {
 }
 
 
-@pytest.fixture(params=BACKENDS)
+# The device backends' cases carry the `gpu` marker: scripts/gpu_check.sh runs them with -m gpu.
+@pytest.fixture(params=[pytest.param(b, marks=pytest.mark.gpu) if b in ("triton", "cuda") else b for b in BACKENDS])
 def backend(request):
     name = request.param
     if name not in available_backends():

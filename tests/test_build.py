@@ -67,6 +67,7 @@ def test_build_requirements_never_pull_torch():
     assert "setuptools" in requires and "torch" not in requires.lower()
 
 
+@pytest.mark.gpu
 def test_cuda_kernels_are_built_where_torch_has_cuda_and_nvcc_is_here():
     """The newest torch's CUDA build is checked by scripts/check_torch_range.sh, which runs this."""
     if torch.version.cuda is None:

@@ -49,23 +49,31 @@ def zeros(channels, device):
     return torch.zeros(channels, dtype=torch.int64, device=device)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["native", "triton"])
 @pytest.mark.parametrize("name", OPS)
-def test_every_registered_op_passes_opcheck(name, impl):
+def test_every_registered_op_passes_opcheck(name, impl, device):
     """Schema (declared mutations really happen, nothing else is mutated), fake kernels, and the
     op under torch.compile's dispatcher (aot_dispatch), for each layout and several kinds."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if impl == "triton" and device == "cpu" and torch.cuda.is_available():
+        pytest.skip("triton runs on the GPU here (on CPU only in its interpreter)")
     op = registered_op(name, impl)
-    device = torch.device("cpu")
     if name == "conv_block":
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(2, 4, 6, 6, generator=gen)
-        pw, dw = torch.randn(8, 4, generator=gen), torch.randn(8, 3, 3, generator=gen)
-        b1, b2, res = torch.randn(8, generator=gen), torch.randn(8, generator=gen), torch.randn(2, 8, 3, 3, generator=gen)
+        x, pw, dw, b1, b2, res, dw1, pw2 = (t.to(device) for t in (
+            torch.randn(2, 4, 6, 6, generator=gen), torch.randn(8, 4, generator=gen), torch.randn(8, 3, 3, generator=gen),
+            torch.randn(8, generator=gen), torch.randn(8, generator=gen), torch.randn(2, 8, 3, 3, generator=gen),
+            torch.randn(4, 3, 3, generator=gen), torch.randn(8, 4, generator=gen)))
         torch.library.opcheck(op, (x, pw, b1, dw, b2, res, "pw_dw", [2, 2], [1, 1], "relu6", 0.0))
-        dw1, pw2 = torch.randn(4, 3, 3, generator=gen), torch.randn(8, 4, generator=gen)
         torch.library.opcheck(op, (x, dw1, b1[:4].contiguous(), pw2, b2, None, "dw_pw", [1, 1], [1, 1], "identity", 0.0))
         return
     for x, channel_dim in counting_samples(with_nan=name == "count_on"):
+        x = x.to(device)
         channels = x.shape[channel_dim]
         if name == "count_on":
             torch.library.opcheck(op, (x, zeros(channels, device), zeros(channels, device), channel_dim))

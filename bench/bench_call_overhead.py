@@ -31,17 +31,19 @@ def calls(x: torch.Tensor, counts: torch.Tensor, nans: torch.Tensor) -> dict:
     }
 
 
-def backend_cases() -> list[tuple[str, str]]:
-    """(device, backend) for every backend that runs compiled on a device here."""
+def backend_cases() -> list:
+    """(device, backend) for every backend that runs compiled on a device here; CUDA's marked gpu."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [(d, b) for d in devices for b in ops.available_backends()
+    return [pytest.param(d, b, marks=[pytest.mark.gpu] if d == "cuda" else [], id=f"{d}-{b}")
+            for d in devices for b in ops.available_backends()
             if d in ops.backends.devices_for(b) and not (b == "triton" and d == "cpu")]
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("path", ["act_count", "act_count_resolved", "meter"])
-@pytest.mark.parametrize("device,backend", backend_cases())
-def test_call_overhead(measure, device, backend, path, grad):
+@pytest.mark.parametrize("where,backend", backend_cases())  # (not `device`: bench/conftest.py parametrizes that)
+def test_call_overhead(measure, where, backend, path, grad):
+    device = where
     x = torch.randn(1, 16, 4, 4, device=device, requires_grad=grad)
     counts = torch.zeros(16, dtype=torch.int64, device=device)
     nans = torch.zeros_like(counts)

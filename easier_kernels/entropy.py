@@ -1,7 +1,7 @@
 """Layer entropies from streamed on/off counts: a scoring pass, and a meter that rides along training.
 
     scores = ek.entropy_scores(model, loader)          # site name -> layer entropy (bits), in order
-    meter = ek.EntropyMeter(model)                     # or: collect while your own loop trains
+    meter = ek.EntropyMeter(model, example_inputs=x)   # or: collect while your own loop trains
     train_one_epoch(meter.model, ...)                  # meter.model shares model's parameters
     scores = meter.scores()
 
@@ -21,7 +21,6 @@ Modes:
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -29,12 +28,10 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import ops, sites as sites_mod
-from .ops import kinds
+from .ops import _FLOAT_DTYPES, kinds
 from .sites import Site
 
 __all__ = ["MODES", "Scores", "EntropyMeter", "entropy_scores", "binary_entropy", "layer_entropy"]
@@ -106,30 +103,33 @@ class Scores(Mapping):
 class SiteProbe(nn.Module):
     """Stands at one site: computes the activation (when fused) and adds its counts.
 
-    Its state is tensors updated in place on the activation's device, so that a compiled
-    training step (torch.compile of `meter.model`) traces one graph and reuses it at every step:
-    `counts`, `nan_counts` (int64 [C]), `entropy_sum` (float64 [1]: batch_mean adds each call's
-    layer entropy) and `tally` (int64 [2]: elements per channel and calls, added by compiled
-    calls; eager calls add the plain ints `_elements` and `_calls` instead, which costs no tensor
-    op). Python values that a compiled graph would bake in never change per call.
+    Its state is tensors updated in place, so that a compiled training step (torch.compile of
+    `meter.model`) traces one graph and reuses it at every step: `counts`, `nan_counts` (int64
+    [C]), `entropy_sum` (float64 [1]: batch_mean adds each call's layer entropy) and `tally`
+    (int64 [2]: elements per channel and calls, added by compiled calls; eager calls add to the
+    plain list `_eager_tally` instead, which costs no tensor op and no Module.__setattr__). No
+    Python value that a compiled graph reads changes per call.
 
-    The tensors are allocated at construction when the meter read the channel count from the
-    graph (`channels`, checked at every call), else at the first call (under torch.compile: a
-    second compilation, once), and follow the activations to another device. Nothing here
-    synchronizes the device; `totals()` does, when scores are asked. They are plain attributes,
-    not buffers: they stay out of state_dict and out of DDP's buffer broadcasts.
+    The tensors are allocated at construction when the meter knows the channel count (from
+    `example_inputs`, on the model's device), else at the first call, on the activation's device
+    (under torch.compile: a second compilation, once). Where it allocates from an activation,
+    the probe checks it once (dtype, channel dim); after that a call does the shape comparison
+    below and the kernel, nothing else: a channel count other than the allocated one is an
+    error naming the site. `meter.model.to(device)` moves the tensors. Nothing here synchronizes
+    the device; `totals()` does. They are plain attributes, not buffers: they stay out of
+    state_dict and out of DDP's buffer broadcasts.
     """
 
     def __init__(self, site: Site, mode: str, fused: bool, channels: int | None = None, device=None):
         super().__init__()
         self.site, self.mode, self.fused = site, mode, fused
-        self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)
-        # unfused probes count only; their call's own activation runs after them
-        self.count_kind, self.count_args = (site.kind, site.kind_args) if fused else ("identity", {})
+        self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)  # the activation (when paused)
+        # what the counting call computes: unfused probes count only (their call's activation runs after them)
+        self.count_kind, self.count_param = (self.kernel_kind, self.param) if fused else ("identity", 0.0)
         self.channel_dim, self.pooled = site.channel_dim, mode == "pooled"
         self.counting = True
         self.counts = self.nan_counts = self.entropy_sum = self.tally = None
-        self._channels, self._device = -1, None  # what the tensors are sized and placed for
+        self.channels = -1  # what the tensors are sized for; -1 before they exist
         if channels is not None:
             self._allocate(channels, torch.device("cpu" if device is None else device))
         self.reset()
@@ -139,58 +139,62 @@ class SiteProbe(nn.Module):
         self.nan_counts = torch.zeros(channels, dtype=torch.int64, device=device)
         self.entropy_sum = torch.zeros(1, dtype=torch.float64, device=device)  # not 0-d: dynamo would trace a float
         self.tally = torch.zeros(2, dtype=torch.int64, device=device)
-        self._channels, self._device = channels, device
+        self.channels = channels
+
+    def _apply(self, fn, recurse=True):
+        """module.to(device) / .cuda() move the count tensors too (their dtypes stay)."""
+        super()._apply(fn, recurse)
+        if self.counts is not None:
+            self.counts, self.nan_counts, self.entropy_sum, self.tally = (
+                fn(t).to(t.dtype) for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally))
+        return self
 
     def reset(self) -> None:
         """Zeroes the counts in place: the same tensors, so a compiled step stays valid."""
         if self.counts is not None:
             for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally):
                 t.zero_()
-        self._elements = self._calls = 0
+        self._eager_tally = [0, 0]  # [elements per channel, calls], mutated in place
 
     def totals(self) -> tuple[int, int]:
         """(elements counted per channel, calls) since the last reset; synchronizes the device."""
         if self.counts is None:
             return 0, 0
         elements, calls = self.tally.tolist()
-        return self._elements + elements, self._calls + calls
+        return self._eager_tally[0] + elements, self._eager_tally[1] + calls
 
-    def _fit(self, x: torch.Tensor, channels: int) -> None:
-        """Tensors sized and placed for x: allocated at the first call when the channel count
-        was not known, moved when the activations moved (both traceable), resized when the
-        meter's reading of the graph was wrong."""
-        if self.counts is None:
-            self._allocate(channels, x.device)
-            return
-        if x.device != self._device:
-            self.counts, self.nan_counts, self.entropy_sum, self.tally = (
-                t.to(x.device) for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally))
-            self._device = x.device
-        if channels != self._channels:
-            self._resize(channels)
-
-    @torch.compiler.disable  # it reads the calls back from the device (a graph break, where it ever runs compiled)
-    def _resize(self, channels: int) -> None:
-        if self.totals()[1] == 0:  # else act_count reports that the channel count changed
-            self._allocate(channels, self._device)
+    def _allocate_for(self, x: torch.Tensor, channels: int) -> None:
+        """At the first call: x checked, the tensors allocated for it. After that: x's channel
+        count is not the allocated one, an error. (Traceable: under torch.compile it runs while
+        tracing.)"""
+        name = self.site.name
+        if self.counts is not None:
+            raise ValueError(
+                f"site {name}: the activation has {channels} channels (dim {self.channel_dim} of shape "
+                f"{tuple(x.shape)}) but the meter counts {self.channels}; a site's channel count cannot change "
+                "while it is metered: make a new EntropyMeter for the changed model or input")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"site {name}: the activation is {x.dtype}; only float32/float16/bfloat16/float64 "
+                            "activations can be counted")
+        self._allocate(channels, x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.counting:
             return kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
-        cdim = self.channel_dim
         try:
-            channels = x.shape[cdim]
+            channels = x.shape[self.channel_dim]
         except IndexError:
-            raise ValueError(f"site {self.site.name}: channel_dim={cdim} is out of range for an activation of shape "
-                             f"{tuple(x.shape)}") from None
-        if channels != self._channels or x.device != self._device:
-            self._fit(x, channels)
-        per_channel = x.numel() // max(channels, 1)
+            raise ValueError(f"site {self.site.name}: channel_dim={self.channel_dim} is out of range for an activation "
+                             f"of shape {tuple(x.shape)}") from None
+        if channels != self.channels:
+            self._allocate_for(x, channels)
+        per_channel = x.numel() // channels if channels else 0
         if self.pooled:
-            y = ops.act_count(x, self.counts, self.count_kind, cdim, nan_counts=self.nan_counts, **self.count_args)
+            y = ops.act_count_resolved(x, self.counts, self.nan_counts, self.count_kind, self.channel_dim,
+                                       self.count_param)
         else:
             counts, nans = torch.zeros_like(self.counts), torch.zeros_like(self.nan_counts)
-            y = ops.act_count(x, counts, self.count_kind, cdim, nan_counts=nans, **self.count_args)
+            y = ops.act_count_resolved(x, counts, nans, self.count_kind, self.channel_dim, self.count_param)
             self.entropy_sum.add_(layer_entropy(counts, per_channel - nans))
             self.counts.add_(counts)
             self.nan_counts.add_(nans)
@@ -198,8 +202,9 @@ class SiteProbe(nn.Module):
             self.tally[0].add_(per_channel)
             self.tally[1].add_(1)
         else:
-            self._elements += per_channel
-            self._calls += 1
+            tally = self._eager_tally
+            tally[0] += per_channel
+            tally[1] += 1
         return y
 
 
@@ -207,29 +212,40 @@ class EntropyMeter:
     """Collects every site's on/off counts while the model trains or runs, at the cost of one
     fused kernel per activation.
 
-        meter = ek.EntropyMeter(model)               # mode="pooled"|"batch_mean", sites=[names]
-        opt = torch.optim.SGD(model.parameters())    # meter.model shares these parameters
+        meter = ek.EntropyMeter(model, example_inputs=x0)  # mode="pooled"|"batch_mean", sites=[names]
+        opt = torch.optim.SGD(model.parameters())          # meter.model shares these parameters
         for x, y in loader:
             loss = F.cross_entropy(meter.model(x), y); ...
-        scores = meter.scores()                      # collective under torch.distributed
-        meter.reset()                                # start counting afresh
-        with meter.paused(): ...                     # ordinary activations, nothing counted
+        scores = meter.scores()                            # collective under torch.distributed
+        meter.reset()                                      # start counting afresh
+        with meter.paused(): ...                           # ordinary activations, nothing counted
 
     `meter.model` is a GraphModule over the model's own submodules: training it trains `model`,
     and wrapping it in DistributedDataParallel works as for `model`. `close()` removes the hooks
-    of sites inside leaf modules (the only change made to `model` itself). `torch.compile(meter.model)`
-    compiles one graph for the training step, kept across steps and reset() (pausing adds one).
+    of sites inside leaf modules (the only change made to `model` itself).
+
+    example_inputs (a tensor or a tuple of positional inputs, any batch size): the model runs on
+    them once, in eval mode and without gradients (no state changes), and every site's counts
+    are allocated from the channel counts found there, on the model's device. Then
+    `torch.compile(meter.model)` compiles the training step exactly once, kept across steps and
+    reset() (pausing adds one graph). Without them a site's counts are allocated at its first
+    call: under torch.compile that is one extra compilation at the first step, then none.
+    A site whose channel count differs from the one allocated is an error naming it. Make the
+    meter after moving the model to its device, or move `meter.model` (the counts move with it).
     """
 
-    def __init__(self, model: nn.Module, *, mode: str = "pooled", sites: Iterable[str] | None = None,
-                 leaf_modules: Iterable | None = None):
+    def __init__(self, model: nn.Module, *, example_inputs=None, mode: str = "pooled",
+                 sites: Iterable[str] | None = None, leaf_modules: Iterable | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
         self.model = sites_mod.trace(model, leaf_modules)
         self.sites = sites_mod.select(sites_mod.sites_of(self.model, require=True), sites)
         self.probes: dict[str, SiteProbe] = {}
-        channels, device = _site_channels(self.model, self.sites), model_device(model)
+        device, channels = model_device(model), {}
+        if example_inputs is not None:
+            inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in sites_mod.as_args(example_inputs)]
+            channels = sites_mod.channels_of(self.model, self.sites, tuple(inputs))
 
         def make_probe(site: Site, fused: bool) -> SiteProbe:
             self.probes[site.name] = SiteProbe(site, mode, fused, channels.get(site.name), device)
@@ -265,7 +281,7 @@ class EntropyMeter:
         missing = [p.site.name for p in probes if p.counts is None]
         if not missing:  # (elements, calls) per site, in one device sync
             tallies = torch.stack([p.tally for p in probes]).tolist()
-            local = [[p._elements + e, p._calls + c] for p, (e, c) in zip(probes, tallies)]
+            local = [[p._eager_tally[0] + e, p._eager_tally[1] + c] for p, (e, c) in zip(probes, tallies)]
             missing = [p.site.name for p, (_, calls) in zip(probes, local) if calls == 0]
         if missing:
             raise RuntimeError(
@@ -296,92 +312,6 @@ class EntropyMeter:
             warnings.warn(f"NaN activations at {len(nan_sites)} site(s): {shown}; they are neither on nor off and are left "
                           "out of the on-probabilities (Scores.nan_counts has them per channel)", stacklevel=2)
         return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
-
-
-def _out_channels(module: nn.Module) -> int | None:
-    """How many channels a layer's output has, where its type says."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return module.num_features
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape):
-        return module.normalized_shape[-1]
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    return None
-
-
-_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}  # out channels: the weight's first dim
-# between a layer and its activation, what keeps the channel count (anything else ends the walk)
-_KEEPING_MODULES = (nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd,
-                    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-                    nn.modules.pooling._AdaptiveMaxPoolNd, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
-                    *sites_mod.ACTIVATION_MODULES)
-_KEEPING_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.isub,
-    operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.sigmoid, torch.tanh, F.dropout,
-    F.hardsigmoid, F.batch_norm, F.group_norm, F.instance_norm, F.layer_norm, F.max_pool1d, F.max_pool2d,
-    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, sites_mod.linearized, *sites_mod.ACTIVATION_FUNCTIONS,
-}
-_KEEPING_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "neg", "contiguous", "clone",
-                    "float", "half", "bfloat16", "double", "to", "type_as", "sigmoid", "tanh",
-                    *sites_mod.ACTIVATION_METHODS}
-
-
-def _site_channels(gm: fx.GraphModule, sites: Iterable[Site]) -> dict:
-    """Site name -> its channel count, where the graph tells it without running the model: the
-    layer that produces the activation's input, through ops that keep the channel count (for a
-    site inside a leaf module, the module registered just before it). The probes' counts then
-    exist before the first call, and a compiled step does not trace their allocation. The probe
-    checks the number at every call."""
-    nodes = {n.meta["ek_site"]: n for n in gm.graph.nodes if "ek_site" in n.meta}
-    found = {}
-    for site in sites:
-        if site.in_leaf:
-            parent_path, _, child = site.module.rpartition(".")
-            previous = None
-            for name, module in gm.get_submodule(parent_path).named_children():
-                if name == child:
-                    break
-                previous = module
-            channels = _out_channels(previous) if previous is not None else None
-        else:
-            channels = _channels_before(gm, nodes[site.name].args[0])
-        if channels is not None:
-            found[site.name] = channels
-    return found
-
-
-def _channels_before(gm: fx.GraphModule, node) -> int | None:
-    for _ in range(64):
-        if not isinstance(node, fx.Node):
-            return None
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            channels = _out_channels(module)
-            if channels is not None or not isinstance(module, _KEEPING_MODULES):
-                return channels
-        elif node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS:
-            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-                return None
-            try:
-                return gm.get_parameter(weight.target).shape[0]
-            except AttributeError:
-                return None
-        elif not ((node.op == "call_function" and node.target in _KEEPING_FUNCTIONS)
-                  or (node.op == "call_method" and node.target in _KEEPING_METHODS)):
-            return None
-        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
-        if not inputs:
-            return None
-        node = inputs[0]
-    return None
 
 
 @contextmanager

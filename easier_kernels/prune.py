@@ -274,7 +274,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
             gains, chosen = None, choose(candidates, layers_per_step, order)
         net = linearize(current, chosen, example, plan=plan, runtime=runtime, leaf_modules=leaf_paths)
         remaining = len(scores) > len(chosen)
-        meter = EntropyMeter(net, mode=mode, leaf_modules=leaf_paths) if scoring == "ride_along" and remaining else None
+        meter = EntropyMeter(net, example_inputs=example, mode=mode, leaf_modules=leaf_paths) \
+            if scoring == "ride_along" and remaining else None
         try:
             if finetune is None:
                 default_finetune(net, step, meter)

@@ -303,16 +303,25 @@ def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | Non
     """
     gm = trace(model, leaf_modules)
     sites = sites_of(gm, require=True)
+    channels = channels_of(gm, sites, example_inputs)
+    return [dataclasses.replace(s, channels=channels.get(s.name)) for s in sites]
+
+
+def channels_of(gm: fx.GraphModule, sites: Sequence[Site], example_inputs) -> dict[str, int]:
+    """Site name -> its channel count, from the shapes the graph propagates: `gm` (as `trace`
+    made it, sites marked by `sites_of`) runs once on `example_inputs`, in eval mode and without
+    gradients (no state changes), and each site's input shape is read where it is called. Sites
+    the example never reaches are left out."""
     shapes = _InputShapes(gm)
     handles = [gm.get_submodule(s.module).register_forward_pre_hook(_record_shape(shapes.shapes, s.name))
                for s in sites if s.in_leaf]
     try:
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(gm):
             shapes.run(*as_args(example_inputs))
     finally:
         for h in handles:
             h.remove()
-    return [dataclasses.replace(s, channels=_channels(s, shapes.shapes)) for s in sites]
+    return {s.name: _channels(s, shapes.shapes[s.name]) for s in sites if s.name in shapes.shapes}
 
 
 def _record_shape(shapes: dict, name: str):
@@ -321,10 +330,7 @@ def _record_shape(shapes: dict, name: str):
     return hook
 
 
-def _channels(site: Site, shapes: dict) -> int | None:
-    shape = shapes.get(site.name)
-    if shape is None:
-        return None  # never called on the example input
+def _channels(site: Site, shape: tuple) -> int:
     return shape[site.channel_dim] if len(shape) > 1 else 1
 
 

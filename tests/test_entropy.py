@@ -247,14 +247,27 @@ def _train(net, steps, batches, model):
         opt.step()
 
 
-@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
-def test_compiled_training_compiles_once_and_counts_as_eager(mode):
-    """torch.compile(meter.model): one graph for every step (the probes' state is tensors
-    updated in place, allocated before the first call), no graph break, and the counts of the
-    eager meter over the same training. Pausing adds one graph; reset() none."""
+def _compiled(net):
+    """torch.compile(net) on a backend that counts its compilations; graph-break counters cleared."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    return torch.compile(net, backend=backend), backend, counters
+
+
+def _assert_same_counts(got, expected, batches):
+    assert got.batches == expected.batches == batches and got.totals == expected.totals
+    for name in expected:
+        assert torch.equal(got.counts[name], expected.counts[name]), name
+        assert torch.equal(got.nan_counts[name], expected.nan_counts[name]), name
+        assert got[name] == pytest.approx(expected[name], abs=1e-12)
+
+
+def _twins(mode, example_inputs):
+    """The same SmallNet twice, an eager meter on one and a meter for compiling on the other."""
     torch.manual_seed(0)
     images, labels = torch.randn(5, 4, 3, 8, 8), torch.randint(0, 10, (5, 4))
     batches = list(zip(images, labels))
@@ -262,25 +275,28 @@ def test_compiled_training_compiles_once_and_counts_as_eager(mode):
     compiled_model = SmallNet().train()
     compiled_model.load_state_dict(eager_model.state_dict())
     eager = ek.EntropyMeter(eager_model, mode=mode)
-    meter = ek.EntropyMeter(compiled_model, mode=mode)
-    assert [p.fused for p in meter.probes.values()] == [True, True, False, True]
+    meter = ek.EntropyMeter(compiled_model, mode=mode, example_inputs=example_inputs)
+    return batches, eager_model, compiled_model, eager, meter
 
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(meter.model, backend=backend)
+
+@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
+def test_compiled_training_compiles_once_and_counts_as_eager(mode):
+    """With example_inputs, torch.compile(meter.model) compiles one graph for every step (the
+    probes' state is tensors updated in place, allocated before the first call), with no graph
+    break, and counts what the eager meter counts over the same training. Pausing adds one
+    graph; reset() none."""
+    batches, eager_model, compiled_model, eager, meter = _twins(mode, torch.randn(2, 3, 8, 8))
+    assert [p.fused for p in meter.probes.values()] == [True, True, False, True]
+    assert all(p.counts is not None for p in meter.probes.values())  # allocated before the first call
+    assert all(p.counts is None for p in eager.probes.values())
+
+    step, backend, counters = _compiled(meter.model)
     _train(eager.model, 4, batches, eager_model)
     _train(step, 4, batches, compiled_model)
     assert backend.frame_count == 1, f"{backend.frame_count} compilations for 4 steps"
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
-
-    got, expected = meter.scores(), eager.scores()
-    assert got.batches == expected.batches == 4 and got.totals == expected.totals
-    for name in expected:
-        assert torch.equal(got.counts[name], expected.counts[name]), name
-        assert torch.equal(got.nan_counts[name], expected.nan_counts[name]), name
-        assert got[name] == pytest.approx(expected[name], abs=1e-12)
+    _assert_same_counts(meter.scores(), eager.scores(), 4)
 
     # reset() zeroes the same tensors: the graph stays valid; pausing adds one graph, once
     meter.reset()
@@ -299,8 +315,22 @@ def test_compiled_training_compiles_once_and_counts_as_eager(mode):
     assert all(torch.equal(got.counts[n], expected.counts[n]) for n in expected)
 
 
+@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
+def test_compiled_training_without_example_inputs_compiles_at_most_twice(mode):
+    """Without example_inputs the counts are allocated at the first call: one extra compilation
+    at the first step, then none; the counts are the eager meter's."""
+    batches, eager_model, compiled_model, eager, meter = _twins(mode, None)
+    assert all(p.counts is None for p in meter.probes.values())
+    step, backend, counters = _compiled(meter.model)
+    _train(eager.model, 4, batches, eager_model)
+    _train(step, 4, batches, compiled_model)
+    assert backend.frame_count <= 2, f"{backend.frame_count} compilations for 4 steps"
+    assert dict(counters["graph_break"]) == {}
+    _assert_same_counts(meter.scores(), eager.scores(), 4)
+
+
 class Unsized(nn.Module):
-    """Sites whose channel count the graph does not tell (after a cat, after a flatten)."""
+    """Channel counts only shapes tell (after a cat, after a flatten: it depends on the input size)."""
 
     def __init__(self):
         super().__init__()
@@ -311,46 +341,68 @@ class Unsized(nn.Module):
         return F.relu(h.flatten(1))
 
 
-def test_sites_sized_at_their_first_call():
-    """A channel count the graph does not tell is taken at the first call (eager: exact counts;
-    compiled: a second compilation, once, and no graph break)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch._dynamo.utils import counters
-
-    model = Unsized()
-    meter, compiled = ek.EntropyMeter(model), ek.EntropyMeter(model)
-    assert all(p.counts is None for p in meter.probes.values())
-    x = torch.randn(2, 3, 4, 4)
-    torch._dynamo.reset()
-    counters.clear()
-    backend = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(compiled.model, backend=backend)
+@pytest.mark.parametrize("model,x,leaf_modules", [
+    (Unsized(), torch.randn(2, 3, 4, 4), None),
+    (ek.models.resnet18(width=0.25), torch.randn(2, 3, 32, 32), None),
+    (WithGate(), torch.randn(2, 3, 8, 8), [Gate]),
+], ids=["unsized", "resnet18", "leaf_sites"])
+def test_example_inputs_allocate_what_find_sites_finds(model, x, leaf_modules):
+    """The meter's channel counts come from the shapes find_sites reads (one shape pass), and
+    with them the counts are exact from the first call."""
+    expected = {s.name: s.channels for s in ek.find_sites(model, x, leaf_modules=leaf_modules)}
+    fresh = ek.entropy_scores(model, [x], leaf_modules=leaf_modules)
+    meter = ek.EntropyMeter(model, example_inputs=x[:1], leaf_modules=leaf_modules)  # (its leaf hooks count any run)
+    assert {n: p.channels for n, p in meter.probes.items()} == expected
+    assert all(p.counts.shape == (p.channels,) and not p.counts.any() for p in meter.probes.values())
     with torch.no_grad():
-        for _ in range(3):
-            meter.model(x)
-            step(x)
-        h = torch.cat([model.a(x), model.b(x)], 1)
-    assert backend.frame_count == 2 and dict(counters["graph_break"]) == {}
-    scores, compiled_scores = meter.scores(), compiled.scores()
-    assert list(scores) == ["relu", "relu_1"]
-    assert torch.equal(scores.counts["relu"], 3 * (h >= 0).sum((0, 2, 3)))
-    assert torch.equal(scores.counts["relu_1"], 3 * (h.relu().flatten(1) >= 0).sum(0))
-    assert scores.totals == compiled_scores.totals == {"relu": 3 * 2 * 16, "relu_1": 3 * 2}
-    assert all(torch.equal(scores.counts[n], compiled_scores.counts[n]) for n in scores)
+        meter.model(x)
+    meter.close()
+    got = meter.scores()
+    assert got.totals == fresh.totals
+    assert all(torch.equal(got.counts[n], fresh.counts[n]) for n in fresh)
 
 
-def test_a_wrong_channel_count_is_corrected_before_counting():
-    """The meter's reading of the graph is checked at every call: wrong before anything was
-    counted, the counts are sized anew; a channel count that changes after counting is an error."""
+@pytest.mark.parametrize("example,compiled", [(False, False), (True, False), (True, True)],
+                         ids=["first_call", "example_inputs", "compiled"])
+def test_a_changed_channel_count_is_an_error_naming_the_site(example, compiled):
+    """A channel count other than the one allocated (here the flatten's, with a larger input)
+    is an error naming the site, eager or compiled, never a silent resize."""
+    model = Unsized()
+    x = torch.randn(2, 3, 4, 4)
+    meter = ek.EntropyMeter(model, example_inputs=x if example else None)
+    net = _compiled(meter.model)[0] if compiled else meter.model
+    with torch.no_grad():
+        net(x)
+        with pytest.raises(ValueError, match=r"^site relu_1: the activation has 150 channels \(dim 1 of shape \(2, 150\)\) "
+                                             r"but the meter counts 96; .*make a new EntropyMeter"):
+            net(torch.randn(2, 3, 5, 5))
+    assert meter.probes["relu_1"].totals() == (2, 1)  # the failed call counted nothing there
+
+
+class IntegerSite(nn.Module):
+    def forward(self, x):
+        return torch.relu(x.round().long())
+
+
+def test_activations_are_checked_at_the_first_call():
+    with pytest.raises(TypeError, match="site relu: the activation is torch.int64"):
+        ek.EntropyMeter(IntegerSite()).model(torch.randn(2, 3))
     from easier_kernels.entropy import SiteProbe
     from easier_kernels.sites import Site
 
-    probe = SiteProbe(Site("relu", "relu", None, 1), "pooled", True, channels=3)
-    x = torch.randn(2, 4, 5)
-    torch.testing.assert_close(probe(x), x.relu(), rtol=0, atol=0)
-    assert torch.equal(probe.counts, (x >= 0).sum((0, 2))) and probe.totals() == (10, 1)
-    with pytest.raises(ValueError):
-        probe(torch.randn(2, 5, 5))
+    probe = SiteProbe(Site("relu", "relu", None, 2), "pooled", True)
+    with pytest.raises(ValueError, match=r"site relu: channel_dim=2 is out of range for an activation of shape \(4, 3\)"):
+        probe(torch.randn(4, 3))
+    assert probe.counts is None
+
+
+def test_moving_the_model_moves_the_counts_and_keeps_their_dtypes():
+    meter = ek.EntropyMeter(SmallNet(), example_inputs=torch.randn(1, 3, 8, 8), mode="batch_mean")
+    probe = next(iter(meter.probes.values()))
+    meter.model.double()
+    assert (probe.counts.dtype, probe.entropy_sum.dtype, probe.tally.dtype) == (torch.int64, torch.float64, torch.int64)
+    meter.model.to("meta")
+    assert probe.counts.device.type == probe.entropy_sum.device.type == "meta"
 
 
 class InplaceReused(nn.Module):

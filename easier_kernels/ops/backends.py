@@ -118,26 +118,26 @@ def kernels(name: str, traced: bool = False):
     (csrc/library.cpp): in eager, and when `traced` (torch.compile, export: registered ops only).
     cpp and cuda are the registered ops (native.py); triton runs its launchers in eager and its
     own ops when traced; reference is plain torch, traceable as it is."""
-    module = _backend_module(name)
+    module = _modules.get(name) or _backend_module(name)
     if name == "reference":
         return module
     return module.traced if traced else module.eager
 
 
+_modules: dict = {}  # backend name -> its module, imported once (where the backend is decided)
+
+
 def _backend_module(name: str):
     if name in ("cpp", "cuda"):
-        from . import native
-
-        return native
-    if name == "triton":
-        from . import triton_ops
-
-        return triton_ops
-    if name == "reference":
-        from . import reference
-
-        return reference
-    raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+        from . import native as module
+    elif name == "triton":
+        from . import triton_ops as module
+    elif name == "reference":
+        from . import reference as module
+    else:
+        raise ValueError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    _modules[name] = module
+    return module
 
 
 def kernels_for(x: torch.Tensor):

@@ -24,7 +24,7 @@
 #                                Triton compile of many kernels can take a minute; 0: none)
 #   EK_GPU_CHECK_TESTS           what the tests step runs (default: tests/test_gpu_smoke.py tests,
 #                                the smoke first); `-m gpu` selects in it
-#   EK_GPU_CHECK_BENCHES         what the benchmark step runs (default: the four GPU benchmark
+#   EK_GPU_CHECK_BENCHES         what the benchmark step runs (default: the five GPU benchmark
 #                                files); empty: the step is left out
 #   EK_GPU_CHECK_PYTEST_ARGS     extra pytest arguments for both pytest steps (e.g. -x, -k name)
 #   EK_GPU_CHECK_RUN_ON_CPU=1    cpu mode runs the gpu-marked tests instead of skipping them
@@ -79,7 +79,7 @@ TIMEOUT_TESTS=${EK_GPU_CHECK_TIMEOUT_TESTS:-180}
 TIMEOUT_BENCH=${EK_GPU_CHECK_TIMEOUT_BENCH:-150}
 export EK_GPU_CHECK_TEST_TIMEOUT=${EK_GPU_CHECK_TEST_TIMEOUT:-120}
 TESTS=${EK_GPU_CHECK_TESTS-tests/test_gpu_smoke.py tests}  # the end-to-end smoke first, then the rest
-BENCHES=${EK_GPU_CHECK_BENCHES-bench/bench_count_on.py bench/bench_act_count.py bench/bench_ride_along.py bench/bench_conv_block.py}
+BENCHES=${EK_GPU_CHECK_BENCHES-bench/bench_count_on.py bench/bench_act_count.py bench/bench_ride_along.py bench/bench_conv_block.py bench/bench_call_overhead.py}
 read -r -a EXTRA_ARGS <<< "${EK_GPU_CHECK_PYTEST_ARGS:-}"
 START_NS=$(date +%s%N)
 

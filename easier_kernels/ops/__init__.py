@@ -1,5 +1,5 @@
 """Streaming on/off counts (`count_on`, `act_count`) and the fused conv block (`conv_block`, in
-conv_block.py), registered with torch.library.
+conv_block.py): ops registered natively (schemas and C++/CUDA kernels in csrc/, fakes in library.py).
 
     counts = ek.ops.count_on(x, channel_dim=1)            # int64 [C]: how many x >= 0 per channel
     y = ek.ops.act_count(x, counts, "relu")               # y = relu(x); counts += count_on(x)
@@ -29,8 +29,8 @@ from . import library  # noqa: E402,F401  (registers the ops)
 
 
 class _ActCountFunction(torch.autograd.Function):
-    """The activation's ordinary gradient around the op (custom_op cannot attach autograd to
-    an op that mutates its inputs; the counts take no gradient)."""
+    """The activation's ordinary gradient around the op (register_autograd needs a functional
+    schema, and act_count mutates its counts; the counts take no gradient)."""
 
     @staticmethod
     def forward(ctx, x, counts, nan_counts, kind, channel_dim, param):

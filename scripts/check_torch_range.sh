@@ -26,7 +26,7 @@ if ! pip install -q "torch==$torch_version" "torchvision==$torchvision_version" 
 fi
 echo "torch $(python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') installed in $((SECONDS - start)) s"
 start=$SECONDS
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation ".[test]"
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation ".[test,onnx]"
 echo "easier_kernels built in $((SECONDS - start)) s"
 cd "$venv"  # import the installed package, not the source tree
 python -c "import easier_kernels as ek; from easier_kernels import _C; print('backends:', ek.ops.available_backends(), '| native entry points:', sorted(n for n in dir(_C) if not n.startswith('_')))"

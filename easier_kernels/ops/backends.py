@@ -141,8 +141,8 @@ def _backend_module(name: str):
 
 
 def kernels_for(x: torch.Tensor):
-    """The kernels that run an op on x. Eager calls on plain tensors may skip the dispatcher
-    (triton's launchers); tracing (torch.compile, export, fake or meta tensors) goes through
-    registered ops, which is what those systems see."""
+    """The kernels that run an op on x. Eager calls on plain tensors take a backend's eager entries
+    (triton's launchers, the native ops entered from C++); tracing (torch.compile, export, fake or
+    meta tensors) goes through registered ops, which is what those systems see."""
     direct = type(x) is torch.Tensor and (x.is_cpu or x.is_cuda) and not torch.compiler.is_compiling()
     return kernels(backend_name(x.device), not direct)

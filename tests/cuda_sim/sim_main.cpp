@@ -257,132 +257,128 @@ void run_real(Case cs, int hx, int hy, int64_t target_blocks, uint64_t seed,
 }
 
 // ---- huge tensors: virtual memory, only some blocks simulated ----
+
+// x generated on read and y checked on write at addresses past 2^44, the counts, the launcher,
+// and the per-element bookkeeping both layouts share. Lambdas capture `this`: not copyable.
+template <typename T, bool WRITE>
+struct HugeRun {
+  static constexpr int KIND = ek::kRelu;
+  static constexpr int V = 16 / int(sizeof(T));
+  using CT = typename ek::CudaElem<T>::compute_t;
+  Case cs;
+  uint64_t seed;
+  int64_t total, h = 0, ybad = 0, expect_elems = 0;
+  uintptr_t xbase, ybase;
+  sim::Region rx, ry;
+  std::vector<int64_t> counts, nans, want, want_nan;
+  SimLauncher<T, KIND, WRITE> Lc;
+
+  HugeRun(Case cs_, int hx, uint64_t seed_)
+      : cs(cs_), seed(seed_), total(cs_.outer * cs_.C * cs_.inner),
+        xbase((uintptr_t(1) << 44) + hx * sizeof(T)), ybase((uintptr_t(1) << 45) + hx * sizeof(T)),
+        counts(cs_.C), nans(cs_.C), want(cs_.C), want_nan(cs_.C),
+        Lc{reinterpret_cast<const T*>(xbase), WRITE ? reinterpret_cast<T*>(ybase) : nullptr, CT(0), counts.data(),
+           nans.data()} {
+    rx.base = xbase, rx.elems = total, rx.esize = sizeof(T), rx.gen = [this](int64_t i) { return gen_bits<T>(seed, i); };
+    ry.base = ybase, ry.elems = total, ry.esize = sizeof(T), ry.writable = true;
+    ry.on_write = [this](int64_t i, uint64_t got) {
+      if (got != uint64_t(activate_bits<KIND, T>(typename Bits<T>::U(gen_bits<T>(seed, i)), CT(0)))) ++ybad;
+    };
+    sim::regions = {&rx, &ry};
+    sim::count_arrays = {{reinterpret_cast<uintptr_t>(counts.data()), size_t(cs.C)},
+                         {reinterpret_cast<uintptr_t>(nans.data()), size_t(cs.C)}};
+  }
+  HugeRun(const HugeRun&) = delete;
+
+  cudaError_t launch() {
+    return plan_and_launch<T, WRITE>(reinterpret_cast<const void*>(xbase), reinterpret_cast<void*>(ybase), cs.outer,
+                                     cs.C, cs.inner, DeviceInfo{132, 228 * 1024}, Lc);
+  }
+  // Outside whole aligned vectors (block 0 counts those one by one).
+  bool is_edge(int64_t i) const {
+    const int64_t vs = (i + h) / V * V;
+    return !(vs >= h && vs + V <= h + total);
+  }
+  void expect_edges() {
+    for (int64_t i = 0; i < std::min<int64_t>(total, 2 * V); ++i) if (is_edge(i)) expect(i);
+    for (int64_t i = std::max<int64_t>(2 * V, total - 2 * V); i < total; ++i) if (is_edge(i)) expect(i);
+  }
+  // Element i was simulated: its counts are expected, and it was read (and written) exactly once.
+  void expect(int64_t i) {
+    bool on, nan;
+    ref_flags<T>(gen_bits<T>(seed, i), on, nan);
+    const int64_t c = (i / cs.inner) % cs.C;
+    want[c] += on, want_nan[c] += nan;
+    CHECK(rx.vtouches.count(i) && rx.vtouches[i] == 1, "huge %s x[%lld] read %u times", tname<T>(), (long long)i,
+          rx.vtouches.count(i) ? rx.vtouches[i] : 0);
+    if (WRITE) CHECK(ry.vtouches.count(i) && ry.vtouches[i] == 1, "huge %s y[%lld]", tname<T>(), (long long)i);
+    ++expect_elems;
+  }
+  void check_totals(const char* what) {
+    CHECK(int64_t(rx.vtouches.size()) == expect_elems, "huge %s: %zu elements read, want %lld", what,
+          rx.vtouches.size(), (long long)expect_elems);
+    CHECK(ybad == 0, "huge %s: %lld wrong y", what, (long long)ybad);
+    for (int64_t c = 0; c < cs.C; ++c)
+      if (counts[c] != want[c] || nans[c] != want_nan[c]) {
+        CHECK(false, "huge %s %s [%lld,%lld,%lld] ch %lld: %lld/%lld vs %lld/%lld", what, tname<T>(),
+              (long long)cs.outer, (long long)cs.C, (long long)cs.inner, (long long)c, (long long)counts[c],
+              (long long)nans[c], (long long)want[c], (long long)want_nan[c]);
+        break;
+      }
+  }
+};
+
 template <typename T, bool WRITE>
 void run_huge_rows(Case cs, int hx, std::vector<int64_t> probe_elements, uint64_t seed, int64_t L_override = 0) {
-  constexpr int KIND = ek::kRelu;
-  const int64_t total = cs.outer * cs.C * cs.inner;
-  const size_t es = sizeof(T);
-  const uintptr_t xbase = (uintptr_t(1) << 44) + hx * es, ybase = (uintptr_t(1) << 45) + hx * es;
-  sim::Region rx, ry;
-  rx.base = xbase, rx.elems = total, rx.esize = es, rx.gen = [&](int64_t i) { return gen_bits<T>(seed, i); };
-  using CT = typename ek::CudaElem<T>::compute_t;
-  const CT param = CT(0);
-  int64_t ybad = 0;
-  ry.base = ybase, ry.elems = total, ry.esize = es, ry.writable = true;
-  ry.on_write = [&](int64_t i, uint64_t got) {
-    const uint64_t want_y = uint64_t(activate_bits<KIND, T>(typename Bits<T>::U(gen_bits<T>(seed, i)), param));
-    if (got != want_y) ++ybad;
-  };
-  sim::regions = {&rx, &ry};
-  std::vector<int64_t> counts(cs.C), nans(cs.C), want(cs.C), want_nan(cs.C);
-  sim::count_arrays = {{reinterpret_cast<uintptr_t>(counts.data()), size_t(cs.C)},
-                       {reinterpret_cast<uintptr_t>(nans.data()), size_t(cs.C)}};
-  SimLauncher<T, KIND, WRITE> Lc{reinterpret_cast<const T*>(xbase), WRITE ? reinterpret_cast<T*>(ybase) : nullptr,
-                                 param, counts.data(), nans.data()};
+  HugeRun<T, WRITE> run(cs, hx, seed);
   // One chunk per block; simulate the blocks holding the probe elements.
-  int64_t L = 0, h = 0;
-  Lc.tweak_rows = [&](RowsPlan& p) {
+  int64_t L = 0;
+  run.Lc.tweak_rows = [&](RowsPlan& p) {
     if (L_override) p.L = L_override, p.chunks = ceil_div(int64_t(p.h) + p.total, p.L);
     p.grid = p.chunks;
-    L = p.L, h = p.h;
+    L = p.L, run.h = p.h;
   };
   std::vector<int64_t> chosen;
-  Lc.select = [&](uint3 b) {
+  run.Lc.select = [&](uint3 b) {
     if (b.x == 0) {  // block 0 also counts the elements outside whole vectors
       chosen.push_back(0);
       return true;
     }
     for (int64_t e : probe_elements)
-      if ((e + h) / L == int64_t(b.x)) {
+      if ((e + run.h) / L == int64_t(b.x)) {
         chosen.push_back(b.x);
         return true;
       }
     return false;
   };
-  const cudaError_t err =
-      plan_and_launch<T, WRITE>(reinterpret_cast<const void*>(xbase), reinterpret_cast<void*>(ybase), cs.outer, cs.C,
-                                cs.inner, DeviceInfo{132, 228 * 1024}, Lc);
-  CHECK(err == cudaSuccess && Lc.ran == "rows", "huge rows: err %d ran %s", int(err), Lc.ran.c_str());
-  constexpr int V = 16 / int(sizeof(T));
-  auto is_edge = [&](int64_t i) {
-    const int64_t vs = (i + h) / V * V;
-    return !(vs >= h && vs + V <= h + total);
-  };
-  std::vector<int64_t> edges;
-  for (int64_t i = 0; i < std::min<int64_t>(total, 2 * V); ++i) if (is_edge(i)) edges.push_back(i);
-  for (int64_t i = std::max<int64_t>(2 * V, total - 2 * V); i < total; ++i) if (is_edge(i)) edges.push_back(i);
-  int64_t expect_elems = 0;
-  auto expect = [&](int64_t i) {
-    bool on, nan;
-    ref_flags<T>(gen_bits<T>(seed, i), on, nan);
-    const int64_t c = (i / cs.inner) % cs.C;
-    want[c] += on, want_nan[c] += nan;
-    CHECK(rx.vtouches.count(i) && rx.vtouches[i] == 1, "huge x[%lld] read %u times", (long long)i,
-          rx.vtouches.count(i) ? rx.vtouches[i] : 0);
-    if (WRITE) CHECK(ry.vtouches.count(i) && ry.vtouches[i] == 1, "huge y[%lld]", (long long)i);
-    ++expect_elems;
-  };
-  for (int64_t i : edges) expect(i);
+  const cudaError_t err = run.launch();
+  CHECK(err == cudaSuccess && run.Lc.ran == "rows", "huge rows: err %d ran %s", int(err), run.Lc.ran.c_str());
+  run.expect_edges();
   for (int64_t b : chosen) {
-    const int64_t lo = std::max<int64_t>(0, b * L - h), hi = std::min<int64_t>(total, (b + 1) * L - h);
-    for (int64_t i = lo; i < hi; ++i) {
-      if (is_edge(i)) continue;
-      expect(i);
-      continue;
-      bool on, nan;
-      ref_flags<T>(gen_bits<T>(seed, i), on, nan);
-      const int64_t c = (i / cs.inner) % cs.C;
-      want[c] += on, want_nan[c] += nan;
-      CHECK(rx.vtouches.count(i) && rx.vtouches[i] == 1, "huge rows %s [%lld,%lld,%lld]: x[%lld] read %u times",
-            tname<T>(), (long long)cs.outer, (long long)cs.C, (long long)cs.inner, (long long)i,
-            rx.vtouches.count(i) ? rx.vtouches[i] : 0);
-      if (WRITE) CHECK(ry.vtouches.count(i) && ry.vtouches[i] == 1, "huge rows y[%lld]", (long long)i);
-    }
+    const int64_t lo = std::max<int64_t>(0, b * L - run.h), hi = std::min<int64_t>(run.total, (b + 1) * L - run.h);
+    for (int64_t i = lo; i < hi; ++i)
+      if (!run.is_edge(i)) run.expect(i);
   }
-  CHECK(int64_t(rx.vtouches.size()) == expect_elems, "huge rows: %zu elements read, want %lld", rx.vtouches.size(),
-        (long long)expect_elems);
-  CHECK(ybad == 0, "huge rows: %lld wrong y", (long long)ybad);
-  for (int64_t c = 0; c < cs.C; ++c)
-    CHECK(counts[c] == want[c] && nans[c] == want_nan[c], "huge rows %s [%lld,%lld,%lld] L=%lld ch %lld: %lld/%lld vs %lld/%lld",
-          tname<T>(), (long long)cs.outer, (long long)cs.C, (long long)cs.inner, (long long)L, (long long)c,
-          (long long)counts[c], (long long)nans[c], (long long)want[c], (long long)want_nan[c]);
+  run.check_totals("rows");
   printf("huge rows %s [%lld,%lld,%lld] total=%lld h=%d L=%lld: %zu chunks simulated, %lld elements\n", tname<T>(),
-         (long long)cs.outer, (long long)cs.C, (long long)cs.inner, (long long)total, hx, (long long)L, chosen.size(),
-         (long long)expect_elems);
+         (long long)cs.outer, (long long)cs.C, (long long)cs.inner, (long long)run.total, hx, (long long)L,
+         chosen.size(), (long long)run.expect_elems);
 }
 
 template <typename T, bool WRITE>
 void run_huge_columns(Case cs, int hx, std::vector<int64_t> probe_elements, uint64_t seed) {
-  constexpr int KIND = ek::kRelu;
-  constexpr int V = 16 / int(sizeof(T));
-  const int64_t total = cs.outer * cs.C * cs.inner;
-  const size_t es = sizeof(T);
-  const uintptr_t xbase = (uintptr_t(1) << 44) + hx * es, ybase = (uintptr_t(1) << 45) + hx * es;
-  sim::Region rx, ry;
-  rx.base = xbase, rx.elems = total, rx.esize = es, rx.gen = [&](int64_t i) { return gen_bits<T>(seed, i); };
-  using CT = typename ek::CudaElem<T>::compute_t;
-  const CT param = CT(0);
-  int64_t ybad = 0;
-  ry.base = ybase, ry.elems = total, ry.esize = es, ry.writable = true;
-  ry.on_write = [&](int64_t i, uint64_t got) {
-    const uint64_t want_y = uint64_t(activate_bits<KIND, T>(typename Bits<T>::U(gen_bits<T>(seed, i)), param));
-    if (got != want_y) ++ybad;
-  };
-  sim::regions = {&rx, &ry};
-  std::vector<int64_t> counts(cs.C), nans(cs.C), want(cs.C), want_nan(cs.C);
-  sim::count_arrays = {{reinterpret_cast<uintptr_t>(counts.data()), size_t(cs.C)},
-                       {reinterpret_cast<uintptr_t>(nans.data()), size_t(cs.C)}};
-  SimLauncher<T, KIND, WRITE> Lc{reinterpret_cast<const T*>(xbase), WRITE ? reinterpret_cast<T*>(ybase) : nullptr,
-                                 param, counts.data(), nans.data()};
+  HugeRun<T, WRITE> run(cs, hx, seed);
+  constexpr int V = HugeRun<T, WRITE>::V;
   ColumnsPlan plan{};
-  Lc.tweak_cols = [&](ColumnsPlan& p) {
+  run.Lc.tweak_cols = [&](ColumnsPlan& p) {
     p.grid_y = std::min<int64_t>(65535, ceil_div(p.rows, kWarps));  // ~1 row per thread
     plan = p;
+    run.h = p.h;
   };
   // Blocks (bx, by) covering the probes: position = e + h, row = pos / W, column vector = pos % W / V.
   struct BI { int64_t bx, by; };
   std::vector<BI> chosen;
-  Lc.select = [&](uint3 b) {
+  run.Lc.select = [&](uint3 b) {
     if (b.x == 0 && b.y == 0) {  // also counts the elements outside whole vectors
       chosen.push_back({0, 0});
       return true;
@@ -396,26 +392,9 @@ void run_huge_columns(Case cs, int hx, std::vector<int64_t> probe_elements, uint
     }
     return false;
   };
-  const cudaError_t err =
-      plan_and_launch<T, WRITE>(reinterpret_cast<const void*>(xbase), reinterpret_cast<void*>(ybase), cs.outer, cs.C,
-                                cs.inner, DeviceInfo{132, 228 * 1024}, Lc);
-  CHECK(err == cudaSuccess && Lc.ran == "columns", "huge columns: err %d ran %s", int(err), Lc.ran.c_str());
-  int64_t expect_elems = 0;
-  auto is_edge = [&](int64_t i) {
-    const int64_t vs = (i + plan.h) / V * V;
-    return !(vs >= plan.h && vs + V <= plan.h + total);
-  };
-  auto expect = [&](int64_t i) {
-    bool on, nan;
-    ref_flags<T>(gen_bits<T>(seed, i), on, nan);
-    const int64_t c = i % cs.C;
-    want[c] += on, want_nan[c] += nan;
-    CHECK(rx.vtouches.count(i) && rx.vtouches[i] == 1, "huge columns x[%lld]", (long long)i);
-    if (WRITE) CHECK(ry.vtouches.count(i) && ry.vtouches[i] == 1, "huge columns y[%lld]", (long long)i);
-    ++expect_elems;
-  };
-  for (int64_t i = 0; i < std::min<int64_t>(total, 2 * V); ++i) if (is_edge(i)) expect(i);
-  for (int64_t i = std::max<int64_t>(2 * V, total - 2 * V); i < total; ++i) if (is_edge(i)) expect(i);
+  const cudaError_t err = run.launch();
+  CHECK(err == cudaSuccess && run.Lc.ran == "columns", "huge columns: err %d ran %s", int(err), run.Lc.ran.c_str());
+  run.expect_edges();
   for (BI b : chosen) {
     for (int64_t r = b.by * kWarps; r < plan.rows; r += plan.grid_y * kWarps)
       for (int64_t rl = 0; rl < kWarps; ++rl) {
@@ -424,23 +403,15 @@ void run_huge_columns(Case cs, int hx, std::vector<int64_t> probe_elements, uint
         for (int64_t cvv = b.bx * 32; cvv < std::min(plan.cvw, b.bx * 32 + 32); ++cvv)
           for (int k = 0; k < V; ++k) {
             const int64_t i = rr * plan.W + cvv * V + k - plan.h;
-            if (i < 0 || i >= total || is_edge(i)) continue;
-            expect(i);
+            if (i < 0 || i >= run.total || run.is_edge(i)) continue;
+            run.expect(i);
           }
       }
   }
-  CHECK(int64_t(rx.vtouches.size()) == expect_elems, "huge columns: %zu elements read, want %lld",
-        rx.vtouches.size(), (long long)expect_elems);
-  CHECK(ybad == 0, "huge columns: %lld wrong y", (long long)ybad);
-  for (int64_t c = 0; c < cs.C; ++c)
-    if (counts[c] != want[c] || nans[c] != want_nan[c]) {
-      CHECK(false, "huge columns %s ch %lld: %lld/%lld vs %lld/%lld", tname<T>(), (long long)c, (long long)counts[c],
-            (long long)nans[c], (long long)want[c], (long long)want_nan[c]);
-      break;
-    }
+  run.check_totals("columns");
   printf("huge columns %s [%lld,%lld,1] total=%lld h=%d W=%lld grid=(%lld,%lld): %zu blocks, %lld elements\n",
-         tname<T>(), (long long)cs.outer, (long long)cs.C, (long long)total, hx, (long long)plan.W,
-         (long long)plan.grid_x, (long long)plan.grid_y, chosen.size(), (long long)expect_elems);
+         tname<T>(), (long long)cs.outer, (long long)cs.C, (long long)run.total, hx, (long long)plan.W,
+         (long long)plan.grid_x, (long long)plan.grid_y, chosen.size(), (long long)run.expect_elems);
 }
 
 // ---- unit checks ----

@@ -113,41 +113,13 @@ EK_HD uint32_t umulhi(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 #endif
 }
-EK_HD float bits_f32(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-EK_HD uint32_t f32_bits(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-EK_HD double bits_f64(uint64_t u) {
-#ifdef __CUDA_ARCH__
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double f;
-  memcpy(&f, &u, 8);
-  return f;
-#endif
-}
-EK_HD uint64_t f64_bits(double f) {
-#ifdef __CUDA_ARCH__
-  return static_cast<uint64_t>(__double_as_longlong(f));
-#else
-  uint64_t u;
-  memcpy(&u, &f, 8);
-  return u;
-#endif
+// The same bits as another type of the same size (std::bit_cast; a register move once compiled).
+template <typename To, typename From>
+EK_HD To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To t;
+  memcpy(&t, &v, sizeof(To));
+  return t;
 }
 
 // n / d by multiply and shift, for n < 2^31 and 1 <= d < 2^31 (the form of PyTorch's IntDivider).
@@ -264,7 +236,7 @@ EK_HD uint32_t classify(const Raw<T, E>& r) {
     static_assert(E <= 8, "float lanes hold at most 8 elements");
     EK_UNROLL
     for (int k = 0; k < E; ++k) {
-      const float f = bits_f32(r.w[k]);  // no flush to zero: -denormal < 0
+      const float f = bit_cast<float>(r.w[k]);  // no flush to zero: -denormal < 0
       mask |= (uint32_t(f >= 0.f) << k) | (uint32_t(f != f) << (k + 8));
     }
   } else {
@@ -284,9 +256,9 @@ EK_HD uint32_t classify(const Raw<T, E>& r) {
 template <int KIND, typename T>
 EK_HD typename Bits<T>::U activate_bits(typename Bits<T>::U u, typename CudaElem<T>::compute_t param) {
   if constexpr (sizeof(T) == 4) {
-    return f32_bits(activation<KIND>(bits_f32(u), param));
+    return bit_cast<uint32_t>(activation<KIND>(bit_cast<float>(u), param));
   } else if constexpr (sizeof(T) == 8) {
-    return f64_bits(activation<KIND>(bits_f64(u), param));
+    return bit_cast<uint64_t>(activation<KIND>(bit_cast<double>(u), param));
   } else if constexpr (std::is_same<T, __half>::value) {
     return __half_as_ushort(__float2half_rn(activation<KIND>(__half2float(__ushort_as_half(u)), param)));
   } else {

@@ -26,7 +26,7 @@ PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width":
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
                   "latency_target": None, "split_seed": None}
 # options a resumed run may change; every other one must match the run it resumes
-RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out")
+RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out", "dist_timeout")
 
 
 class UsageError(Exception):
@@ -41,26 +41,46 @@ class _Parser(argparse.ArgumentParser):
 # ---- prune
 
 def _cmd_prune(args) -> int:
-    from . import report
+    """The loop on every rank under torchrun (a process group from the environment), else in one
+    process; rank 0 alone checks and writes --out and prints."""
+    from . import distributed
+
+    device = distributed.local_device(_device(args.device))
+    try:
+        joined = distributed.init_from_env(device, timeout=args.dist_timeout)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"cannot join the torchrun process group: {str(exc).strip().splitlines()[0]}") from None
+    try:
+        return _prune(args, device)
+    except torch.distributed.DistError as exc:  # a collective that failed: another rank died or hangs
+        raise UsageError(distributed.lost_rank_message(exc, args.dist_timeout)) from None
+    finally:
+        if joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _prune(args, device) -> int:
+    from . import distributed, report
     from .prune import prune as run_prune
 
     settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k not in ("func", "command")}
     out = Path(args.out)
-    resuming = _check_out(out, settings, args.resume)
-    device = _device(args.device)
+    main = distributed.is_main()
+    resuming = distributed.from_main(lambda: _check_out(out, settings, args.resume))
     splits, model = _data_and_model(args)
-    if not resuming:
+    if not resuming and main:
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
     model.to(device)
     channels = _channels(model, splits)
-    train, val, test = _loaders(splits, args, model_channels=channels)
+    train, val, test = _loaders(splits, args, model_channels=channels, seed=args.seed)
     scores = _baseline(model, train, args, out, device)
     run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": channels, "data_root": args.data_root}
 
     def save(result) -> None:
-        result.settings.update(run_settings)
-        result.save(out / "pruned.pt")
-        report.write_report(result.to_dict(), out)
+        if main:
+            result.settings.update(run_settings)
+            result.save(out / "pruned.pt")
+            report.write_report(result.to_dict(), out)
 
     result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
                        layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
@@ -68,9 +88,10 @@ def _cmd_prune(args) -> int:
                        checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save,
                        select=args.select.replace("-", "_"), select_seed=args.select_seed, runtime=args.runtime,
                        plan=args.plan, latency_target=args.latency_target)
-    print("\n" + report.summary(result.to_dict()))
-    print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
-          "checkpoints/")
+    if main:
+        print("\n" + report.summary(result.to_dict()))
+        print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
+              "checkpoints/")
     return 0
 
 
@@ -101,13 +122,14 @@ def _check_out(out: Path, settings: dict, resume: bool) -> bool:
 
 
 def _data_and_model(args):
-    from . import data
+    from . import data, distributed
 
     if args.dataset not in data.DATASETS:
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
     try:
         split_seed = args.seed if args.split_seed is None else args.split_seed
-        splits = data.load(args.dataset, args.data_root, download=args.download, seed=split_seed, augment=args.augment)
+        with distributed.local_main_first(args.download):  # one download per machine, then the others read it
+            splits = data.load(args.dataset, args.data_root, download=args.download, seed=split_seed, augment=args.augment)
         torch.manual_seed(args.seed)  # the same initial weights for the same seed
         model = _build_model(args.model, splits.num_classes, splits.in_channels, args.width)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
@@ -158,8 +180,12 @@ class _RepeatChannels:
         return images.expand(-1, self.channels, -1, -1).contiguous(), labels
 
 
-def _loaders(splits, args, model_channels: int):
+def _loaders(splits, args, model_channels: int, seed: int = 0):
+    """Train, validation and test loaders; under torchrun each rank's part (a DistributedSampler
+    seeded by --seed for training, a padding-free shard for evaluation). --batch-size is per process."""
     from torch.utils.data import DataLoader
+
+    from . import distributed
 
     collate = _RepeatChannels(model_channels) if model_channels != splits.in_channels else None
 
@@ -167,8 +193,9 @@ def _loaders(splits, args, model_channels: int):
         if dataset is None:
             return None
         # no generator of its own: the order comes from torch's global RNG, which checkpoints restore
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
-                          collate_fn=collate, pin_memory=torch.cuda.is_available())
+        whole = DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
+                           collate_fn=collate, pin_memory=torch.cuda.is_available())
+        return distributed.shard(whole, train=shuffle, seed=seed)
 
     return loader(splits.train, True), loader(splits.val, False), loader(splits.test, False)
 
@@ -187,7 +214,7 @@ def _device(name: str) -> torch.device:
 def _baseline(model, train, args, out: Path, device):
     """Trains the model `--epochs` epochs (unless --weights), the last one with the scores riding
     along; kept in out/baseline.pt so that a resumed run does not train it again."""
-    from . import train as training
+    from . import distributed, train as training
     from .entropy import EntropyMeter
 
     if args.weights or args.epochs == 0:
@@ -195,18 +222,20 @@ def _baseline(model, train, args, out: Path, device):
             print("note: --epochs 0 and no --weights: pruning an untrained model", file=sys.stderr)
         return None
     path = out / "baseline.pt"
-    if path.exists():
-        saved = torch.load(path, map_location=device, weights_only=True)
+    saved = distributed.from_main(lambda: torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None)
+    if saved is not None:
         model.load_state_dict(saved["state_dict"])
         return saved["scores"]
     meter = EntropyMeter(model, mode=args.mode)
     try:
-        training.fit(model, train, args.epochs, lr=args.train_lr, meter=meter, device=device, progress=not args.quiet,
-                     desc="baseline")
+        training.fit(model, train, args.epochs, lr=args.train_lr, meter=meter, device=device,
+                     progress=not args.quiet and distributed.is_main(), desc="baseline")
         scores = dict(meter.scores())
     finally:
         meter.close()
-    atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "scores": scores}, f))
+    distributed.sync_module(model)
+    if distributed.is_main():
+        atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "scores": scores}, f))
     return scores
 
 
@@ -396,6 +425,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default="easier-run", help="folder for report, plots, checkpoints (default ./easier-run)")
     prune.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     prune.add_argument("--quiet", action="store_true", help="no progress bars or per-step rows")
+    prune.add_argument("--dist-timeout", type=float, default=600, help="under torchrun: seconds a rank waits for the "
+                       "others before it fails (a rank died or hangs); longer than any step's rank-0-only work")
     prune.set_defaults(func=_cmd_prune)
 
     score = sub.add_parser("score", help="print the entropy table of a pruned model (a run folder or its pruned.pt)")
@@ -443,6 +474,8 @@ def _check(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
+    if getattr(args, "dist_timeout", 1) <= 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, not {args.dist_timeout}")
     target = getattr(args, "latency_target", None)
     if target is not None and not 0 < target <= 1:
         raise UsageError(f"--latency-target must be a fraction of the original's latency in (0, 1], not {target}")

@@ -274,28 +274,47 @@ class EntropyMeter:
             handle.remove()
         self._handles = []
 
+    @staticmethod
+    def _local_counts(probes: list) -> tuple:
+        """(channels per site, on and NaN counts of every site concatenated, [elements, calls] per
+        site, entropy sums) counted here, in one device sync. A site not reached here counts zeros,
+        sized under torch.distributed as the ranks that reached it, so every rank joins the same sums."""
+        sizes = [max(p.channels, 0) for p in probes]
+        device = next((p.counts.device for p in probes if p.counts is not None), None)
+        if dist.is_available() and dist.is_initialized():
+            device = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                                else torch.device("cpu"))
+            if any(p.counts is None for p in probes):  # a collective only where some rank may lack a site
+                agreed = torch.tensor(sizes, device=device)
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+                sizes = agreed.tolist()
+        device = device or torch.device("cpu")
+
+        def own(probe, name, shape, dtype):
+            value = getattr(probe, name)
+            return value if value is not None else torch.zeros(shape, dtype=dtype, device=device)
+
+        tallies = torch.stack([own(p, "tally", 2, torch.int64) for p in probes]).tolist()
+        local = [[p._eager_tally[0] + e, p._eager_tally[1] + c] for p, (e, c) in zip(probes, tallies)]
+        counts = torch.cat([own(p, "counts", n, torch.int64) for p, n in zip(probes, sizes)]
+                           + [own(p, "nan_counts", n, torch.int64) for p, n in zip(probes, sizes)])
+        entropy_sums = torch.cat([own(p, "entropy_sum", 1, torch.float64) for p in probes])
+        return sizes, counts, torch.tensor(local, dtype=torch.int64, device=device), entropy_sums
+
     def scores(self, group=None) -> Scores:
         """Entropies from everything counted since the last reset. When torch.distributed is
         initialized, every rank must call this (counts are summed over `group`)."""
         probes = list(self.probes.values())
-        missing = [p.site.name for p in probes if p.counts is None]
-        if not missing:  # (elements, calls) per site, in one device sync
-            tallies = torch.stack([p.tally for p in probes]).tolist()
-            local = [[p._eager_tally[0] + e, p._eager_tally[1] + c] for p, (e, c) in zip(probes, tallies)]
-            missing = [p.site.name for p, (_, calls) in zip(probes, local) if calls == 0]
-        if missing:
+        sizes, counts, per_site, entropy_sums = self._local_counts(probes)
+        if dist.is_available() and dist.is_initialized():
+            for t in (counts, per_site, entropy_sums):
+                dist.all_reduce(t, group=group)
+        # decided after the sums: a site one rank never reached is not an error where another counted it
+        if missing := [p.site.name for p, (_, calls) in zip(probes, per_site.tolist()) if calls == 0]:
             raise RuntimeError(
                 f"no counts for site(s) {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: run batches "
                 "through meter.model (not the original model) before asking for scores"
             )
-        counts = torch.cat([p.counts for p in probes] + [p.nan_counts for p in probes])
-        device = counts.device
-        per_site = torch.tensor(local, dtype=torch.int64, device=device)
-        entropy_sums = torch.cat([p.entropy_sum for p in probes])
-        if dist.is_available() and dist.is_initialized():
-            for t in (counts, per_site, entropy_sums):
-                dist.all_reduce(t, group=group)
-        sizes = [p.counts.numel() for p in probes]
         on, nans = counts.cpu().split([sum(sizes)] * 2)
         on, nans = on.split(sizes), nans.split(sizes)
         per_site, entropy_sums = per_site.cpu().tolist(), entropy_sums.cpu().tolist()

@@ -40,9 +40,11 @@ PLAN = ("measure", "merge", "none")
 
 
 def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, plan: str = "measure",
-              runtime: str = "eager", leaf_modules: Iterable | None = None) -> fx.GraphModule:
+              runtime: str = "eager", leaf_modules: Iterable | None = None, plans: list | None = None) -> fx.GraphModule:
     """A copy of `model` with the named sites' activations replaced by the identity, its chains
     planned for `runtime` ("eager", "inductor", "onnxruntime"; see the module's docstring).
+    `plans`: with plan="measure", chain plans decided already (a recipe's "plans", e.g. measured
+    by another process of a distributed run): chains found there are laid out as they say, untimed.
 
     Sites inside leaf modules become nn.Identity modules (every call of that module).
     `example_inputs` (on the model's device) are what the plans are timed with, and check that
@@ -67,7 +69,8 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, pl
     if plan == "merge":
         changes = move_padding(gm)
     elif plan == "measure" and chosen:
-        done["plans"] = plan_chains(gm, sites_mod.as_args(example_inputs), runtime=runtime, known=done.get("plans", []))
+        known = done.get("plans", []) + list(plans or [])
+        done["plans"] = plan_chains(gm, sites_mod.as_args(example_inputs), runtime=runtime, known=known)
         changes = _lay_out(gm, done["plans"])
     else:
         changes = []

@@ -19,33 +19,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import random
-import re
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import payoff, runtimes, train as training
+from . import checkpoints, distributed, payoff, runtimes, train as training
 from .entropy import MODES, EntropyMeter, batch_inputs, entropy_scores, model_device
-from .files import atomic_write, load_file
+from .files import atomic_write
 from .fold.gains import site_gains
 from .linearize import PLAN, from_recipe, linearize, recipe
 from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
 
-__all__ = ["prune", "PruneResult", "Step", "load", "read_record", "atomic_write"]
+__all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record"]
 
 SCORING = ("ride_along", "pass")
-_FORMAT = "easier_kernels.prune/1"
-_CHECKPOINT = re.compile(r"step_(\d+)\.pt")
 
 
 @dataclasses.dataclass
@@ -90,6 +83,7 @@ class PruneResult:
     # latency_ratio of the unpruned network folded (its own linear chains may merge already)
     baseline_payoff: dict | None = None
     payoff: dict | None = None           # the result folded: latency_ratio, latency_ms, baseline_ms, macs, params
+    world_size: int = 1                  # processes the run (its last part, when resumed) ran on
 
     def to_dict(self) -> dict:
         """JSON-ready: everything but the model (the schema of report.json)."""
@@ -101,19 +95,19 @@ class PruneResult:
 
     def save(self, path) -> None:
         """Weights and a JSON recipe in one file (no pickled code): `ek.load(path, model_fn)` rebuilds it."""
-        saved = {"format": _FORMAT, "record": json.dumps(self.to_dict()), "state_dict": self.model.state_dict()}
+        saved = {"format": checkpoints.FORMAT, "record": json.dumps(self.to_dict()), "state_dict": self.model.state_dict()}
         atomic_write(path, lambda f: torch.save(saved, f))
 
 
 def read_record(path) -> dict:
     """The JSON record of a saved PruneResult (sites, steps, settings, recipe), without building the model."""
-    return json.loads(_load(path)["record"])
+    return json.loads(checkpoints.read(path)["record"])
 
 
 def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
     """A saved PruneResult: `model_fn` builds the original (unpruned) architecture, or is that module;
     the recorded sites are linearized in it (with the same padding moves) and the weights loaded."""
-    saved = _load(path)
+    saved = checkpoints.read(path)
     record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
     original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
     net = _rebuild(original, record["recipe"], record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
@@ -124,6 +118,254 @@ def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
     record["steps"] = [Step(**s) for s in record.pop("steps")]
     fields = {f.name for f in dataclasses.fields(PruneResult)}
     return PruneResult(model=net, history=record.pop("steps"), **{k: v for k, v in record.items() if k in fields})
+
+
+class Pruner:
+    """The EASIER loop as an object: what `prune` runs, step by step.
+
+        loop = Pruner(model, train_loader, val_loader, max_drop=1.0)   # the options of `prune`
+        loop.begin()                       # baseline accuracy, first scores, the unpruned payoff
+        while (step := loop.step()) is not None:
+            torch.save(loop.state_dict(), "state.pt")   # (prune's checkpoint_dir does this atomically)
+        result = loop.result()
+
+    `state_dict()` holds everything a resumed run needs (the loop state, the current network's
+    weights and recipe, every rank's random states); `load_state_dict(state)` on a Pruner built
+    with the same model and options continues exactly where it was taken.
+
+    Under an initialized torch.distributed process group every rank runs the same loop: the
+    default loaders are sharded (`distributed.shard`), the default fine-tuner trains through
+    DistributedDataParallel, counts and accuracies are summed over ranks, what is timed (plans,
+    payoff, gains) is measured on rank 0 and broadcast, and after fine-tuning every rank holds
+    rank 0's weights and buffers. Every method is then called on every rank.
+    """
+
+    def __init__(self, model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, epochs_per_step: int = 1,
+                 layers_per_step: int = 1, max_steps: int | None = None, mode: str = "pooled", scoring: str = "ride_along",
+                 exclude: Iterable[str] = (), finetune: Callable | None = None, evaluate: Callable | None = None,
+                 test_loader=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
+                 example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
+                 progress: bool = True, select: str = "entropy", select_seed: int | None = None, runtime: str = "eager",
+                 plan: str = "measure", latency_target: float | None = None):
+        _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target)
+        runtimes.check_runtime(runtime)
+        if plan not in PLAN:
+            raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
+        if select == "random" and seed is None and select_seed is None:
+            raise ValueError("select='random' needs a seed or select_seed, so that a resumed run draws the same order")
+        self.device = torch.device(device) if device is not None else model_device(model)
+        if model_device(model) != self.device or distributed.active():
+            model = copy.deepcopy(model).to(self.device)  # (never the caller's model)
+            distributed.broadcast_module(model)  # rank 0's weights, as DistributedDataParallel starts from
+        self.model = model
+        self.example = _example(example_inputs, val_loader if val_loader is not None else train_loader).to(self.device)
+        self.leaf_paths = _leaf_paths(model, leaf_modules)
+        self.site_names = [s.name for s in find_sites(model, self.example, leaf_modules=self.leaf_paths)]
+        self.exclude = set(exclude)
+        if unknown := sorted(self.exclude - set(self.site_names)):
+            raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(self.site_names)}")
+        self.order = site_order(self.site_names, select, seed if select_seed is None else select_seed)
+        self.train_loader = distributed.shard(train_loader, train=True, seed=seed or 0)
+        self.val_loader = distributed.shard(val_loader, train=False)
+        self.test_loader = distributed.shard(test_loader, train=False)
+        self.max_drop, self.epochs_per_step, self.layers_per_step, self.max_steps = max_drop, epochs_per_step, layers_per_step, max_steps
+        self.mode, self.scoring, self.select, self.runtime, self.plan = mode, scoring, select, runtime, plan
+        self.lr, self.weight_decay, self.amp, self.seed, self.latency_target = lr, weight_decay, amp, seed, latency_target
+        self.finetune, self.evaluate = finetune, evaluate
+        self.progress = progress and distributed.is_main()
+        # the options a resumed run must share with the run it resumes
+        self.settings = {
+            "max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step, "mode": mode,
+            "scoring": scoring, "exclude": sorted(self.exclude), "seed": seed, "finetune": "default" if finetune is None else "user",
+            "lr": lr, "weight_decay": weight_decay,
+            # only where not the default, so that runs checkpointed before these existed still resume
+            **({"select": select} if select != "entropy" else {}), **({"select_seed": select_seed} if select == "random" else {}),
+            **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
+            **({"latency_target": latency_target} if latency_target is not None else {})}
+        self.fingerprint = checkpoints.fingerprint(model, self.site_names)
+        self.state: dict | None = None
+        self.current: nn.Module | None = None
+
+    # ---- the loop
+
+    def begin(self, scores=None) -> None:
+        """A fresh run: seeds, the baseline's accuracy and payoff, the first step's scores (`scores`,
+        else a pass over the training data) and, for entropy_latency, gains."""
+        if self.seed is not None:
+            checkpoints.seed_everything(self.seed)
+        baseline = self._accuracy(self.model, self.val_loader, "val")
+        if baseline <= 1.0:
+            warnings.warn(f"baseline accuracy is {baseline}: evaluate must return percent (0-100), as max_drop is in "
+                          "accuracy points", stacklevel=3)
+        self.state = {"baseline": baseline, "baseline_test": self._accuracy(self.model, self.test_loader, "test"),
+                      "linearized": [], "history": [], "done": False, "stopped": "",
+                      "scores": dict(scores if scores is not None else self._scoring_pass(self.model))}
+        self.current = linearize(self.model, [], self.example, plan="none", leaf_modules=self.leaf_paths)
+        unpruned = self._measure(self.current)
+        self.state["baseline_payoff"] = {"runtime": self.runtime, "device": str(self.device),
+                                         "example_shape": list(self.example.shape), "latency_ms": unpruned["baseline_ms"],
+                                         **payoff.counts(self.model, self.example),
+                                         "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
+        self.state["payoff"] = unpruned
+        self.state["gains"] = self._gains(self.current, self.state["scores"])
+
+    @property
+    def done(self) -> bool:
+        return self.state["done"]
+
+    def step(self) -> Step | None:
+        """One step: choose, linearize, fine-tune (counting), evaluate, accept or stop. None when
+        there is nothing to do: the loop is done, or max_steps steps were attempted."""
+        state = self.state
+        if state["done"]:
+            return None
+        if self.max_steps is not None and len(state["history"]) >= self.max_steps:
+            state["stopped"] = f"reached max_steps={self.max_steps}"  # not done: a resume with more steps goes on
+            return None
+        scores = state["scores"]
+        candidates = _candidates(scores, self.exclude)
+        if not candidates:
+            state.update(done=True, stopped="no site left to linearize")
+            return None
+        started = time.perf_counter()
+        step = len(state["history"]) + 1
+        if self.select == "entropy_latency":
+            gains = state.get("gains") or self._gains(self.current, scores)
+            chosen = choose_by_latency(candidates, gains, self.layers_per_step)
+        else:
+            gains, chosen = None, choose(candidates, self.layers_per_step, self.order)
+        net = self._linearize(chosen)
+        new_scores = self._finetune(net, step, counting=len(scores) > len(chosen))
+        val = self._accuracy(net, self.val_loader, "val")
+        paid = self._measure(net)
+        threshold = state["baseline"] - self.max_drop
+        record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
+                      time.perf_counter() - started, self._accuracy(net, self.test_loader, "test"), paid["latency_ratio"],
+                      paid["latency_ms"], paid["macs"], paid["params"], gains)
+        state["history"].append(dataclasses.asdict(record))
+        if record.accepted:
+            self.current = net
+            state.update(linearized=state["linearized"] + chosen, scores=dict(new_scores), payoff=paid)
+            if self.latency_target is not None and paid["latency_ratio"] <= self.latency_target:
+                state.update(done=True, stopped=_reached(paid["latency_ratio"], self.latency_target))
+            else:
+                state["gains"] = self._gains(net, state["scores"])
+        else:
+            state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
+                                            f"(baseline {state['baseline']:.2f} - max_drop {self.max_drop})")
+        return record
+
+    def result(self) -> PruneResult:
+        """The run so far: the last network that passed, its accuracy and payoff, every step."""
+        state = self.state
+        history = [Step(**s) for s in state["history"]]
+        last = next((s for s in reversed(history) if s.accepted), None)
+        return PruneResult(
+            model=self.current, linearized=list(state["linearized"]), history=history,
+            baseline_accuracy=state["baseline"], accuracy=last.val_accuracy if last else state["baseline"],
+            stopped=state["stopped"], sites=self.site_names, max_drop=self.max_drop, mode=self.mode,
+            baseline_test_accuracy=state["baseline_test"],
+            test_accuracy=last.test_accuracy if last else state["baseline_test"], example_shape=tuple(self.example.shape),
+            leaf_modules=self.leaf_paths, settings=dict(self.settings), baseline_payoff=state.get("baseline_payoff"),
+            payoff=state.get("payoff"), world_size=distributed.world_size())
+
+    # ---- checkpoints
+
+    def state_dict(self) -> dict:
+        """The loop state, the current network (weights and recipe) and every rank's random states
+        (gathered: under torch.distributed, a collective)."""
+        return dict(self.state, state_dict=self.current.state_dict(), recipe=recipe(self.current),
+                    rng=distributed.all_gather(checkpoints.rng_state(self._loaders())), world_size=distributed.world_size())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues the run `state` was taken from: the network rebuilt from its recipe (nothing is
+        measured again), its weights, and this rank's random states. With another number of
+        processes than it was saved with, the weights and every decision so far carry over, and
+        each rank's random streams are seeded afresh (data order and augmentation then differ from
+        what an uninterrupted run would have drawn)."""
+        state = dict(state)
+        weights, done, rng = state.pop("state_dict"), state.pop("recipe", None), state.pop("rng")
+        saved_world = state.pop("world_size", 1)
+        self.current = _rebuild(self.model, done, state["history"], self.example, self.leaf_paths)
+        self.current.load_state_dict(weights)
+        self.state = state
+        rngs = rng if isinstance(rng, list) else [rng]  # (one dict: checkpoints of single-process runs)
+        if len(rngs) == distributed.world_size():
+            checkpoints.set_rng_state(rngs[distributed.rank()], self._loaders())
+            return
+        if distributed.is_main():
+            warnings.warn(f"resuming a run checkpointed with {saved_world} process(es) on {distributed.world_size()}: "
+                          "weights and decisions carry over, random streams are seeded afresh", stacklevel=2)
+        checkpoints.seed_everything(((self.seed or 0) * 1_000_003 + len(state["history"])) * 1009 + distributed.rank())
+
+    # ---- the pieces of a step
+
+    def _loaders(self) -> tuple:
+        return self.train_loader, self.val_loader, self.test_loader
+
+    def _linearize(self, chosen: list) -> nn.Module:
+        """The current network with `chosen` linearized; under torch.distributed its chains are
+        planned (timed) on rank 0 alone and every rank lays them out as rank 0 planned."""
+        def planned():
+            return linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
+                             leaf_modules=self.leaf_paths)
+
+        if not distributed.active() or self.plan != "measure":
+            return planned()
+        nets = []
+        plans = distributed.from_main(lambda: recipe(nets.append(planned()) or nets[0]).get("plans", []))
+        return nets[0] if nets else linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
+                                              leaf_modules=self.leaf_paths, plans=plans)
+
+    def _finetune(self, net: nn.Module, step: int, counting: bool) -> dict:
+        """Fine-tunes `net` in place (every rank ends with rank 0's weights and buffers); returns
+        the next step's scores (ride-along counts, or a pass) when sites remain."""
+        meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, leaf_modules=self.leaf_paths) \
+            if self.scoring == "ride_along" and counting else None
+        try:
+            if self.finetune is None:
+                training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
+                             meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
+                             first_epoch=(step - 1) * self.epochs_per_step)
+            else:
+                self.finetune(meter.model if meter is not None else net, step)
+            distributed.sync_module(net)
+            if meter is not None:
+                return dict(_meter_scores(meter))
+            return dict(self._scoring_pass(net)) if counting else {}
+        finally:
+            if meter is not None:
+                meter.close()
+
+    def _accuracy(self, net: nn.Module, loader, split: str) -> float | None:
+        """Validation (or test) accuracy in percent, the same on every rank (checked for a user's
+        `evaluate`); None for a test split not given."""
+        if split == "test" and loader is None:
+            return None
+        if split == "val" and self.evaluate is not None:
+            return distributed.same_on_every_rank(float(self.evaluate(net)), "the accuracy evaluate returned")
+        return training.accuracy(net, loader, device=self.device, progress=self.progress, desc=split)
+
+    def _scoring_pass(self, net: nn.Module):
+        was_training = net.training
+        net.train()  # the paper counts in train mode; buffers are restored by entropy_scores
+        try:
+            return entropy_scores(net, training.progress_bar(self.train_loader, self.progress, "score"), mode=self.mode,
+                                  leaf_modules=self.leaf_paths)
+        finally:
+            net.train(was_training)
+
+    def _measure(self, net: nn.Module) -> dict:
+        """The payoff of `net`: folded for the runtime and timed against the original (on rank 0)."""
+        return distributed.from_main(lambda: payoff.measure(net, self.model, self.example, runtime=self.runtime,
+                                                            leaf_modules=self.leaf_paths))
+
+    def _gains(self, net: nn.Module, scores: dict) -> list | None:
+        """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""
+        if self.select != "entropy_latency" or not (names := list(_candidates(scores, self.exclude))):
+            return None
+        return distributed.from_main(lambda: site_gains(net, names, (self.example,), runtime=self.runtime,
+                                                        leaf_modules=self.leaf_paths))
 
 
 def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, epochs_per_step: int = 1,
@@ -163,165 +405,51 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         original with batch norms folded (`latency_ratio`), its MACs and parameters.
     latency_target: also stop, successfully, once an accepted step's latency_ratio is at most this
         (e.g. 0.7: 70% of the original's latency).
-    checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there.
+    checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there
+        (from the newest readable checkpoint: an unreadable one is skipped with a warning).
     on_step(result): called after every step and at the end with the result so far.
+
+    Under torch.distributed (torchrun; an initialized process group), call it on every rank: see
+    `Pruner` for what is shared. Your `finetune` then runs on every rank and must keep the ranks'
+    weights together (wrap the model in DistributedDataParallel; weights that drift apart are an
+    error); your `evaluate` runs on every rank and must return the same accuracy on each (over
+    the whole validation set: sum correct and total over ranks, as `ek.train.accuracy` does).
+    Rank 0 alone prints and writes checkpoints.
     """
-    _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target)
-    runtimes.check_runtime(runtime)
-    if plan not in PLAN:
-        raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
-    device = torch.device(device) if device is not None else model_device(model)
-    if model_device(model) != device:
-        model = copy.deepcopy(model).to(device)
-    example = _example(example_inputs, val_loader if val_loader is not None else train_loader).to(device)
-    leaf_paths = _leaf_paths(model, leaf_modules)
-    site_names = [s.name for s in find_sites(model, example, leaf_modules=leaf_paths)]
-    exclude = set(exclude)
-    if unknown := sorted(exclude - set(site_names)):
-        raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(site_names)}")
-    if select == "random" and seed is None and select_seed is None:
-        raise ValueError("select='random' needs a seed or select_seed, so that a resumed run draws the same order")
-    order = site_order(site_names, select, seed if select_seed is None else select_seed)
-    evaluate = evaluate or (lambda net: training.accuracy(net, val_loader, device=device, progress=progress, desc="val"))
+    options = {k: v for k, v in locals().items() if k not in ("model", "train_loader", "val_loader", "scores",
+                                                               "checkpoint_dir", "resume", "on_step")}
+    loop = Pruner(model, train_loader, val_loader, **options)
+    folder = checkpoints.CheckpointFolder(checkpoint_dir, loop.fingerprint, loop.settings) if checkpoint_dir is not None else None
+    state = folder.start(resume) if folder else None
+    if state is None:
+        loop.begin(scores)
+        if folder:
+            folder.save(loop.state_dict(), 0)
+    else:
+        loop.load_state_dict(state)
+    if loop.progress and not loop.state["history"]:
+        _print_row(None, loop.result())
 
-    def default_finetune(net, step, meter):
-        training.fit(net, train_loader, epochs_per_step, lr=lr, weight_decay=weight_decay, meter=meter, amp=amp,
-                     device=device, progress=progress, desc=f"step {step}")
+    def report(result: PruneResult) -> None:  # checkpoint, then tell the caller
+        if folder:
+            folder.save(loop.state_dict(), len(result.history))
+        if on_step:
+            on_step(result)
 
-    test = (lambda net: training.accuracy(net, test_loader, device=device, progress=progress, desc="test")) \
-        if test_loader is not None else (lambda net: None)
-
-    def scoring_pass(net: nn.Module):
-        was_training = net.training
-        net.train()  # the paper counts in train mode; buffers are restored by entropy_scores
-        try:
-            return entropy_scores(net, training.progress_bar(train_loader, progress, "score"), mode=mode,
-                                  leaf_modules=leaf_paths)
-        finally:
-            net.train(was_training)
-
-    # the options a resumed run must share with the run it resumes
-    settings = {"max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step,
-                "mode": mode, "scoring": scoring, "exclude": sorted(exclude), "seed": seed,
-                "finetune": "default" if finetune is None else "user", "lr": lr, "weight_decay": weight_decay,
-                # only where not the default, so that runs checkpointed before `select` existed still resume
-                **({"select": select} if select != "entropy" else {}),
-                **({"select_seed": select_seed} if select == "random" else {}),
-                **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
-                **({"latency_target": latency_target} if latency_target is not None else {})}
-
-    def measure(net: nn.Module) -> dict:  # the step's payoff: folded for the runtime, against the original
-        return payoff.measure(net, model, example, runtime=runtime, leaf_modules=leaf_paths)
-
-    def next_gains(net: nn.Module, scores: dict) -> list | None:  # measured before the checkpoint that resumes
-        if select != "entropy_latency" or not (names := list(_candidates(scores, exclude))):
-            return None
-        return site_gains(net, names, (example,), runtime=runtime, leaf_modules=leaf_paths)
-
-    loaders = (train_loader, val_loader, test_loader)
-    run = _Run(checkpoint_dir, _fingerprint(model, site_names), settings, loaders) if checkpoint_dir is not None else None
-    state = run.start(resume) if run else None
-    if state is None:  # a fresh run: baseline accuracy and the first scores
-        if seed is not None:
-            _seed_everything(seed)
-        baseline = float(evaluate(model))
-        if baseline <= 1.0:
-            warnings.warn(f"baseline accuracy is {baseline}: evaluate must return percent (0-100), as max_drop is in "
-                          "accuracy points", stacklevel=2)
-        state = {"baseline": baseline, "baseline_test": test(model), "linearized": [], "history": [], "done": False,
-                 "stopped": "", "scores": dict(scores if scores is not None else scoring_pass(model))}
-        current = linearize(model, [], example, plan="none", leaf_modules=leaf_paths)
-        unpruned = measure(current)
-        state["baseline_payoff"] = {"runtime": runtime, "device": str(device), "example_shape": list(example.shape),
-                                    "latency_ms": unpruned["baseline_ms"], **payoff.counts(model, example),
-                                    "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
-        state["payoff"] = unpruned
-        state["gains"] = next_gains(current, state["scores"])
-        if run:
-            run.save(state, current, 0)
-    else:  # a resumed run: the network, the loop state and every RNG as checkpointed
-        current = _rebuild(model, state.get("recipe"), state["history"], example, leaf_paths)
-        current.load_state_dict(state["state_dict"])
-        _set_rng(state["rng"], loaders)
-
-    result = PruneResult(model=current, linearized=list(state["linearized"]), history=[Step(**s) for s in state["history"]],
-                         baseline_accuracy=state["baseline"], accuracy=state["baseline"], stopped=state["stopped"],
-                         sites=site_names, max_drop=max_drop, mode=mode, baseline_test_accuracy=state["baseline_test"],
-                         test_accuracy=state["baseline_test"], example_shape=tuple(example.shape), leaf_modules=leaf_paths,
-                         settings=dict(settings), baseline_payoff=state.get("baseline_payoff"), payoff=state.get("payoff"))
-    if accepted := [s for s in result.history if s.accepted]:
-        result.accuracy, result.test_accuracy = accepted[-1].val_accuracy, accepted[-1].test_accuracy
-    threshold = state["baseline"] - max_drop
-    scores = state["scores"]
-    if progress and not state["history"]:
-        _print_row(None, result)
-    saved = False  # whether the last state is checkpointed and reported
-    while not state["done"]:
-        saved = False
-        if max_steps is not None and len(result.history) >= max_steps:
-            state["stopped"] = f"reached max_steps={max_steps}"  # not done: a resume with more steps goes on
+    reported = False  # whether the state the loop is in has been checkpointed and reported
+    while not (reported and loop.done):
+        reported = False
+        if (record := loop.step()) is None:
             break
-        candidates = _candidates(scores, exclude)
-        if not candidates:
-            state.update(done=True, stopped="no site left to linearize")
-            break
-        started = time.perf_counter()
-        step = len(result.history) + 1
-        if select == "entropy_latency":  # choose; linearize, fine-tune (counting), evaluate
-            gains = state.get("gains") or next_gains(current, scores)
-            chosen = choose_by_latency(candidates, gains, layers_per_step)
-        else:
-            gains, chosen = None, choose(candidates, layers_per_step, order)
-        net = linearize(current, chosen, example, plan=plan, runtime=runtime, leaf_modules=leaf_paths)
-        remaining = len(scores) > len(chosen)
-        meter = EntropyMeter(net, example_inputs=example, mode=mode, leaf_modules=leaf_paths) \
-            if scoring == "ride_along" and remaining else None
-        try:
-            if finetune is None:
-                default_finetune(net, step, meter)
-            else:
-                finetune(meter.model if meter is not None else net, step)
-            new_scores = _meter_scores(meter) if meter is not None else (scoring_pass(net) if remaining else {})
-        finally:
-            if meter is not None:
-                meter.close()
-        val = float(evaluate(net))  # accept or stop; then checkpoint and report
-        paid = measure(net)
-        record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
-                      time.perf_counter() - started, test(net), paid["latency_ratio"], paid["latency_ms"], paid["macs"],
-                      paid["params"], gains)
-        result.history.append(record)
-        state["history"].append(dataclasses.asdict(record))
-        if record.accepted:
-            current, scores = net, dict(new_scores)
-            result.model, result.accuracy, result.test_accuracy = net, val, record.test_accuracy
-            result.linearized += chosen
-            result.payoff = paid
-            state.update(linearized=list(result.linearized), scores=scores, payoff=result.payoff)
-            if latency_target is not None and paid["latency_ratio"] <= latency_target:
-                state.update(done=True, stopped=_reached(paid["latency_ratio"], latency_target))
-                result.stopped = state["stopped"]
-            else:
-                state["gains"] = next_gains(current, scores)
-        else:
-            state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
-                                            f"(baseline {state['baseline']:.2f} - max_drop {max_drop})")
-            result.stopped = state["stopped"]
-        if progress:
+        result = loop.result()
+        if loop.progress:
             _print_row(record, result)
-        if run:
-            run.save(state, current, step)
-        if on_step:
-            on_step(result)
-        saved = True
-    if not saved:
-        result.stopped = state["stopped"]
-        if run:
-            run.save(state, current, len(result.history))
-        if on_step:
-            on_step(result)
+        report(result)
+        reported = True
+    result = loop.result()
+    if not reported:  # the loop ended without a step (max_steps, nothing left): its state still counts
+        report(result)
     return result
-
 
 # ---- the loop's pieces
 
@@ -406,98 +534,3 @@ def _print_row(step: Step | None, result: PruneResult) -> None:
         tqdm.write(report.step_row(result.to_dict(), dataclasses.asdict(step)))
 
 
-# ---- reproducibility
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _generators(loaders) -> list:
-    """The torch.Generators a loader draws its order from (when it was given its own)."""
-    found = []
-    for loader in loaders:
-        for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-            generator = getattr(owner, "generator", None)
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-                found.append(generator)
-    return found
-
-
-def _get_rng(loaders) -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "random": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
-        "loaders": [g.get_state() for g in _generators(loaders)],
-    }
-
-
-def _set_rng(rng: dict, loaders) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    *internal, version, gauss = rng["random"]
-    random.setstate((version, tuple(internal), gauss))
-    generators = _generators(loaders)
-    if len(generators) != len(rng["loaders"]):
-        raise ValueError("the loaders have other generators than when the run was checkpointed; pass the same loaders")
-    for generator, saved in zip(generators, rng["loaders"]):
-        generator.set_state(saved)
-
-
-# ---- checkpoints
-
-def _fingerprint(model: nn.Module, site_names: list) -> str:
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    text = json.dumps([type(model).__name__, site_names, shapes], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _load(path) -> dict:
-    return load_file(path, _FORMAT, "PruneResult.save or a checkpoint_dir")
-
-
-class _Run:
-    """A checkpoint folder: `step_NNN.pt` after every step (NNN = steps attempted so far)."""
-
-    def __init__(self, folder, fingerprint: str, settings: dict, loaders: tuple):
-        self.folder, self.fingerprint, self.settings, self.loaders = Path(folder), fingerprint, settings, loaders
-
-    def checkpoints(self) -> list:
-        found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt") if (m := _CHECKPOINT.fullmatch(p.name))]
-        return [p for _, p in sorted(found)]
-
-    def start(self, resume: bool) -> dict | None:
-        """The state to resume from, or None for a fresh run (after checking the folder may be used)."""
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"checkpoint_dir {self.folder} is a file; pass a folder")
-        checkpoints = self.checkpoints() if self.folder.is_dir() else []
-        for stale in self.folder.glob(".step_*.tmp") if self.folder.is_dir() else ():  # left by a killed write
-            stale.unlink(missing_ok=True)
-        if checkpoints and not resume:
-            raise ValueError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
-                             "it, or choose another folder")
-        if not checkpoints:
-            return None
-        saved = _load(checkpoints[-1])
-        if saved["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
-                             "that run was started with")
-        differs = {k: (v, self.settings.get(k)) for k, v in saved["settings"].items() if self.settings.get(k) != v}
-        if differs:
-            shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items())
-            raise ValueError(f"{self.folder} was started with {shown}; resume with the same options or choose another folder")
-        return saved["state"]
-
-    def save(self, state: dict, model: nn.Module, step: int) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return
-        state = dict(state, state_dict=model.state_dict(), recipe=recipe(model), rng=_get_rng(self.loaders))
-        saved = {"format": _FORMAT, "fingerprint": self.fingerprint, "settings": self.settings, "state": state}
-        atomic_write(self.folder / f"step_{step:03d}.pt", lambda f: torch.save(saved, f))

@@ -144,6 +144,7 @@ def markdown(run: dict) -> str:
              f"(drop {base - final:.2f} points, {max_drop:.2f} allowed)",
              f"- **Layers removed**: {len(removed)} of {len(sites)}{names}",
              f"- **Stopped**: {run.get('stopped') or '-'}",
+             f"- **Processes**: {_processes(run.get('world_size', 1))}",
              f"- **Scoring mode**: {run.get('mode') or '-'}",
              *[f"- {line}" for line in payoff_lines(run.get("baseline_payoff"), run.get("payoff"))], ""]
     if run.get("settings"):
@@ -182,8 +183,12 @@ def summary(run: dict) -> str:
         f"; test {run['test_accuracy']:.2f}% (baseline {run['baseline_test_accuracy']:.2f}%)"
     lines = [f"removed {len(run.get('linearized') or [])} of {len(run.get('sites') or [])} activation layers; validation "
              f"accuracy {final:.2f}% (baseline {base:.2f}%, drop {base - final:.2f} points){test}",
-             f"stopped: {run.get('stopped') or '-'}"]
+             f"stopped: {run.get('stopped') or '-'}; {_processes(run.get('world_size', 1))}"]
     return "\n".join(lines + payoff_lines(run.get("baseline_payoff"), run.get("payoff")))
+
+
+def _processes(world_size: int) -> str:
+    return "one process" if world_size == 1 else f"data-parallel over {world_size} processes (world_size {world_size})"
 
 
 def payoff_lines(before: dict | None, after: dict | None) -> list[str]:

@@ -7,6 +7,11 @@ learning rate, mixed precision on CUDA.
 Batches are `(inputs, targets)` pairs; the loss is cross-entropy. `meter=` makes the last epoch
 ride along: forwards go through `meter.model` (which shares the model's parameters), paused in the
 earlier epochs, so the scores come from the last epoch only, as the paper counts them.
+
+Under a torch.distributed process group (torchrun) both are data-parallel: `fit` trains through
+DistributedDataParallel (gradients averaged, so every rank keeps the same weights) and calls the
+sampler's `set_epoch`; `accuracy` sums correct and total over ranks, so every rank returns the
+accuracy over all of the data. Give each rank its part with `easier_kernels.distributed.shard`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .entropy import batch_inputs, model_device
 
 __all__ = ["fit", "accuracy", "progress_bar"]
@@ -54,9 +60,12 @@ def _autocast(device: torch.device, amp: bool | None):
 
 
 def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
-        meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train") -> float:
+        meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train",
+        first_epoch: int = 0) -> float:
     """Trains `model` in place for `epochs` epochs with SGD and a cosine learning rate (per batch,
-    from `lr` to 0). Returns the mean loss of the last epoch; a non-finite loss raises."""
+    from `lr` to 0). Returns the mean loss of the last epoch (over every rank's batches); a
+    non-finite loss raises. `first_epoch`: the number the loader's sampler gets from `set_epoch`
+    for the first epoch (a DistributedSampler draws each epoch's order from it)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
     device = torch.device(device) if device is not None else model_device(model)
@@ -67,11 +76,14 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
         raise ValueError("the training loader yielded no batches; check the dataset is not empty")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * per_epoch if per_epoch else epochs)
     autocast, scaler = _autocast(device, amp)
-    forward = meter.model if meter is not None else model
+    forward = distributed.data_parallel(meter.model if meter is not None else model, device)
+    sampler = getattr(loader, "sampler", None)
     was_training = model.training
     forward.train()
     try:
         for epoch in range(epochs):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(first_epoch + epoch)
             paused = meter.paused() if meter is not None and epoch < epochs - 1 else contextlib.nullcontext()
             loss_sum, batches = torch.zeros((), device=device), 0
             with paused:
@@ -95,7 +107,8 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
                 schedule.step()
             if batches == 0:
                 raise ValueError("the training loader yielded no batches; check the dataset is not empty")
-            mean_loss = loss_sum.item() / batches  # one sync per epoch
+            totals = distributed.sum_over_ranks(torch.stack([loss_sum, torch.tensor(float(batches), device=device)]))
+            mean_loss = (totals[0] / totals[1]).item()  # one sync per epoch
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; lower the learning rate")
     finally:
@@ -105,7 +118,8 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
 
 @torch.no_grad()
 def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, desc: str = "eval") -> float:
-    """Top-1 accuracy in percent, in eval mode (the model's mode is restored)."""
+    """Top-1 accuracy in percent, in eval mode (the model's mode is restored); under a process
+    group, over every rank's samples."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
@@ -117,6 +131,7 @@ def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, d
             total += targets.numel()
     finally:
         model.train(was_training)
+    correct, total = distributed.sum_over_ranks(torch.stack([correct, torch.tensor(total, device=device)])).tolist()
     if total == 0:
         raise ValueError("the evaluation loader yielded no samples; check the dataset is not empty")
-    return 100.0 * correct.item() / total
+    return 100.0 * correct / total

@@ -23,11 +23,15 @@ import torch.nn as nn
 from . import distributed
 from .files import atomic_write, load_file
 
-__all__ = ["CheckpointFolder", "fingerprint", "rng_state", "set_rng_state", "FORMAT"]
+__all__ = ["CheckpointFolder", "CheckpointError", "fingerprint", "rng_state", "set_rng_state", "seed_everything", "FORMAT"]
 
 FORMAT = "easier_kernels.prune/1"
 _NAME = re.compile(r"step_(\d+)\.pt")
 _KEYS = ("fingerprint", "settings", "state")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint folder cannot take or resume this run (the message says what to do)."""
 
 
 def fingerprint(model: nn.Module, site_names: list) -> str:
@@ -57,12 +61,12 @@ class CheckpointFolder:
 
     def _start(self, resume: bool) -> dict | None:
         if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"checkpoint_dir {self.folder} is a file; pass a folder")
+            raise CheckpointError(f"checkpoint_dir {self.folder} is a file; pass a folder")
         checkpoints = self.checkpoints() if self.folder.is_dir() else []
         for stale in self.folder.glob(".step_*.tmp") if self.folder.is_dir() else ():  # left by a killed write
             stale.unlink(missing_ok=True)
         if checkpoints and not resume:
-            raise ValueError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
+            raise CheckpointError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
                              "it, or choose another folder")
         unreadable = []
         for path in reversed(checkpoints):
@@ -75,18 +79,18 @@ class CheckpointFolder:
             self._check_matches(saved)
             return saved["state"]
         if unreadable:
-            raise ValueError(f"{self.folder} holds no readable checkpoint ({', '.join(reversed(unreadable))} could not be "
+            raise CheckpointError(f"{self.folder} holds no readable checkpoint ({', '.join(reversed(unreadable))} could not be "
                              "read); start afresh in another folder")
         return None
 
     def _check_matches(self, saved: dict) -> None:
         if saved["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
+            raise CheckpointError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
                              "that run was started with")
         differs = {k: (v, self.settings.get(k)) for k, v in saved["settings"].items() if self.settings.get(k) != v}
         if differs:
             shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items())
-            raise ValueError(f"{self.folder} was started with {shown}; resume with the same options or choose another folder")
+            raise CheckpointError(f"{self.folder} was started with {shown}; resume with the same options or choose another folder")
 
     def save(self, state: dict, step: int) -> None:
         """`state` (the loop's state_dict) as step_{step:03d}.pt; rank 0 writes, the others return."""

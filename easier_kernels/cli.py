@@ -52,7 +52,9 @@ def _cmd_prune(args) -> int:
         raise UsageError(f"cannot join the torchrun process group: {str(exc).strip().splitlines()[0]}") from None
     try:
         return _prune(args, device)
-    except torch.distributed.DistError as exc:  # a collective that failed: another rank died or hangs
+    except RuntimeError as exc:
+        if not distributed.lost_rank(exc):
+            raise
         raise UsageError(distributed.lost_rank_message(exc, args.dist_timeout)) from None
     finally:
         if joined and torch.distributed.is_initialized():
@@ -61,6 +63,7 @@ def _cmd_prune(args) -> int:
 
 def _prune(args, device) -> int:
     from . import distributed, report
+    from .checkpoints import CheckpointError
     from .prune import prune as run_prune
 
     settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k not in ("func", "command")}
@@ -82,12 +85,16 @@ def _prune(args, device) -> int:
             result.save(out / "pruned.pt")
             report.write_report(result.to_dict(), out)
 
-    result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
-                       layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
-                       scoring=args.scoring, scores=scores, lr=args.lr, device=device, seed=args.seed,
-                       checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet, on_step=save,
-                       select=args.select.replace("-", "_"), select_seed=args.select_seed, runtime=args.runtime,
-                       plan=args.plan, latency_target=args.latency_target)
+    try:
+        result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop,
+                           epochs_per_step=args.epochs_per_step, layers_per_step=args.layers_per_step,
+                           max_steps=args.max_steps, mode=args.mode, scoring=args.scoring, scores=scores, lr=args.lr,
+                           device=device, seed=args.seed, checkpoint_dir=out / "checkpoints", resume=args.resume,
+                           progress=not args.quiet, on_step=save, select=args.select.replace("-", "_"),
+                           select_seed=args.select_seed, runtime=args.runtime, plan=args.plan,
+                           latency_target=args.latency_target)
+    except CheckpointError as exc:  # (a corrupt latest checkpoint is skipped with a warning; none readable ends here)
+        raise UsageError(str(exc)) from None
     if main:
         print("\n" + report.summary(result.to_dict()))
         print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "

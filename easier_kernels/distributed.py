@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["active", "rank", "world_size", "is_main", "init_from_env", "local_device", "local_main_first", "from_main", "all_gather", "sum_over_ranks",
-           "same_on_every_rank", "sync_module", "broadcast_module", "data_parallel", "shard", "lost_rank_message"]
+__all__ = ["active", "rank", "world_size", "is_main", "init_from_env", "local_device", "local_main_first", "from_main",
+           "all_gather", "sum_over_ranks", "same_on_every_rank", "sync_module", "broadcast_module", "data_parallel",
+           "shard", "ShardSampler", "lost_rank", "lost_rank_message"]
 
 # Seconds a collective waits for the other ranks before failing (a dead or hung rank).
 DEFAULT_TIMEOUT = 600
@@ -79,6 +80,15 @@ def local_main_first(enabled: bool = True):
     finally:
         if enabled and active() and first:
             dist.barrier()
+
+
+def lost_rank(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed for want of another rank (it died, hangs, or its
+    connection broke): nccl's DistError, or gloo's transport errors (plain RuntimeErrors)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return active() and isinstance(exc, RuntimeError) and ("gloo" in text or "Connection closed by peer" in text)
 
 
 def lost_rank_message(exc: BaseException, timeout: float | None = None) -> str:

@@ -284,10 +284,9 @@ class EntropyMeter:
         if dist.is_available() and dist.is_initialized():
             device = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
                                 else torch.device("cpu"))
-            if any(p.counts is None for p in probes):  # a collective only where some rank may lack a site
-                agreed = torch.tensor(sizes, device=device)
-                dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-                sizes = agreed.tolist()
+            agreed = torch.tensor(sizes, device=device)  # (every rank joins, whether or not it lacks a site)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            sizes = agreed.tolist()
         device = device or torch.device("cpu")
 
         def own(probe, name, shape, dtype):

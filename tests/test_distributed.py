@@ -1,0 +1,201 @@
+"""The whole pruning loop data-parallel (torchrun, gloo on CPU): two ranks through the CLI on the
+CIFAR-10 subset, a killed job resumed, a killed or hung rank, and the API's contract checks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from easier_kernels import cli, data, distributed, train as training
+from helpers import data_root
+
+WORKER = str(Path(__file__).with_name("distributed_cli_worker.py"))
+API_WORKER = str(Path(__file__).with_name("distributed_prune_worker.py"))
+VAL_SIZE = 201  # odd: a DistributedSampler would pad it to 202, which the accuracy must not count
+
+
+def _root():
+    root = data_root()
+    if root is None or not (root / "cifar10-subset").is_dir():
+        pytest.skip("needs the CIFAR-10 subset (../shared/data or $EASIER_KERNELS_DATA)")
+    return root
+
+
+def _args(root, out) -> list:
+    # plan merge: chains planned by timing may differ between two runs (as the clock does)
+    return ["prune", "--dataset", "cifar10-subset", "--data-root", str(root), "--train-size", "384", "--val-size",
+            str(VAL_SIZE), "--epochs", "1", "--epochs-per-step", "1", "--batch-size", "64", "--max-steps", "3",
+            "--max-drop", "100", "--plan", "merge", "--quiet", "--out", str(out)]
+
+
+def _torchrun(log_dir, argv, **popen) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", WORKER,
+                             str(log_dir), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tempfile.gettempdir(), **popen)
+
+
+def _steps(log_dir, rank) -> list:
+    path = Path(log_dir) / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One whole 2-rank run: (its --out, its step logs)."""
+    root, folder = _root(), tmp_path_factory.mktemp("ddp")
+    process = _torchrun(folder / "logs", _args(root, folder / "out"))
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "data-parallel over 2 processes (world_size 2)" in out
+    return folder / "out", folder / "logs"
+
+
+def test_two_ranks_take_the_same_steps_and_rank_0_writes_them(uninterrupted):
+    out, logs = uninterrupted
+    ranks = [_steps(logs, r) for r in (0, 1)]
+    assert len(ranks[0]) == 3
+    for field in ("removed", "entropy", "val_accuracy", "test_accuracy", "accepted", "latency_ratio", "macs"):
+        assert [s[field] for s in ranks[0]] == [s[field] for s in ranks[1]], field
+    written = json.loads((out / "report.json").read_text())
+    assert written["world_size"] == 2
+    assert written["steps"] == ranks[0]  # what rank 0 computed, as it computed it
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_validation_accuracy_is_over_the_whole_split(uninterrupted):
+    """Every sample on exactly one rank, none twice: the accuracy is k / 201, the one a single
+    process computes for the saved network."""
+    out, logs = uninterrupted
+    path, settings, result = cli._load_run(str(out), "check")
+    accuracy = json.loads((out / "report.json").read_text())["accuracy"]
+    assert accuracy == result.accuracy
+    correct = accuracy * VAL_SIZE / 100
+    assert abs(correct - round(correct)) < 1e-9, "the accuracy is not a count out of the whole validation split"
+    splits = data.load("cifar10-subset", settings["data_root"], seed=0)
+    val = torch.utils.data.Subset(splits.val, range(VAL_SIZE))
+    single = training.accuracy(result.model, torch.utils.data.DataLoader(val, batch_size=64))
+    assert abs(single - accuracy) <= 100 / VAL_SIZE + 1e-9  # (one sample's rounding at most)
+
+
+def test_a_killed_job_resumed_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
+    expected_out, expected_logs = uninterrupted
+    root, out = _root(), tmp_path / "out"
+    process = _torchrun(tmp_path / "logs", _args(root, out), start_new_session=True)
+    _wait_for(out / "checkpoints" / "step_001.pt", process)
+    pids = [int(p.read_text()) for p in (tmp_path / "logs").glob("rank*.pid")] + [process.pid]
+    for pid in pids:  # the whole job at once: the launcher and both ranks
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.communicate(timeout=60)
+    assert not (out / "report.json").exists() or len(json.loads((out / "report.json").read_text())["steps"]) < 3
+
+    resumed = _torchrun(tmp_path / "logs2", _args(root, out) + ["--resume"])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    got, want = (json.loads((o / "report.json").read_text()) for o in (out, expected_out))
+    for field in ("removed", "entropy", "val_accuracy", "test_accuracy", "accepted"):
+        assert [s[field] for s in got["steps"]] == [s[field] for s in want["steps"]], field
+    assert got["world_size"] == 2
+    weights = [torch.load(o / "pruned.pt", weights_only=True)["state_dict"] for o in (out, expected_out)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[1]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):
+    root, out = _root(), tmp_path / "out"
+    process = _torchrun(tmp_path / "logs", _args(root, out) + ["--dist-timeout", "60"])
+    _wait_for(out / "checkpoints" / "step_000.pt", process)
+    os.kill(int((tmp_path / "logs" / "rank1.pid").read_text()), signal.SIGKILL)
+    started = time.monotonic()
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert time.monotonic() - started < 60, "the job outlived its dead rank"
+    assert "rank1" in err.replace(" ", "") or "local_rank: 1" in err, err[-2000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_rank_that_dies_or_hangs_fails_the_others_with_one_line(tmp_path, fault):
+    """Without torchrun's supervisor (as on another machine): the surviving rank stops with one
+    line within --dist-timeout and exit code 2."""
+    root, out, port = _root(), tmp_path / "out", _free_port()
+    ranks = []
+    for rank in (0, 1):
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank))
+        ranks.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path / "logs"), *_args(root, out),
+                                       "--dist-timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=tempfile.gettempdir()))
+    try:
+        _wait_for(out / "checkpoints" / "step_000.pt", ranks[0])
+        ranks[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        _, err = ranks[0].communicate(timeout=120)
+        assert time.monotonic() - started < 60
+        assert ranks[0].returncode == 2, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("easier-kernels prune: rank 0 lost contact with the other ranks (waited up to 20 s)")
+        assert "rerun the same command with --resume" in last
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+
+
+def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
+    """ek.prune under a process group: the default loop keeps ranks together; a user's evaluate
+    that differs per rank and a finetune that lets weights drift apart are errors on every rank;
+    a site one rank never reached is counted from the others."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           API_WORKER, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    got = ranks[0]
+    assert got["default"]["world_size"] == 2 and len(got["default"]["removed"]) == 2
+    assert "the accuracy evaluate returned differs between ranks (rank 0: 50.0, rank 1: 51.0)" in got["evaluate"]
+    assert "the ranks trained apart; wrap the model in torch.nn.parallel.DistributedDataParallel" in got["finetune"]
+    # [2, 4, 6, 6] activations per rank: the conv's site counted on both ranks, the gated one on rank 0 only
+    assert got["one_rank_site"]["conv_per_channel"] == 2 * 72 and got["one_rank_site"]["gated_per_channel"] == 72
+    assert 0 <= got["one_rank_site"]["entropy"] <= 1
+
+
+# ---- single process: the helpers are the identity
+
+def test_without_a_process_group_everything_is_local():
+    loader = torch.utils.data.DataLoader(list(range(5)), batch_size=2)
+    assert distributed.shard(loader, train=True) is loader
+    assert distributed.from_main(lambda: 7) == 7 and distributed.all_gather("x") == ["x"]
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    assert not distributed.init_from_env(torch.device("cpu"))
+
+
+def test_shards_cover_every_sample_once():
+    shards = [list(distributed.ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11)) and [len(distributed.ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]

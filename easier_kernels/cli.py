@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -229,7 +230,7 @@ def _baseline(model, train, args, out: Path, device):
             print("note: --epochs 0 and no --weights: pruning an untrained model", file=sys.stderr)
         return None
     path = out / "baseline.pt"
-    saved = distributed.from_main(lambda: torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None)
+    saved = distributed.from_main(lambda: _read_baseline(path))
     if saved is not None:
         model.load_state_dict(saved["state_dict"])
         return saved["scores"]
@@ -244,6 +245,17 @@ def _baseline(model, train, args, out: Path, device):
     if distributed.is_main():
         atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "scores": scores}, f))
     return scores
+
+
+def _read_baseline(path: Path) -> dict | None:
+    """The saved baseline, or None (to train it) when absent or unreadable (with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        warnings.warn(f"{path} is unreadable ({type(exc).__name__}); training the baseline again", stacklevel=2)
+        return None
 
 
 # ---- score

@@ -155,6 +155,28 @@ def test_resume_continues_a_run_with_more_steps(run_dir, tmp_path):
     assert after["baseline_accuracy"] == before["baseline_accuracy"]
 
 
+def test_resume_skips_a_corrupt_latest_checkpoint_and_stops_with_one_line_when_none_is_readable(run_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoints" / "step_002.pt").write_bytes(b"torn by a disk")
+    (out / "baseline.pt").write_bytes(b"torn too")  # the baseline is trained again
+    with pytest.warns(UserWarning) as caught:
+        assert cli.main(["prune", *QUICK, "--max-steps", "2", "--out", str(out), "--resume"]) == 0
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "baseline.pt is unreadable (" in messages and "training the baseline again" in messages
+    assert "skipping unreadable checkpoint " in messages and "step_002.pt" in messages
+    before, after = json.loads((run_dir / "report.json").read_text()), json.loads((out / "report.json").read_text())
+    assert [s["removed"] for s in after["steps"]] == [s["removed"] for s in before["steps"]]
+    for path in (out / "checkpoints").glob("step_*.pt"):
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning):
+        _one_line_error(capsys, ["prune", *QUICK, "--max-steps", "2", "--out", str(out), "--resume"],
+                        "holds no readable checkpoint (step_000.pt, step_001.pt, step_002.pt could not be read); start "
+                        "afresh in another folder")
+
+
 def _one_line_error(capsys, argv, match):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

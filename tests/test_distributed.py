@@ -29,10 +29,10 @@ def _root():
     return root
 
 
-def _args(root, out) -> list:
+def _args(root, out, max_steps: int = 3) -> list:
     # plan merge: chains planned by timing may differ between two runs (as the clock does)
     return ["prune", "--dataset", "cifar10-subset", "--data-root", str(root), "--train-size", "384", "--val-size",
-            str(VAL_SIZE), "--epochs", "1", "--epochs-per-step", "1", "--batch-size", "64", "--max-steps", "3",
+            str(VAL_SIZE), "--epochs", "1", "--epochs-per-step", "1", "--batch-size", "64", "--max-steps", str(max_steps),
             "--max-drop", "100", "--plan", "merge", "--quiet", "--out", str(out)]
 
 
@@ -119,6 +119,19 @@ def test_a_killed_job_resumed_ends_as_the_uninterrupted_run(uninterrupted, tmp_p
     assert weights[0].keys() == weights[1].keys()
     for name in weights[1]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_a_run_of_two_ranks_resumes_on_one_process(uninterrupted, tmp_path):
+    """Another world size: the weights and decisions so far carry over (random streams are seeded afresh)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted[0], out)
+    with pytest.warns(UserWarning, match=r"resuming a run checkpointed with 2 process\(es\) on 1"):
+        assert cli.main(_args(_root(), out, max_steps=4) + ["--resume"]) == 0
+    before, after = (json.loads((o / "report.json").read_text()) for o in (uninterrupted[0], out))
+    assert len(after["steps"]) == 4 and after["steps"][:3] == before["steps"]
+    assert after["world_size"] == 1
 
 
 def test_a_killed_rank_ends_the_job_with_an_error(tmp_path):

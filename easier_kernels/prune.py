@@ -168,20 +168,17 @@ class Pruner:
         self.train_loader = distributed.shard(train_loader, train=True, seed=seed or 0)
         self.val_loader = distributed.shard(val_loader, train=False)
         self.test_loader = distributed.shard(test_loader, train=False)
-        self.max_drop, self.epochs_per_step, self.layers_per_step, self.max_steps = max_drop, epochs_per_step, layers_per_step, max_steps
+        self.max_drop, self.epochs_per_step, self.layers_per_step = max_drop, epochs_per_step, layers_per_step
+        self.max_steps = max_steps
         self.mode, self.scoring, self.select, self.runtime, self.plan = mode, scoring, select, runtime, plan
         self.lr, self.weight_decay, self.amp, self.seed, self.latency_target = lr, weight_decay, amp, seed, latency_target
         self.finetune, self.evaluate = finetune, evaluate
         self.progress = progress and distributed.is_main()
-        # the options a resumed run must share with the run it resumes
-        self.settings = {
-            "max_drop": max_drop, "epochs_per_step": epochs_per_step, "layers_per_step": layers_per_step, "mode": mode,
-            "scoring": scoring, "exclude": sorted(self.exclude), "seed": seed, "finetune": "default" if finetune is None else "user",
-            "lr": lr, "weight_decay": weight_decay,
-            # only where not the default, so that runs checkpointed before these existed still resume
-            **({"select": select} if select != "entropy" else {}), **({"select_seed": select_seed} if select == "random" else {}),
-            **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
-            **({"latency_target": latency_target} if latency_target is not None else {})}
+        self.settings = _settings(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
+                                  mode=mode, scoring=scoring, exclude=sorted(self.exclude), seed=seed,
+                                  finetune="default" if finetune is None else "user", lr=lr, weight_decay=weight_decay,
+                                  select=select, select_seed=select_seed, runtime=runtime, plan=plan,
+                                  latency_target=latency_target)
         self.fingerprint = checkpoints.fingerprint(model, self.site_names)
         self.state: dict | None = None
         self.current: nn.Module | None = None
@@ -305,17 +302,18 @@ class Pruner:
 
     def _linearize(self, chosen: list) -> nn.Module:
         """The current network with `chosen` linearized; under torch.distributed its chains are
-        planned (timed) on rank 0 alone and every rank lays them out as rank 0 planned."""
-        def planned():
-            return linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
-                             leaf_modules=self.leaf_paths)
-
-        if not distributed.active() or self.plan != "measure":
-            return planned()
-        nets = []
-        plans = distributed.from_main(lambda: recipe(nets.append(planned()) or nets[0]).get("plans", []))
-        return nets[0] if nets else linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
-                                              leaf_modules=self.leaf_paths, plans=plans)
+        planned (timed) on rank 0 alone and every other rank lays them out as rank 0 planned."""
+        shared = distributed.active() and self.plan == "measure"
+        net = None
+        if not shared or distributed.is_main():
+            net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
+                            leaf_modules=self.leaf_paths)
+        if shared:
+            plans = distributed.from_main(lambda: recipe(net).get("plans", []))
+            if net is None:
+                net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
+                                leaf_modules=self.leaf_paths, plans=plans)
+        return net
 
     def _finetune(self, net: nn.Module, step: int, counting: bool) -> dict:
         """Fine-tunes `net` in place (every rank ends with rank 0's weights and buffers); returns
@@ -469,6 +467,15 @@ def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, 
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     if latency_target is not None and not (isinstance(latency_target, (int, float)) and 0 < latency_target <= 1):
         raise ValueError(f"latency_target must be a fraction of the original's latency in (0, 1], not {latency_target}")
+
+
+def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, **always) -> dict:
+    """The options a resumed run must share with the run it resumes. Later options only where not
+    their default, so that runs checkpointed before they existed still resume."""
+    return {**always, **({"select": select} if select != "entropy" else {}),
+            **({"select_seed": select_seed} if select == "random" else {}),
+            **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
+            **({"latency_target": latency_target} if latency_target is not None else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

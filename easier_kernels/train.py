@@ -107,8 +107,9 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
                 schedule.step()
             if batches == 0:
                 raise ValueError("the training loader yielded no batches; check the dataset is not empty")
-            totals = distributed.sum_over_ranks(torch.stack([loss_sum, torch.tensor(float(batches), device=device)]))
-            mean_loss = (totals[0] / totals[1]).item()  # one sync per epoch
+            every_rank = torch.stack([loss_sum, torch.tensor(float(batches), device=device)])
+            loss_total, batch_total = distributed.sum_over_ranks(every_rank).tolist()  # one sync per epoch
+            mean_loss = loss_total / batch_total
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"training diverged (mean loss {mean_loss}) in epoch {epoch + 1}; lower the learning rate")
     finally:

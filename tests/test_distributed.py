@@ -192,6 +192,7 @@ def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
     assert ranks[0] == ranks[1]
     got = ranks[0]
     assert got["default"]["world_size"] == 2 and len(got["default"]["removed"]) == 2
+    assert got["default"]["recipe"]["plans"], "no chain was planned: the plans broadcast from rank 0 went untested"
     assert "the accuracy evaluate returned differs between ranks (rank 0: 50.0, rank 1: 51.0)" in got["evaluate"]
     assert "the ranks trained apart; wrap the model in torch.nn.parallel.DistributedDataParallel" in got["finetune"]
     # [2, 4, 6, 6] activations per rank: the conv's site counted on both ranks, the gated one on rank 0 only
@@ -212,3 +213,20 @@ def test_without_a_process_group_everything_is_local():
 def test_shards_cover_every_sample_once():
     shards = [list(distributed.ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(11)) and [len(distributed.ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]
+
+
+@pytest.mark.parametrize("line", [0, 1])
+def test_the_readme_cpu_commands_work_as_written(tmp_path, line):
+    """The README's two-CPU-process commands (shortened with quick options; their own --out)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    commands = [c for c in readme.splitlines() if c.startswith("torchrun --standalone --nproc-per-node 2")]
+    assert len(commands) == 2
+    argv = commands[line].split()
+    argv = argv[:argv.index("--out")] + ["--epochs", "1", "--train-size", "256", "--val-size", "64", "--width", "0.125",
+                                         "--max-steps", "1", "--quiet", "--out", str(tmp_path / "out")]
+    bin_dir = Path(sys.executable).parent  # this environment's torchrun and console script
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data-parallel over 2 processes (world_size 2)" in proc.stdout
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["world_size"] == 2

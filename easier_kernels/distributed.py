@@ -184,7 +184,8 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     rank 0 at every forward); the module itself without a process group."""
     if not active():
         return module
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    one_gpu = device.type == "cuda" and device.index is not None
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if one_gpu else None)
 
 
 # ---- data

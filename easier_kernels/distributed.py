@@ -88,7 +88,7 @@ def lost_rank(exc: BaseException) -> bool:
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc)
-    return active() and isinstance(exc, RuntimeError) and ("gloo" in text or "Connection closed by peer" in text)
+    return active() and isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed"))
 
 
 def lost_rank_message(exc: BaseException, timeout: float | None = None) -> str:

@@ -13,6 +13,10 @@ separate pass over `train_loader` in train mode (`scoring="pass"`, and always fo
 
 A checkpoint is written atomically after every step; a run killed at any point and started
 again with `resume=True` ends exactly as an uninterrupted run with the same seed would.
+
+`Pruner` is the loop as an object (state, `step()`, `state_dict()` / `load_state_dict()`);
+`prune` drives it with a checkpoint folder (`easier_kernels.checkpoints`). Under torchrun (an
+initialized process group) every rank runs the same loop, data-parallel (`easier_kernels.distributed`).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import DEFAULT_TIMEOUT
 from .export import FORMATS
 from .files import atomic_write
 from .linearize import PLAN
@@ -58,7 +59,7 @@ def _cmd_prune(args) -> int:
             raise
         raise UsageError(distributed.lost_rank_message(exc, args.dist_timeout)) from None
     finally:
-        if joined and torch.distributed.is_initialized():
+        if joined:  # (a group the caller made is the caller's)
             torch.distributed.destroy_process_group()
 
 
@@ -444,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default="easier-run", help="folder for report, plots, checkpoints (default ./easier-run)")
     prune.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     prune.add_argument("--quiet", action="store_true", help="no progress bars or per-step rows")
-    prune.add_argument("--dist-timeout", type=float, default=600, help="under torchrun: seconds a rank waits for the "
+    prune.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, help="under torchrun: seconds a rank waits for the "
                        "others before it fails (a rank died or hangs); longer than any step's rank-0-only work")
     prune.set_defaults(func=_cmd_prune)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import pickle
 from typing import Callable
 
 import torch
@@ -47,11 +48,10 @@ def is_main() -> bool:
 
 
 def init_from_env(device: torch.device, timeout: float = DEFAULT_TIMEOUT) -> bool:
-    """Joins the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU);
-    False when not started by torchrun (or with one process), and nothing is initialized."""
-    if active():
-        return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Joins the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU).
+    False where it initialized nothing: a group exists already, or torchrun did not start this
+    process (or started one process)."""
+    if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed; run without torchrun")
@@ -115,12 +115,20 @@ def from_main(fn: Callable):
         try:
             box[0] = ("ok", fn())
         except Exception as exc:  # raised below, on every rank
-            box[0] = ("error", exc)
+            box[0] = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
     dist.broadcast_object_list(box, src=0, device=_object_device())
     status, value = box[0]
     if status == "error":
         raise value
     return value
+
+
+def _picklable(value) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def all_gather(value) -> list:
@@ -151,7 +159,7 @@ def same_on_every_rank(value, what: str):
 # ---- models
 
 @torch.no_grad()
-def sync_module(module: nn.Module, what: str = "the model", drift: float = 1e-3) -> None:
+def sync_module(module: nn.Module, drift: float = 1e-3) -> None:
     """Makes `module`'s parameters and buffers rank 0's on every rank. Parameters that differ by
     more than rounding (relative `drift`) mean the ranks trained apart: an error saying so.
     Buffers (batch-norm running statistics) are local to each rank's last batch: rank 0's win, as
@@ -165,7 +173,7 @@ def sync_module(module: nn.Module, what: str = "the model", drift: float = 1e-3)
         apart = (spread.max(0).values - spread.min(0).values) > drift * spread.abs().max(0).values.clamp_min(1e-12)
         if apart.any():
             name = [n for n, _ in module.named_parameters()][int(apart.nonzero()[0])]
-            raise RuntimeError(f"after fine-tuning, {what} differs between ranks (first at parameter {name}): the ranks "
+            raise RuntimeError(f"after fine-tuning, the model differs between ranks (first at parameter {name}): the ranks "
                                "trained apart; wrap the model in torch.nn.parallel.DistributedDataParallel in your finetune")
     broadcast_module(module)
 

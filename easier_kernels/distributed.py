@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["active", "rank", "world_size", "is_main", "init_from_env", "local_device", "local_main_first", "from_main",
-           "all_gather", "sum_over_ranks", "same_on_every_rank", "sync_module", "broadcast_module", "data_parallel",
+           "all_gather", "collective_device", "sum_over_ranks", "same_on_every_rank", "sync_module", "broadcast_module", "data_parallel",
            "shard", "ShardSampler", "lost_rank", "lost_rank_message"]
 
 # Seconds a collective waits for the other ranks before failing (a dead or hung rank).
@@ -100,8 +100,8 @@ def lost_rank_message(exc: BaseException, timeout: float | None = None) -> str:
 
 # ---- values every rank agrees on
 
-def _object_device() -> torch.device:
-    # nccl moves pickled objects through the current GPU; gloo through the CPU
+def collective_device() -> torch.device:
+    """Where tensors of a collective live: nccl's current GPU, else the CPU (gloo)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -116,7 +116,7 @@ def from_main(fn: Callable):
             box[0] = ("ok", fn())
         except Exception as exc:  # raised below, on every rank
             box[0] = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
-    dist.broadcast_object_list(box, src=0, device=_object_device())
+    dist.broadcast_object_list(box, src=0, device=collective_device())
     status, value = box[0]
     if status == "error":
         raise value

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import ops, sites as sites_mod
+from . import distributed, ops, sites as sites_mod
 from .ops import _FLOAT_DTYPES, kinds
 from .sites import Site
 
@@ -275,17 +275,16 @@ class EntropyMeter:
         self._handles = []
 
     @staticmethod
-    def _local_counts(probes: list) -> tuple:
+    def _local_counts(probes: list, group) -> tuple:
         """(channels per site, on and NaN counts of every site concatenated, [elements, calls] per
         site, entropy sums) counted here, in one device sync. A site not reached here counts zeros,
         sized under torch.distributed as the ranks that reached it, so every rank joins the same sums."""
         sizes = [max(p.channels, 0) for p in probes]
         device = next((p.counts.device for p in probes if p.counts is not None), None)
-        if dist.is_available() and dist.is_initialized():
-            device = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-                                else torch.device("cpu"))
+        if distributed.active():
+            device = device or distributed.collective_device()
             agreed = torch.tensor(sizes, device=device)  # (every rank joins, whether or not it lacks a site)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
             sizes = agreed.tolist()
         device = device or torch.device("cpu")
 
@@ -304,8 +303,8 @@ class EntropyMeter:
         """Entropies from everything counted since the last reset. When torch.distributed is
         initialized, every rank must call this (counts are summed over `group`)."""
         probes = list(self.probes.values())
-        sizes, counts, per_site, entropy_sums = self._local_counts(probes)
-        if dist.is_available() and dist.is_initialized():
+        sizes, counts, per_site, entropy_sums = self._local_counts(probes, group)
+        if distributed.active():
             for t in (counts, per_site, entropy_sums):
                 dist.all_reduce(t, group=group)
         # decided after the sums: a site one rank never reached is not an error where another counted it

@@ -33,7 +33,7 @@ import torch
 
 import easier_kernels as ek
 from easier_kernels.timing import interleaved_times, median_seconds, paired_ratio
-from easier_kernels.sites import ACTIVATION_MODULES
+from easier_kernels.activations import ACTIVATION_MODULES
 
 MODELS = ("resnet18", "mobilenet_v2")
 BATCH = 128

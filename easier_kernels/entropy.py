@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import distributed, ops, sites as sites_mod
+from .capture import batch_inputs, capture, model_device, to_device
 from .ops import _FLOAT_DTYPES, kinds
 from .sites import Site
 
@@ -123,7 +124,8 @@ class SiteProbe(nn.Module):
     def __init__(self, site: Site, mode: str, fused: bool, channels: int | None = None, device=None):
         super().__init__()
         self.site, self.mode, self.fused = site, mode, fused
-        self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args)  # the activation (when paused)
+        # the activation (when paused); a kind the kernels do not compute has an unfused probe
+        self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args) if fused else ("identity", 0.0)
         # what the counting call computes: unfused probes count only (their call's activation runs after them)
         self.count_kind, self.count_param = (self.kernel_kind, self.param) if fused else ("identity", 0.0)
         self.channel_dim, self.pooled = site.channel_dim, mode == "pooled"
@@ -224,8 +226,8 @@ class EntropyMeter:
     and wrapping it in DistributedDataParallel works as for `model`. `close()` removes the hooks
     of sites inside leaf modules (the only change made to `model` itself).
 
-    example_inputs (a tensor or a tuple of positional inputs, any batch size): the model runs on
-    them once, in eval mode and without gradients (no state changes), and every site's counts
+    example_inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs, any batch
+    size; needed where torch.fx cannot trace the model): the model runs on them once, in eval mode and without gradients (no state changes), and every site's counts
     are allocated from the channel counts found there, on the model's device. Then
     `torch.compile(meter.model)` compiles the training step exactly once, kept across steps and
     reset() (pausing adds one graph). Without them a site's counts are allocated at its first
@@ -235,20 +237,21 @@ class EntropyMeter:
     """
 
     def __init__(self, model: nn.Module, *, example_inputs=None, mode: str = "pooled",
-                 sites: Iterable[str] | None = None, leaf_modules: Iterable | None = None):
+                 sites: Iterable[str] | None = None, leaf_modules: Iterable | None = None,
+                 activations: Mapping | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
-        self.model = sites_mod.trace(model, leaf_modules)
-        self.sites = sites_mod.select(sites_mod.sites_of(self.model, require=True), sites)
+        device = model_device(model)
+        example = to_device(example_inputs, device) if example_inputs is not None else None
+        self.model = capture(model, example, leaf_modules=leaf_modules, activations=activations)
+        found = (sites_mod.measured_sites(self.model, example, require=True) if example is not None
+                 else sites_mod.sites_of(self.model, require=True))
+        self.sites = sites_mod.select(found, sites)
         self.probes: dict[str, SiteProbe] = {}
-        device, channels = model_device(model), {}
-        if example_inputs is not None:
-            inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in sites_mod.as_args(example_inputs)]
-            channels = sites_mod.channels_of(self.model, self.sites, tuple(inputs))
 
         def make_probe(site: Site, fused: bool) -> SiteProbe:
-            self.probes[site.name] = SiteProbe(site, mode, fused, channels.get(site.name), device)
+            self.probes[site.name] = SiteProbe(site, mode, fused, site.channels, device)
             return self.probes[site.name]
 
         self._handles = sites_mod.instrument(self.model, self.sites, make_probe)
@@ -343,50 +346,38 @@ def _buffers_kept(model: nn.Module):
                 buffer.copy_(value)
 
 
-def batch_inputs(batch, device) -> tuple:
-    """A loader batch -> the model's positional inputs: a tensor, or (inputs, targets, ...)."""
-    if isinstance(batch, torch.Tensor):
-        inputs = batch
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        inputs = batch[0]
-    else:
-        raise TypeError(f"a batch must be a tensor or an (inputs, targets) tuple, got {type(batch).__name__}")
-    if not inputs.is_floating_point():
-        raise TypeError(f"batch inputs are {inputs.dtype}; make the loader yield float tensors (e.g. images.float() / 255)")
-    return (inputs.to(device, non_blocking=True),)
-
-
 def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", sites: Iterable[str] | None = None,
-                   max_batches: int | None = None, device=None, leaf_modules: Iterable | None = None) -> Scores:
+                   max_batches: int | None = None, device=None, leaf_modules: Iterable | None = None,
+                   activations: Mapping | None = None, inputs_fn=None) -> Scores:
     """Streams `loader` through `model` and returns every site's layer entropy (bits).
 
     The model runs in the mode it is in (the paper scores in train mode, with augmentation),
     without gradients; its buffers, flags and parameters are as before afterwards. Batches are
-    tensors or (inputs, targets) tuples; inputs go to `device` (default: the model's).
+    tensors, (inputs, targets) tuples or dicts of keyword inputs (labels dropped), or whatever
+    `inputs_fn(batch) -> (args, kwargs)` reads; inputs go to `device` (default: the model's).
+    The first batch is the example the model is captured with.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive number of batches or None, not {max_batches}")
     device = _model_device(model, device)
-    meter = EntropyMeter(model, mode=mode, sites=sites, leaf_modules=leaf_modules)
-    batches = 0
+    meter, batches = None, 0
     try:
         with torch.no_grad(), _buffers_kept(model):
             for batch in loader:
                 if max_batches is not None and batches >= max_batches:
                     break
-                meter.model(*batch_inputs(batch, device))
+                args, kwargs = batch_inputs(batch, device, inputs_fn)
+                if meter is None:
+                    meter = EntropyMeter(model, example_inputs=(args, kwargs), mode=mode, sites=sites,
+                                         leaf_modules=leaf_modules, activations=activations)
+                meter.model(*args, **kwargs)
                 batches += 1
     finally:
-        meter.close()
+        if meter is not None:
+            meter.close()
     if batches == 0:
         raise ValueError("entropy_scores: the loader yielded no batches; check the dataset is not empty")
     return meter.scores()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters (else buffers) live; CPU for a model without either."""
-    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _model_device(model: nn.Module, device) -> torch.device:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from . import runtimes
 from . import sites as sites_mod
+from .capture import positional
 from .files import atomic_write, load_file
 from .fold import decisions, fold, lower_fused
 from .fold.graph import relative_error
@@ -35,7 +36,7 @@ def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tole
     relative error of `tolerance`. Returns {path, format, relative_error, lowered_blocks}."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    args = sites_mod.as_args(example_inputs)
+    args = positional(model, example_inputs)
     module = copy.deepcopy(model).eval()
     lowered = lower_fused(module)
     with torch.no_grad():

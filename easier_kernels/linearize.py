@@ -22,7 +22,7 @@ exactly mergeable), plan="none" moves nothing. Every plan and padding change is 
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from . import runtimes
 from . import sites as sites_mod
+from .capture import call, capture, logits_of, positional
 from .fold.planner import plan_chains
 from .fold.plans import layout, parse_plan
 from .sites import RECIPE_KEY, linearized, recipe
@@ -40,7 +41,8 @@ PLAN = ("measure", "merge", "none")
 
 
 def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, plan: str = "measure",
-              runtime: str = "eager", leaf_modules: Iterable | None = None, plans: list | None = None) -> fx.GraphModule:
+              runtime: str = "eager", leaf_modules: Iterable | None = None, activations: Mapping | None = None,
+              plans: list | None = None) -> fx.GraphModule:
     """A copy of `model` with the named sites' activations replaced by the identity, its chains
     planned for `runtime` ("eager", "inductor", "onnxruntime"; see the module's docstring).
     `plans`: with plan="measure", chain plans decided already (a recipe's "plans", e.g. measured
@@ -54,7 +56,7 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, pl
         raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
     runtimes.check_runtime(runtime)
     names = [site_names] if isinstance(site_names, str) else list(site_names)
-    gm = sites_mod.trace(copy.deepcopy(model), leaf_modules)
+    gm = capture(copy.deepcopy(model), example_inputs, leaf_modules=leaf_modules, activations=activations)
     chosen = sites_mod.select(sites_mod.sites_of(gm), names)
     nodes = {n.meta["ek_site"]: n for n in gm.graph.nodes if "ek_site" in n.meta}
     for site in chosen:
@@ -70,7 +72,7 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, pl
         changes = move_padding(gm)
     elif plan == "measure" and chosen:
         known = done.get("plans", []) + list(plans or [])
-        done["plans"] = plan_chains(gm, sites_mod.as_args(example_inputs), runtime=runtime, known=known)
+        done["plans"] = plan_chains(gm, positional(gm, example_inputs), runtime=runtime, known=known)
         changes = _lay_out(gm, done["plans"])
     else:
         changes = []
@@ -82,10 +84,12 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, pl
     return gm
 
 
-def from_recipe(model: nn.Module, done: dict, example_inputs, *, leaf_modules: Iterable | None = None) -> fx.GraphModule:
+def from_recipe(model: nn.Module, done: dict, example_inputs, *, leaf_modules: Iterable | None = None,
+                activations: Mapping | None = None) -> fx.GraphModule:
     """`model` linearized as a `recipe` says: the same sites, the same final paddings (however many
     steps the recipe's network took to get there). Rebuilds a saved network's structure."""
-    gm = linearize(model, done["linearized"], example_inputs, plan="none", leaf_modules=leaf_modules)
+    gm = linearize(model, done["linearized"], example_inputs, plan="none", leaf_modules=leaf_modules,
+                   activations=activations)
     for change in done["padding"]:
         if "after" in change:
             gm.get_submodule(change["conv"]).padding = tuple(change["after"])
@@ -175,9 +179,8 @@ def move_padding(gm: fx.GraphModule) -> list[dict]:
 
 
 def _check_runs(original: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
-    args = sites_mod.as_args(example_inputs)
     with torch.no_grad(), sites_mod.eval_mode(original), sites_mod.eval_mode(gm):
-        expected, got = original(*args), gm(*args)
-    shapes = [tuple(t.shape) for t in (expected, got) if isinstance(t, torch.Tensor)]
+        expected, got = call(original, example_inputs), call(gm, example_inputs)
+    shapes = [tuple(logits_of(t).shape) for t in (expected, got)]
     if len(shapes) == 2 and shapes[0] != shapes[1]:
         raise RuntimeError(f"linearize changed the output shape from {shapes[0]} to {shapes[1]}; please report this model")

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from .fold import fold, lower_fused
-from .sites import as_args, recipe
+from .capture import call
+from .sites import recipe
 
 __all__ = ["measure", "counts"]
 
@@ -51,7 +52,7 @@ def counts(model: nn.Module, example_inputs) -> dict:
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, _LAYERS)]
     try:
         with torch.no_grad():
-            module(*as_args(example_inputs))
+            call(module, example_inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -33,7 +33,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import checkpoints, distributed, payoff, runtimes, train as training
-from .entropy import MODES, EntropyMeter, batch_inputs, entropy_scores, model_device
+from .activations import declared
+from .capture import as_call, batch_inputs, example_from_spec, example_spec, model_device, positional, to_device
+from .entropy import MODES, EntropyMeter, entropy_scores
 from .files import atomic_write
 from .fold.gains import site_gains
 from .linearize import PLAN, from_recipe, linearize, recipe
@@ -82,6 +84,8 @@ class PruneResult:
     test_accuracy: float | None = None
     example_shape: tuple = ()
     leaf_modules: list = dataclasses.field(default_factory=list)
+    activations: dict = dataclasses.field(default_factory=dict)  # declared activation modules, by class name
+    example: dict | None = None          # the example's tensors' shapes and dtypes (`capture.example_spec`)
     settings: dict = dataclasses.field(default_factory=dict)
     # the original (BN-folded): runtime, device, example_shape, latency_ms, macs, params; and the
     # latency_ratio of the unpruned network folded (its own linear chains may merge already)
@@ -114,7 +118,8 @@ def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
     saved = checkpoints.read(path)
     record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
     original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
-    net = _rebuild(original, record["recipe"], record["steps"], torch.zeros(record["example_shape"]), record["leaf_modules"])
+    example = example_from_spec(record["example"]) if record.get("example") else torch.zeros(record["example_shape"])
+    net = _rebuild(original, record["recipe"], record["steps"], example, record["leaf_modules"], record.get("activations"))
     if recipe(net) != record["recipe"]:
         raise ValueError(f"{path}: the model from model_fn gives other padding moves than the saved one; pass the "
                          "architecture the result was pruned from")
@@ -148,9 +153,10 @@ class Pruner:
                  layers_per_step: int = 1, max_steps: int | None = None, mode: str = "pooled", scoring: str = "ride_along",
                  exclude: Iterable[str] = (), finetune: Callable | None = None, evaluate: Callable | None = None,
                  test_loader=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
-                 example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
-                 progress: bool = True, select: str = "entropy", select_seed: int | None = None, runtime: str = "eager",
-                 plan: str = "measure", latency_target: float | None = None):
+                 example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None,
+                 loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
+                 select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
+                 latency_target: float | None = None):
         _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target)
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
@@ -162,9 +168,13 @@ class Pruner:
             model = copy.deepcopy(model).to(self.device)  # (never the caller's model)
             distributed.broadcast_module(model)  # rank 0's weights, as DistributedDataParallel starts from
         self.model = model
-        self.example = _example(example_inputs, val_loader if val_loader is not None else train_loader).to(self.device)
+        self.inputs_fn, self.loss_fn = inputs_fn, loss_fn
+        example = _example(example_inputs, val_loader if val_loader is not None else train_loader, inputs_fn)
+        self.example = to_device(example, self.device)
         self.leaf_paths = _leaf_paths(model, leaf_modules)
-        self.site_names = [s.name for s in find_sites(model, self.example, leaf_modules=self.leaf_paths)]
+        self.activations = declared(activations)
+        self.capture = {"leaf_modules": self.leaf_paths, "activations": self.activations}
+        self.site_names = [s.name for s in find_sites(model, self.example, **self.capture)]
         self.exclude = set(exclude)
         if unknown := sorted(self.exclude - set(self.site_names)):
             raise ValueError(f"exclude names unknown site(s) {', '.join(unknown)}; valid: {', '.join(self.site_names)}")
@@ -201,10 +211,10 @@ class Pruner:
         self.state = {"baseline": baseline, "baseline_test": self._accuracy(self.model, self.test_loader, "test"),
                       "linearized": [], "history": [], "done": False, "stopped": "",
                       "scores": dict(scores if scores is not None else self._scoring_pass(self.model))}
-        self.current = linearize(self.model, [], self.example, plan="none", leaf_modules=self.leaf_paths)
+        self.current = linearize(self.model, [], self.example, plan="none", **self.capture)
         unpruned = self._measure(self.current)
         self.state["baseline_payoff"] = {"runtime": self.runtime, "device": str(self.device),
-                                         "example_shape": list(self.example.shape), "latency_ms": unpruned["baseline_ms"],
+                                         "example_shape": _first_shape(self.example), "latency_ms": unpruned["baseline_ms"],
                                          **payoff.counts(self.model, self.example),
                                          "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
         self.state["payoff"] = unpruned
@@ -266,8 +276,9 @@ class Pruner:
             baseline_accuracy=state["baseline"], accuracy=last.val_accuracy if last else state["baseline"],
             stopped=state["stopped"], sites=self.site_names, max_drop=self.max_drop, mode=self.mode,
             baseline_test_accuracy=state["baseline_test"],
-            test_accuracy=last.test_accuracy if last else state["baseline_test"], example_shape=tuple(self.example.shape),
-            leaf_modules=self.leaf_paths, settings=dict(self.settings), baseline_payoff=state.get("baseline_payoff"),
+            test_accuracy=last.test_accuracy if last else state["baseline_test"], example_shape=tuple(_first_shape(self.example)),
+            leaf_modules=self.leaf_paths, activations=self.activations, example=example_spec(self.example),
+            settings=dict(self.settings), baseline_payoff=state.get("baseline_payoff"),
             payoff=state.get("payoff"), world_size=distributed.world_size())
 
     # ---- checkpoints
@@ -287,7 +298,7 @@ class Pruner:
         state = dict(state)
         weights, done, rng = state.pop("state_dict"), state.pop("recipe", None), state.pop("rng")
         saved_world = state.pop("world_size", 1)
-        self.current = _rebuild(self.model, done, state["history"], self.example, self.leaf_paths)
+        self.current = _rebuild(self.model, done, state["history"], self.example, self.leaf_paths, self.activations)
         self.current.load_state_dict(weights)
         self.state = state
         rngs = rng if isinstance(rng, list) else [rng]  # (one dict: checkpoints of single-process runs)
@@ -310,25 +321,25 @@ class Pruner:
         shared = distributed.active() and self.plan == "measure"
         net = None
         if not shared or distributed.is_main():
-            net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
-                            leaf_modules=self.leaf_paths)
+            net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime, **self.capture)
         if shared:
             plans = distributed.from_main(lambda: recipe(net).get("plans", []))
             if net is None:
                 net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
-                                leaf_modules=self.leaf_paths, plans=plans)
+                                plans=plans, **self.capture)
         return net
 
     def _finetune(self, net: nn.Module, step: int, counting: bool) -> dict:
         """Fine-tunes `net` in place (every rank ends with rank 0's weights and buffers); returns
         the next step's scores (ride-along counts, or a pass) when sites remain."""
-        meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, leaf_modules=self.leaf_paths) \
+        meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, **self.capture) \
             if self.scoring == "ride_along" and counting else None
         try:
             if self.finetune is None:
                 training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
                              meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
-                             first_epoch=(step - 1) * self.epochs_per_step)
+                             first_epoch=(step - 1) * self.epochs_per_step, inputs_fn=self.inputs_fn,
+                             loss_fn=self.loss_fn)
             else:
                 self.finetune(meter.model if meter is not None else net, step)
             distributed.sync_module(net)
@@ -346,14 +357,15 @@ class Pruner:
             return None
         if split == "val" and self.evaluate is not None:
             return distributed.same_on_every_rank(float(self.evaluate(net)), "the accuracy evaluate returned")
-        return training.accuracy(net, loader, device=self.device, progress=self.progress, desc=split)
+        return training.accuracy(net, loader, device=self.device, progress=self.progress, desc=split,
+                                 inputs_fn=self.inputs_fn)
 
     def _scoring_pass(self, net: nn.Module):
         was_training = net.training
         net.train()  # the paper counts in train mode; buffers are restored by entropy_scores
         try:
             return entropy_scores(net, training.progress_bar(self.train_loader, self.progress, "score"), mode=self.mode,
-                                  leaf_modules=self.leaf_paths)
+                                  inputs_fn=self.inputs_fn, **self.capture)
         finally:
             net.train(was_training)
 
@@ -366,7 +378,7 @@ class Pruner:
         """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""
         if self.select != "entropy_latency" or not (names := list(_candidates(scores, self.exclude))):
             return None
-        return distributed.from_main(lambda: site_gains(net, names, (self.example,), runtime=self.runtime,
+        return distributed.from_main(lambda: site_gains(net, names, positional(net, self.example), runtime=self.runtime,
                                                         leaf_modules=self.leaf_paths))
 
 
@@ -374,8 +386,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           layers_per_step: int = 1, max_steps: int | None = None, mode: str = "pooled", scoring: str = "ride_along",
           exclude: Iterable[str] = (), finetune: Callable | None = None, evaluate: Callable | None = None,
           test_loader=None, scores=None, lr: float = 0.01, weight_decay: float = 1e-4, amp: bool | None = None,
-          example_inputs=None, leaf_modules: Iterable | None = None, device=None, seed: int | None = 0,
-          checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
+          example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None, loss_fn=None,
+          device=None, seed: int | None = 0, checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
           latency_target: float | None = None, on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
@@ -499,15 +511,23 @@ def _meter_scores(meter: EntropyMeter):
                          "in place, or pass scoring='pass'") from exc
 
 
-def _example(example_inputs, loader) -> torch.Tensor:
-    """One input sample: `example_inputs`, else the first of the loader's first batch."""
+def _example(example_inputs, loader, inputs_fn=None) -> tuple[tuple, dict]:
+    """The model's inputs for one sample, as (args, kwargs): `example_inputs` as given, else the
+    first sample of the loader's first batch."""
     if example_inputs is not None:
-        return example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+        return as_call(example_inputs)
     batch = next(iter(loader), None)
     if batch is None:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
-    (inputs,) = batch_inputs(batch, "cpu")
-    return inputs[:1].clone()
+    args, kwargs = batch_inputs(batch, "cpu", inputs_fn)
+    first = torch.utils._pytree.tree_map(lambda t: t[:1].clone() if isinstance(t, torch.Tensor) and t.dim() else t, (args, kwargs))
+    return tuple(first[0]), dict(first[1])
+
+
+def _first_shape(example) -> list:
+    """The shape of the example's first tensor (what reports show)."""
+    tensor = next((t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)), None)
+    return list(tensor.shape) if tensor is not None else []
 
 
 def _leaf_paths(model: nn.Module, leaf_modules) -> list:
@@ -519,17 +539,19 @@ def _leaf_paths(model: nn.Module, leaf_modules) -> list:
     return [name for name, m in model.named_modules() if name and (name in leaf_modules or isinstance(m, types))]
 
 
-def _rebuild(original: nn.Module, done: dict | None, steps: list, example: torch.Tensor, leaf_paths: list) -> fx.GraphModule:
+def _rebuild(original: nn.Module, done: dict | None, steps: list, example, leaf_paths: list,
+             activations: dict | None = None) -> fx.GraphModule:
     """The network as the run left it, from its recipe (sites, paddings, plans: nothing is
     measured again). Checkpoints written before they held a recipe are replayed step by step with
     every chain's padding moved, as those runs did."""
-    example = example.to(model_device(original))
+    example = to_device(example, model_device(original))
+    options = {"leaf_modules": leaf_paths, "activations": activations}
     if done is not None:
-        return from_recipe(original, done, example, leaf_modules=leaf_paths)
-    net = linearize(original, [], example, plan="none", leaf_modules=leaf_paths)
+        return from_recipe(original, done, example, **options)
+    net = linearize(original, [], example, plan="none", **options)
     for step in steps:
         if step["accepted"]:
-            net = linearize(net, step["removed"], example, plan="merge", leaf_modules=leaf_paths)
+            net = linearize(net, step["removed"], example, plan="merge", **options)
     return net
 
 

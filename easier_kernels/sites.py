@@ -2,7 +2,7 @@
 
     sites = ek.find_sites(model, example_inputs)      # [Site(name='relu', kind='relu', channels=64, ...), ...]
 
-A site is one call, not one module: torchvision's BasicBlock calls `self.relu` twice, which gives
+The graph is `capture.capture`'s (torch.fx, else torch.export). A site is one call, not one module: torchvision's BasicBlock calls `self.relu` twice, which gives
 two sites (`layer1_0_relu`, `layer1_0_relu_1`). Names are the traced graph's node names, so they
 are stable: the same model class traces to the same names, and a GraphModule (what `linearize`
 returns) is read as it is, never re-traced, so its remaining sites keep their names.
@@ -17,14 +17,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 from contextlib import contextmanager
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Site", "find_sites", "trace", "sites_of", "select", "instrument", "as_args", "eval_mode", "linearized", "recipe"]
+from . import activations as acts
+from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
+from .capture import CAPTURE_KEY, capture, positional
+
+__all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "select", "instrument", "eval_mode", "linearized",
+           "recipe", "declared_activations"]
 
 RECIPE_KEY = "easier_kernels"
 
@@ -41,41 +46,21 @@ def recipe(model: nn.Module) -> dict:
     meta = getattr(model, "meta", {}).get(RECIPE_KEY)
     return copy.deepcopy(meta) if meta else {"linearized": [], "padding": [], "plans": []}
 
-# module type -> (kind, the attributes that are the kind's arguments)
-ACTIVATION_MODULES = {
-    nn.ReLU: ("relu", ()),
-    nn.ReLU6: ("relu6", ()),
-    nn.GELU: ("gelu", ("approximate",)),
-    nn.SiLU: ("silu", ()),
-    nn.Hardswish: ("hardswish", ()),
-    nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
-    nn.ELU: ("elu", ("alpha",)),
-}
-
-# function -> (kind, its parameters after the input with their defaults, always in place)
-ACTIVATION_FUNCTIONS = {
-    F.relu: ("relu", (("inplace", False),), False),
-    torch.relu: ("relu", (), False),
-    torch.relu_: ("relu", (), True),
-    F.relu6: ("relu6", (("inplace", False),), False),
-    F.gelu: ("gelu", (("approximate", "none"),), False),
-    F.silu: ("silu", (("inplace", False),), False),
-    F.hardswish: ("hardswish", (("inplace", False),), False),
-    F.leaky_relu: ("leaky_relu", (("negative_slope", 0.01), ("inplace", False)), False),
-    F.leaky_relu_: ("leaky_relu", (("negative_slope", 0.01),), True),
-    F.elu: ("elu", (("alpha", 1.0), ("inplace", False)), False),
-    F.elu_: ("elu", (("alpha", 1.0),), True),
-}
-
-# tensor method -> (kind, in place)
-ACTIVATION_METHODS = {"relu": ("relu", False), "relu_": ("relu", True)}
-
+_aten = torch.ops.aten
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.modules.pooling._AvgPoolNd,
                    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)
 _CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)
-_CHANNELS_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm}
-_CHANNELS_LAST_FUNCTIONS = {F.linear, F.layer_norm, torch.matmul, torch.addmm, torch.bmm, torch.baddbmm, F.embedding}
-
+_CHANNELS_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.batch_norm, F.group_norm, _aten.conv1d.default,
+                             _aten.conv2d.default, _aten.conv3d.default, _aten.convolution.default, _aten.batch_norm.default,
+                             _aten._native_batch_norm_legit_no_training.default, _aten.group_norm.default,
+                             _aten.max_pool2d.default, _aten.avg_pool2d.default, _aten.adaptive_avg_pool2d.default}
+_CHANNELS_LAST_FUNCTIONS = {F.linear, F.layer_norm, torch.matmul, torch.addmm, torch.bmm, torch.baddbmm, F.embedding,
+                            _aten.linear.default, _aten.addmm.default, _aten.mm.default, _aten.matmul.default,
+                            _aten.bmm.default, _aten.baddbmm.default, _aten.layer_norm.default, _aten.embedding.default}
+# ops that only re-lay out their input's elements (shapes say where a dim goes)
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "_unsafe_view", "expand_dims"}
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims"}
+_PERMUTES = {"permute"}
 
 @dataclasses.dataclass(frozen=True)
 class Site:
@@ -100,67 +85,6 @@ class Site:
     index: int = 0
 
 
-# ---- tracing
-
-
-class TraceFailure(RuntimeError):
-    """torch.fx could not trace the model; the message names the module and the fix."""
-
-
-class _Tracer(fx.Tracer):
-    """torch.fx's tracer with activation modules and user-named modules as leaves, remembering
-    which module was being traced when tracing failed."""
-
-    def __init__(self, leaf_modules: Iterable):
-        super().__init__()
-        leaf_modules = list(leaf_modules or ())
-        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
-        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-        self.failed_in: tuple[str, nn.Module] | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (type(m) in ACTIVATION_MODULES or qualname in self._leaf_names
-                or isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname))
-
-    def call_module(self, m, forward, args, kwargs):
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:  # the innermost module: the first handler to see it
-                self.failed_in = (self.path_of_module(m), m)
-            raise
-
-
-def trace(model: nn.Module, leaf_modules: Iterable | None = None) -> fx.GraphModule:
-    """A GraphModule over `model`'s own submodules (parameters and buffers are shared, not
-    copied). A GraphModule is not re-traced: its graph is copied, so its node names stay."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if isinstance(model, fx.GraphModule):
-        gm = fx.GraphModule(model, copy.deepcopy(model.graph), model.__class__.__name__)
-        gm.meta.update(copy.deepcopy(model.meta))
-    else:
-        tracer = _Tracer(leaf_modules)
-        try:
-            graph = tracer.trace(model)
-        except Exception as exc:
-            raise TraceFailure(_trace_failure_message(model, tracer.failed_in, exc)) from exc
-        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    gm.training = model.training  # the flag only: submodules keep their own modes
-    return gm
-
-
-def _trace_failure_message(model, failed_in, exc) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if failed_in is None or failed_in[0] == "":
-        return (f"torch.fx cannot trace the forward of {type(model).__name__} itself ({reason}); move the "
-                "untraceable part into a submodule and pass it as leaf_modules=['its.path']")
-    path, module = failed_in
-    return (f"torch.fx cannot trace module '{path}' ({type(module).__name__}): {reason}; mark it a leaf with "
-            f"leaf_modules=['{path}'] (or leaf_modules=[{type(module).__name__}]); its activation modules are "
-            "then scored as module sites")
-
-
 # ---- finding sites
 
 
@@ -173,14 +97,19 @@ def module_calls(gm: fx.GraphModule) -> dict:
     return calls
 
 
+def declared_activations(gm: fx.GraphModule) -> dict:
+    """The user's activation declarations the graph was captured with (`activations.declared`)."""
+    return gm.meta.get(CAPTURE_KEY, {}).get("activations", {})
+
+
 def _call_spec(gm: fx.GraphModule, node: fx.Node):
     """(kind, kind_args, inplace, module path) when the node is an activation call, else None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if type(module) not in ACTIVATION_MODULES:
+        spec = acts.module_kind(module, declared_activations(gm))
+        if spec is None:
             return None
-        kind, arg_names = ACTIVATION_MODULES[type(module)]
-        return kind, {a: getattr(module, a) for a in arg_names}, bool(getattr(module, "inplace", False)), node.target
+        return (*spec, bool(getattr(module, "inplace", False)), node.target)
     if node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS:
         kind, params, always_inplace = ACTIVATION_FUNCTIONS[node.target]
         values = {name: default for name, default in params}
@@ -195,27 +124,111 @@ def _call_spec(gm: fx.GraphModule, node: fx.Node):
 
 
 def _channel_dim(gm: fx.GraphModule, node: fx.Node) -> int:
-    """Where the neurons are: dim 1 after convolutions / batch norm, the last dim after linear
-    layers (tokens [N, ..., C], also 4-D in Swin and ConvNeXt). Walks back through elementwise
-    ops to the producing layer; 1 when none is found."""
-    for _ in range(32):
-        if node.op == "call_module":
-            module = gm.get_submodule(node.target)
-            if isinstance(module, _CHANNELS_FIRST):
-                return 1
-            if isinstance(module, _CHANNELS_LAST):
-                return -1
-        elif node.op == "call_function" and node.target in _CHANNELS_FIRST_FUNCTIONS:
-            return 1
-        elif node.op == "call_function" and node.target in _CHANNELS_LAST_FUNCTIONS:
-            return -1
-        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "matmul":
-            return -1
+    """Where the neurons of a site's input `node` are: the producing layer's channel dim (1 after
+    convolutions / batch norm, the last after linear layers), carried through the reshapes,
+    transposes and permutes between it and the site by the shapes `propagate_shapes` recorded
+    (`node.meta["ek_shape"]`); the last dim as -1 (tokens [N, ..., C] of any rank). 1 when no
+    layer is found."""
+    between = []
+    for _ in range(64):
+        dim = _produced_dim(gm, node)
+        if dim is not None:
+            break
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
         if not inputs:
             return 1
+        between.append(node)
         node = inputs[0]
-    return 1
+    else:
+        return 1
+    shape = node.meta.get("ek_shape")
+    if shape is None:  # no shapes recorded: the layer's own dim
+        return dim
+    channels_last, dim, channels = dim < 0, dim % len(shape), shape[dim]
+    for step in reversed(between):
+        dim = _carried_dim(step, dim, shape)
+        if dim is None:
+            break
+        shape = step.meta.get("ek_shape") if isinstance(step.meta.get("ek_shape"), tuple) else shape
+    final = between[0].meta.get("ek_shape") if between else shape
+    if not isinstance(final, tuple):
+        return 1
+    dim = _checked_dim(dim, final, channels)
+    return -1 if dim == len(final) - 1 and (dim > 1 or channels_last) else dim
+
+
+def _produced_dim(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The channel dim of a layer's output (1 or -1), None when the node is not a layer."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _CHANNELS_FIRST):
+            return 1
+        if isinstance(module, _CHANNELS_LAST):
+            return -1
+    elif node.op == "call_function" and node.target in _CHANNELS_FIRST_FUNCTIONS:
+        return 1
+    elif node.op == "call_function" and (node.target in _CHANNELS_LAST_FUNCTIONS
+                                         or getattr(node.target, "__name__", "") == "matmul"):
+        return -1
+    return None
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._opname
+    return getattr(node.target, "__name__", "")
+
+
+def _carried_dim(step: fx.Node, dim: int, before: tuple) -> int | None:
+    """Where dim `dim` of a shape `before` ends up after `step` (None when it does not survive as one dim)."""
+    after = step.meta.get("ek_shape")
+    if not isinstance(after, tuple) or not isinstance(before, tuple):
+        return dim  # not a tensor (a getitem of a tuple, ...): passed on
+    name = _op_name(step)
+    if name in _TRANSPOSES:
+        a, b = (int(v) % len(before) for v in _op_args(step, 2))
+        return b if dim == a else a if dim == b else dim
+    if name in _PERMUTES:
+        order = [int(v) % len(before) for v in _op_dims(step)]
+        return order.index(dim) if dim in order else None
+    if name in _RESHAPES or len(after) != len(before):
+        return _reshaped_dim(dim, before, after)
+    return dim  # elementwise (broadcasting keeps dims in place)
+
+
+def _op_args(step: fx.Node, count: int) -> list:
+    return list(step.args[1:1 + count])
+
+
+def _op_dims(step: fx.Node) -> list:
+    dims = step.args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    return list(dims) or list(step.kwargs.get("dims", ()))
+
+
+def _reshaped_dim(dim: int, before: tuple, after: tuple) -> int | None:
+    """The dim of `after` holding dim `dim` of `before` whole: the same size, the same number of
+    elements before it (a row-major reshape keeps both)."""
+    prefix = 1
+    for d in range(dim):
+        prefix *= before[d]
+    running = 1
+    for j, size in enumerate(after):
+        if running == prefix and size == before[dim]:
+            return j
+        running *= size
+    return None
+
+
+def _checked_dim(dim: int | None, shape: tuple, channels: int) -> int:
+    """The carried dim when it has the layer's channel count, else the one dim of that size."""
+    if dim is None or dim >= len(shape) or shape[dim] != channels:
+        matches = [d for d, size in enumerate(shape) if size == channels]
+        dim = matches[0] if len(matches) == 1 else (dim if dim is not None and dim < len(shape) else len(shape) - 1)
+    return dim
 
 
 def _leaf_channel_dim(parent: nn.Module, child_name: str) -> int:
@@ -243,28 +256,20 @@ def sites_of(gm: fx.GraphModule, require: bool = False) -> list[Site]:
             seen_leaves.add(node.target)
             leaf = gm.get_submodule(node.target)
             for path, module in leaf.named_modules():
-                if path and type(module) in ACTIVATION_MODULES:
-                    kind, arg_names = ACTIVATION_MODULES[type(module)]
+                spec = acts.module_kind(module, declared_activations(gm)) if path else None
+                if spec is not None:
                     parent_path, _, child = path.rpartition(".")
                     full = f"{node.target}.{path}"
                     cdim = _leaf_channel_dim(leaf.get_submodule(parent_path), child)
-                    sites.append(Site(full, kind, None, cdim, {a: getattr(module, a) for a in arg_names}, full,
-                                      bool(getattr(module, "inplace", False)), True, len(sites)))
+                    sites.append(Site(full, *spec[:1], None, cdim, spec[1], full, bool(getattr(module, "inplace", False)),
+                                      True, len(sites)))
     if require and not sites:
         raise ValueError(
             f"{gm.__class__.__name__} has no activation sites; supported are the modules "
-            f"{', '.join(t.__name__ for t in ACTIVATION_MODULES)}, their torch.nn.functional forms and x.relu()"
+            f"{', '.join(t.__name__ for t in acts.ACTIVATION_MODULES)}, their torch.nn.functional forms, x.relu(), "
+            "the activation modules of timm and transformers, and your own: activations={MyAct: 'gelu_tanh'}"
         )
     return sites
-
-
-def as_args(example_inputs) -> tuple:
-    """A model's positional inputs: a tensor, or a tuple/list of them."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
 @contextmanager
@@ -279,49 +284,59 @@ def eval_mode(model: nn.Module):
             module.training = flag
 
 
-class _InputShapes(fx.Interpreter):
-    """Runs the graph once, recording the input shape of every site node."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.shapes = {}
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once, recording every node's output shape in `node.meta["ek_shape"]`."""
 
     def run_node(self, n):
-        if "ek_site" in n.meta:
-            x = self.env[n.args[0]]
-            if isinstance(x, torch.Tensor):
-                self.shapes[n.meta["ek_site"]] = tuple(x.shape)
-        return super().run_node(n)
+        out = super().run_node(n)
+        n.meta["ek_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
 
 
-def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | None = None) -> list[Site]:
-    """Every activation call of `model`, in execution order, with its channel count.
-
-    example_inputs: a tensor or a tuple of positional inputs; the model runs once on them, in eval
-    mode and without gradients (no state changes). leaf_modules: module paths or types that
-    torch.fx must not trace into (their activation modules become one site each).
-    """
-    gm = trace(model, leaf_modules)
-    sites = sites_of(gm, require=True)
-    channels = channels_of(gm, sites, example_inputs)
-    return [dataclasses.replace(s, channels=channels.get(s.name)) for s in sites]
-
-
-def channels_of(gm: fx.GraphModule, sites: Sequence[Site], example_inputs) -> dict[str, int]:
-    """Site name -> its channel count, from the shapes the graph propagates: `gm` (as `trace`
-    made it, sites marked by `sites_of`) runs once on `example_inputs`, in eval mode and without
-    gradients (no state changes), and each site's input shape is read where it is called. Sites
-    the example never reaches are left out."""
-    shapes = _InputShapes(gm)
-    handles = [gm.get_submodule(s.module).register_forward_pre_hook(_record_shape(shapes.shapes, s.name))
-               for s in sites if s.in_leaf]
+def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
+    """Runs `gm` once on `example_inputs` (eval mode, no gradients: no state changes), recording
+    every node's output shape (`node.meta["ek_shape"]`, what site channel dims are read from).
+    Returns the input shapes of the activation modules inside leaf modules, by path."""
+    table, leaf_shapes = declared_activations(gm), {}
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    handles = [m.register_forward_pre_hook(_record_shape(leaf_shapes, path)) for path, m in gm.named_modules()
+               if path not in called and acts.module_kind(m, table) is not None]
     try:
         with torch.no_grad(), eval_mode(gm):
-            shapes.run(*as_args(example_inputs))
+            _ShapeRecorder(gm).run(*positional(gm, example_inputs))
     finally:
         for h in handles:
             h.remove()
-    return {s.name: _channels(s, shapes.shapes[s.name]) for s in sites if s.name in shapes.shapes}
+    return leaf_shapes
+
+
+def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | None = None,
+               activations: Mapping | None = None) -> list[Site]:
+    """Every activation call of `model`, in execution order, with its channel count.
+
+    example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs (or
+    ((args...), {kwargs})); the model runs once on them, in eval mode and without gradients (no
+    state changes). leaf_modules: module paths or types not to trace into (their activation
+    modules become one site each). activations: your own activation modules, {MyAct: "gelu_tanh"}
+    (see `easier_kernels.activations`).
+    """
+    gm = capture(model, example_inputs, leaf_modules=leaf_modules, activations=activations)
+    return measured_sites(gm, example_inputs, require=True)
+
+
+def measured_sites(gm: fx.GraphModule, example_inputs, require: bool = False) -> list[Site]:
+    """`sites_of(gm)` with channel dims and counts from the shapes `example_inputs` propagate.
+    Sites the example never reaches have channels None."""
+    leaf_shapes = propagate_shapes(gm, example_inputs)
+    found = []
+    for site in sites_of(gm, require=require):
+        shape = leaf_shapes.get(site.name) if site.in_leaf else _site_input(gm, site).meta.get("ek_shape")
+        found.append(dataclasses.replace(site, channels=_channels(site, shape) if shape else None))
+    return found
+
+
+def _site_input(gm: fx.GraphModule, site: Site) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.meta.get("ek_site") == site.name).args[0]
 
 
 def _record_shape(shapes: dict, name: str):
@@ -368,8 +383,9 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
 
     make_probe(site, fused): fused probes replace the activation call (they compute it and
     count in one pass); unfused ones count only and return their input, with the original call
-    kept after them: in-place calls whose input is read again later, and sites inside leaf
-    modules (a forward pre-hook; the returned handles remove those).
+    kept after them: in-place calls whose input is read again later, activations the kernels do
+    not compute (`activations.computed`), and sites inside leaf modules (a forward pre-hook; the
+    returned handles remove those).
     """
     nodes = {n.meta["ek_site"]: n for n in gm.graph.nodes if "ek_site" in n.meta}
     handles = []
@@ -380,7 +396,7 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
             continue
         node = nodes[site.name]
         x = node.args[0]
-        fused = not (site.inplace and _used_after(node, x))
+        fused = acts.computed(site.kind) and not (site.inplace and _used_after(node, x))
         target = f"ek_probe_{i}"
         gm.add_submodule(target, make_probe(site, fused))
         with gm.graph.inserting_before(node):

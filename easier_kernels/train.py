@@ -4,7 +4,9 @@ learning rate, mixed precision on CUDA.
     ek.train.fit(model, loader, epochs=3, lr=0.1)         # trains in place, returns the last epoch's mean loss
     ek.train.accuracy(model, loader)                      # top-1 in percent, in eval mode
 
-Batches are `(inputs, targets)` pairs; the loss is cross-entropy. `meter=` makes the last epoch
+Batches are `(inputs, targets)` pairs or dicts of keyword inputs with "labels" (`capture.batch_inputs`);
+the loss is the output's own `.loss`, else cross-entropy of its logits (`.logits` of a Hugging Face
+output). `inputs_fn(batch) -> (args, kwargs)` and `loss_fn(output, batch)` replace either. `meter=` makes the last epoch
 ride along: forwards go through `meter.model` (which shares the model's parameters), paused in the
 earlier epochs, so the scores come from the last epoch only, as the paper counts them.
 
@@ -21,10 +23,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distributed
-from .entropy import batch_inputs, model_device
+from .capture import batch_inputs, batch_targets, default_loss, logits_of, model_device, to_device
 
 __all__ = ["fit", "accuracy", "progress_bar"]
 
@@ -38,11 +39,10 @@ def progress_bar(iterable, progress: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _pair(batch, device):
-    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-        raise TypeError(f"training needs (inputs, targets) batches, got {type(batch).__name__}")
-    (inputs,) = batch_inputs(batch, device)
-    return inputs, batch[1].to(device, non_blocking=True)
+def _on_device(batch, device, inputs_fn):
+    """The batch on `device`, and the model's (args, kwargs) from it."""
+    batch = to_device(batch, device, non_blocking=True)
+    return batch, batch_inputs(batch, None, inputs_fn)
 
 
 def _autocast(device: torch.device, amp: bool | None):
@@ -61,7 +61,7 @@ def _autocast(device: torch.device, amp: bool | None):
 
 def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
         meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train",
-        first_epoch: int = 0) -> float:
+        first_epoch: int = 0, inputs_fn=None, loss_fn=None) -> float:
     """Trains `model` in place for `epochs` epochs with SGD and a cosine learning rate (per batch,
     from `lr` to 0). Returns the mean loss of the last epoch (over every rank's batches); a
     non-finite loss raises. `first_epoch`: the number the loader's sampler gets from `set_epoch`
@@ -88,9 +88,9 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
             loss_sum, batches = torch.zeros((), device=device), 0
             with paused:
                 for batch in progress_bar(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
-                    inputs, targets = _pair(batch, device)
+                    batch, (args, kwargs) = _on_device(batch, device, inputs_fn)
                     with autocast():
-                        loss = F.cross_entropy(forward(inputs), targets)
+                        loss = (loss_fn or default_loss)(forward(*args, **kwargs), batch)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is None:
                         loss.backward()
@@ -118,8 +118,10 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, desc: str = "eval") -> float:
-    """Top-1 accuracy in percent, in eval mode (the model's mode is restored); under a process
+def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, desc: str = "eval",
+             inputs_fn=None) -> float:
+    """Top-1 accuracy in percent of the output's logits against the batch's targets (per token
+    where targets are per token), in eval mode (the model's mode is restored); under a process
     group, over every rank's samples."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
@@ -127,8 +129,12 @@ def accuracy(model: nn.Module, loader, *, device=None, progress: bool = False, d
     correct, total = torch.zeros((), dtype=torch.int64, device=device), 0
     try:
         for batch in progress_bar(loader, progress, desc):
-            inputs, targets = _pair(batch, device)
-            correct += (model(inputs).argmax(-1) == targets).sum()
+            batch, (args, kwargs) = _on_device(batch, device, inputs_fn)
+            targets = batch_targets(batch)
+            if targets is None:
+                raise TypeError("accuracy needs batches with targets ((inputs, targets) or a dict with 'labels'); "
+                                "pass evaluate=... to score the model another way")
+            correct += (logits_of(model(*args, **kwargs)).argmax(-1) == targets).sum()
             total += targets.numel()
     finally:
         model.train(was_training)

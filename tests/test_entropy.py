@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import easier_kernels as ek
 from easier_kernels.entropy import binary_entropy
-from easier_kernels.sites import ACTIVATION_MODULES
+from easier_kernels.activations import ACTIVATION_MODULES
 from helpers import Gate, WithGate, real_batches
 
 PAPER = ["resnet18", "vgg16_bn", "mobilenet_v2"]

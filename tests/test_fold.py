@@ -198,7 +198,7 @@ def test_every_plan_of_every_chain_is_exact(name):
     from easier_kernels.fold.plans import plan_label, plans
 
     net, x = linearized_model(name, fraction=0.6, seed=1)
-    gm = ek.sites.trace(net).eval()
+    gm = ek.capture.capture(net).eval()
     fold_batch_norms(gm)
     chains = {c.name: [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in c.layers])] for c in find_chains(gm)}
     assert chains, "no chain to fold: pick another seed"
@@ -310,7 +310,7 @@ def fused_mobilenet():
     from easier_kernels.fold import find_chains, fold_batch_norms
     from easier_kernels.fold.plans import plan_label, plans
 
-    gm = ek.sites.trace(net).eval()
+    gm = ek.capture.capture(net).eval()
     fold_batch_norms(gm)
     replay = {}
     for chain in find_chains(gm):

@@ -102,7 +102,7 @@ def test_scoring_pass_matches_the_reference(device, full_precision):
 
 def fused_replay(net) -> dict:
     """A decision table running every chain that has a fused plan by the fused kernel."""
-    gm = ek.sites.trace(copy.deepcopy(net)).eval()
+    gm = ek.capture.capture(copy.deepcopy(net)).eval()
     fold_batch_norms(gm)
     table = {}
     for chain in find_chains(gm):

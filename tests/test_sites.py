@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import easier_kernels as ek
-from easier_kernels.sites import ACTIVATION_MODULES, TraceFailure
+from easier_kernels.activations import ACTIVATION_MODULES
+from easier_kernels.capture import TraceFailure
 from helpers import TORCHVISION_MODELS, Gate, WithGate, torchvision_model
 
 def module_calls(model, x):

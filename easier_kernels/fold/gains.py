@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .. import ops, runtimes
 from .. import sites as sites_mod
+from ..capture import capture
 from .chains import Chain, act_spec, find_chains, fold_batch_norms, origin
 from .planner import MARGIN, Capture, _seconds, best_plan, segment_options, segment_seconds
 from .plans import build, parse_plan
@@ -36,7 +37,7 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
     """The moves over `site_names` (sites of `net` not yet linearized), each with the ms it saves
     in `runtime` on `args`, the ms of the units it changes, and whether it pays: saves more than
     MARGIN of those units' time (less is within timing noise)."""
-    gm = sites_mod.trace(copy.deepcopy(net), leaf_modules).eval()
+    gm = capture(copy.deepcopy(net), args, leaf_modules=leaf_modules).eval()
     gm.requires_grad_(False)
     sites_mod.sites_of(gm)  # marks the site nodes (node.meta["ek_site"])
     nodes = {n.name: n for n in gm.graph.nodes if n.meta.get("ek_site") in site_names}

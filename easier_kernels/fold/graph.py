@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .. import runtimes
 from .. import sites as sites_mod
-from ..entropy import model_device
+from ..capture import capture, model_device, positional, to_device
 from ..timing import compare
 from .blocks import lower_fused
 from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_norms, passthrough, set_module
@@ -54,10 +54,9 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     runtimes.check_runtime(runtime)
     portable = portable or runtimes.standard_only(runtime)
     device = torch.device(device) if device is not None else model_device(model)
-    args = tuple(a.to(device) for a in sites_mod.as_args(example_inputs))
-    if not all(a.is_floating_point() for a in args):
-        raise TypeError("fold: example_inputs must be floating-point tensors (a batch of real inputs)")
-    gm = _eval_graph(model, leaf_modules, device)
+    example = to_device(example_inputs, device)
+    gm = _eval_graph(model, example, leaf_modules, device)
+    args = positional(gm, example)
     planned = {tuple(r["layers"]): r for r in sites_mod.recipe(model).get("plans", []) if r.get("runtime") == runtime}
     with torch.no_grad():
         expected = gm(*args)
@@ -68,7 +67,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
         folded = _apply(gm, rows)
         latency = None
         if check and decide == "measure" and (original is not None or any(r["choice"] != "separate" for r in rows)):
-            baseline = gm if original is None else _eval_graph(original, leaf_modules, device)
+            baseline = gm if original is None else _eval_graph(original, example, leaf_modules, device)
             if original is not None:
                 fold_batch_norms(baseline)
             folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
@@ -84,8 +83,8 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     return folded
 
 
-def _eval_graph(model: nn.Module, leaf_modules, device) -> fx.GraphModule:
-    gm = sites_mod.trace(copy.deepcopy(model), leaf_modules).to(device).eval()
+def _eval_graph(model: nn.Module, example, leaf_modules, device) -> fx.GraphModule:
+    gm = capture(copy.deepcopy(model).to(device), example, leaf_modules=leaf_modules).eval()
     gm.requires_grad_(False)
     return gm
 

@@ -98,7 +98,7 @@ def test_the_planner_finds_the_fastest_plan(name, fraction, monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     names = [s.name for s in ek.find_sites(model, x)]
     net = ek.linearize(model, names[: round(len(names) * fraction)], x, plan="none").eval()
-    gm = ek.sites.trace(net).eval()
+    gm = ek.capture.capture(net).eval()
     fold_batch_norms(gm)
     chains = find_chains(gm)
     values = planner.chain_values(gm, chains, (x,))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import activations as acts
 
 __all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
-           "model_device", "batch_inputs", "batch_targets", "logits_of", "default_loss", "CAPTURE_KEY"]
+           "model_device", "eval_mode", "batch_inputs", "batch_targets", "logits_of", "default_loss", "CAPTURE_KEY"]
 
 CAPTURE_KEY = "ek_capture"  # gm.meta: how the graph was captured and the declared activations
 
@@ -191,6 +191,18 @@ def default_loss(output, batch) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in eval mode inside the block; each module's own flag restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 # ---- capture
 
 
@@ -217,20 +229,63 @@ def capture(model: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
         return gm
     table = acts.declared(activations)
     leaves = _Leaves(leaf_modules, table)
-    tracer = _Tracer(leaves)
-    try:
-        graph = tracer.trace(model)
-        gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-        how = "fx"
-    except Exception as exc:
-        fx_failure = _fx_failure_message(model, tracer.failed_in, exc)
+    gm, fx_failure = _fx(model, leaves, example_inputs)
+    if gm is None:
         if example_inputs is None:
-            raise TraceFailure(f"{fx_failure}; or pass example inputs so that torch.export can capture it") from exc
+            raise TraceFailure(f"{fx_failure}; or pass example inputs so that torch.export can capture it")
         gm = _export(model, example_inputs, leaves, fx_failure)
-        how = "export"
-    gm.meta[CAPTURE_KEY] = {"by": how, "activations": table}
+    gm.meta[CAPTURE_KEY] = {"by": "fx" if fx_failure is None else "export", "activations": table}
     gm.training = model.training  # the flag only: submodules keep their own modes
     return gm
+
+
+def _fx(model: nn.Module, leaves: "_Leaves", example_inputs) -> tuple[fx.GraphModule | None, str | None]:
+    """(the torch.fx capture, None), or (None, why not): tracing failed, or the graph does not
+    compute what the model computes on the example (a forward that caches values between calls
+    records stale ones)."""
+    tracer = _Tracer(leaves)
+    kept = _python_state(model)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        return None, _fx_failure_message(model, tracer.failed_in, exc)
+    finally:
+        _restore_python_state(kept)  # tracing may leave proxies in the model's caches
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    if example_inputs is not None and (why := _differs(model, gm, example_inputs)):
+        return None, f"the torch.fx graph of {type(model).__name__} does not compute what it does ({why})"
+    return gm, None
+
+
+def _python_state(model: nn.Module) -> list:
+    """The containers in the modules' own attributes (caches such as timm's attention-bias cache)."""
+    return [(m, k, copy.copy(v)) for m in model.modules() for k, v in vars(m).items()
+            if not k.startswith("_") and isinstance(v, (dict, list, set))]
+
+
+def _restore_python_state(kept: list) -> None:
+    for module, key, value in kept:
+        setattr(module, key, value)
+
+
+def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
+    """Why `gm` is not `model` on the example in eval mode (an error, other outputs), or None."""
+    kept = _python_state(model)
+    try:
+        with torch.no_grad(), eval_mode(model), eval_mode(gm):
+            expected, got = call(model, example_inputs), call(gm, example_inputs)
+    except Exception as exc:
+        return f"it fails with {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        _restore_python_state(kept)
+    expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
+    pairs = [(e, g) for e, g in zip(expected, got) if isinstance(e, torch.Tensor)]
+    if len(expected) != len(got) or any(not isinstance(g, torch.Tensor) or g.shape != e.shape for e, g in pairs):
+        return "other outputs"
+    for e, g in pairs:
+        if e.is_floating_point() and not torch.allclose(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max().clamp_min(1))):
+            return "other values"
+    return None
 
 
 class _Leaves:
@@ -288,10 +343,10 @@ _KEPT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Ba
                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
 
-def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) -> fx.GraphModule:
+def _export(model: nn.Module, example_inputs, leaves: "_Leaves", fx_failure: str) -> fx.GraphModule:
     args, kwargs = _widened(*as_call(example_inputs))
     try:
-        with torch.no_grad(), _eval_mode(model), _no_cache(model):
+        with torch.no_grad(), eval_mode(model), _no_cache(model):
             program = torch.export.export(model, args, kwargs, strict=False,
                                           dynamic_shapes=_dynamic_shapes(model, args, kwargs))
     except Exception as exc:
@@ -309,6 +364,9 @@ def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) 
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    if why := _differs(model, gm, example_inputs):
+        raise TraceFailure(f"{fx_failure}; the torch.export graph does not compute what the model does either ({why}); "
+                           "please report this model")
     return gm
 
 
@@ -328,10 +386,13 @@ def _widened(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _dynamic_shapes(model, args, kwargs):
-    """Every dim of every tensor input dynamic where the model allows (export decides)."""
+    """The batch dim of every tensor input dynamic, and the sequence dim of integer ones (token
+    ids, masks), where the model allows (export decides). Other dims (an image's size) stay as
+    in the example: dynamic image sizes make export many times slower."""
     def spec(value):
         if isinstance(value, torch.Tensor):
-            return {d: torch.export.Dim.AUTO for d in range(value.dim())} if value.dim() else None
+            dims = range(min(value.dim(), 1 if value.is_floating_point() else 2))
+            return {d: torch.export.Dim.AUTO for d in dims} or None
         if isinstance(value, Mapping):
             return {k: spec(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
@@ -355,19 +416,6 @@ def _no_cache(model: nn.Module):
         yield
     finally:
         config.use_cache = saved
-
-
-class _eval_mode:
-    def __init__(self, model):
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.model = model
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for module, flag in self.flags:
-            module.training = flag
 
 
 def _kept(module: nn.Module, path: str, leaves: _Leaves) -> bool:

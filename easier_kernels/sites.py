@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from contextlib import contextmanager
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from . import activations as acts
 from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
-from .capture import CAPTURE_KEY, capture, positional
+from .capture import CAPTURE_KEY, capture, eval_mode, positional
 
 __all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "select", "instrument", "eval_mode", "linearized",
            "recipe", "declared_activations"]
@@ -270,18 +269,6 @@ def sites_of(gm: fx.GraphModule, require: bool = False) -> list[Site]:
             "the activation modules of timm and transformers, and your own: activations={MyAct: 'gelu_tanh'}"
         )
     return sites
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Every module in eval mode inside the block; each module's own flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 class _ShapeRecorder(fx.Interpreter):

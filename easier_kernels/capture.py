@@ -482,6 +482,5 @@ def _functional_activations(gm: fx.GraphModule) -> None:
         if call_spec is None:
             continue
         node.target, node.args, node.kwargs = call_spec
-        stack = list(node.meta.get("nn_module_stack", {}).values())
-        if stack:
-            node._rename(f"{stack[-1][0].replace('.', '_')}_{node.target.__name__}")
+        stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values() if path]
+        node._rename(f"{stack[-1].replace('.', '_')}_{node.target.__name__}" if stack else node.target.__name__)

@@ -2,6 +2,7 @@
 
     easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
     easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
+    easier-kernels prune --model timm:resnet50 --weights resnet50.pth --dataset imagefolder --data-root ~/flowers
     easier-kernels score runs/vgg             # the entropy table of a run's current model
     easier-kernels fold runs/vgg              # fold its chains (per plan), save runs/vgg/folded.pt
     easier-kernels export runs/vgg --format onnx   # a checked ONNX file, latency before/after in ONNX Runtime
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +28,7 @@ from .runtimes import RUNTIMES
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
-                  "latency_target": None, "split_seed": None}
+                  "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None}
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out", "dist_timeout")
 
@@ -72,14 +74,15 @@ def _prune(args, device) -> int:
     out = Path(args.out)
     main = distributed.is_main()
     resuming = distributed.from_main(lambda: _check_out(out, settings, args.resume))
-    splits, model = _data_and_model(args)
+    splits, model, trained = _data_and_model(args)
     if not resuming and main:
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
     model.to(device)
     channels = _channels(model, splits)
     train, val, test = _loaders(splits, args, model_channels=channels, seed=args.seed)
-    scores = _baseline(model, train, args, out, device)
-    run_settings = {**settings, "num_classes": splits.num_classes, "in_channels": channels, "data_root": args.data_root}
+    scores = _baseline(model, train, args, out, device, trained)
+    run_settings = {**settings, "num_classes": args.num_classes or splits.num_classes, "in_channels": channels,
+                    "data_root": args.data_root}
 
     def save(result) -> None:
         if main:
@@ -137,40 +140,65 @@ def _data_and_model(args):
         raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
     try:
         split_seed = args.seed if args.split_seed is None else args.split_seed
-        with distributed.local_main_first(args.download):  # one download per machine, then the others read it
-            splits = data.load(args.dataset, args.data_root, download=args.download, seed=split_seed, augment=args.augment)
-        torch.manual_seed(args.seed)  # the same initial weights for the same seed
-        model = _build_model(args.model, splits.num_classes, splits.in_channels, args.width)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # RuntimeError: torchvision's dataset classes
+        # one download per machine (data, and a hub model with --download), then the others read it
+        with distributed.local_main_first(args.download):
+            splits = data.load(args.dataset, args.data_root, download=args.download, seed=split_seed,
+                               augment=args.augment, image_size=args.image_size)
+            torch.manual_seed(args.seed)  # the same initial weights for the same seed
+            model = _build_model(args.model, _num_classes(args.num_classes, splits), splits.in_channels, args.width,
+                                 download=args.download)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:  # RuntimeError: torchvision's datasets
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     for part in ("train", "val"):  # a quicker run on part of the split
         if (size := getattr(args, f"{part}_size")) is not None:
             dataset = getattr(splits, part)
             setattr(splits, part, torch.utils.data.Subset(dataset, range(min(size, len(dataset)))))
-    if args.weights:
-        _load_weights(model, args.weights)
-    return splits, model
+    trained = bool(args.weights) and _load_weights(model, args)
+    return splits, model, trained
 
 
-def _build_model(name: str, num_classes: int, data_channels: int, width: float):
-    """The paper's models take the data's channels and --width; torchvision's take 3 channels
-    (grayscale is repeated) at their own width."""
+def _num_classes(requested: int | None, splits) -> int:
+    """--num-classes, by default the dataset's class count; never fewer (its labels would not fit)."""
+    if requested is None:
+        return splits.num_classes
+    if requested < splits.num_classes:
+        raise UsageError(f"--num-classes {requested} is fewer than the {splits.num_classes} classes of {splits.name}; "
+                         f"pass at least {splits.num_classes}, or leave it out")
+    return requested
+
+
+def _build_model(name: str, num_classes: int, data_channels: int, width: float, download: bool = False):
+    """The paper's models take the data's channels and --width, timm's the data's channels;
+    torchvision's and transformers' take 3 channels (grayscale is repeated) at their own width."""
     from . import models
 
     if name in models.PAPER_MODELS:
         return models.build(name, num_classes=num_classes, in_channels=data_channels, width=width)
-    return models.build(name, num_classes=num_classes)
+    if name.startswith("timm:"):
+        return models.build(name, num_classes=num_classes, in_channels=data_channels)
+    return models.build(name, num_classes=num_classes, download=download)
 
 
-def _load_weights(model, path) -> None:
+def _load_weights(model, args) -> bool:
+    """Loads --weights into the model; False where its head was replaced (then untrained)."""
+    from . import distributed, models
+
+    path = args.weights
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        state = models.read_weights(path)
     except FileNotFoundError:
         raise UsageError(f"--weights {path}: no such file") from None
-    except Exception as exc:
-        raise UsageError(f"--weights {path} does not fit --model (a state_dict of that architecture is needed): "
-                         f"{str(exc).strip().splitlines()[0]}") from None
+    except (ValueError, ImportError) as exc:  # ImportError: safetensors for a .safetensors file
+        raise UsageError(f"--weights: {exc}") from None
+    try:
+        replaced = models.load_weights(model, state)
+    except ValueError as exc:
+        raise UsageError(f"--weights {path} does not fit --model {args.model}: {exc}; pass a state_dict of that "
+                         "architecture") from None
+    if distributed.is_main():
+        print(f"loaded --weights {path}" + (f"; {replaced} (trained with the rest for --epochs {args.epochs})"
+                                             if replaced else ""))
+    return replaced is None
 
 
 def _channels(model, splits) -> int:
@@ -189,6 +217,14 @@ class _RepeatChannels:
         return images.expand(-1, self.channels, -1, -1).contiguous(), labels
 
 
+def _workers(requested: int | None, dataset: str) -> int:
+    """--workers, by default none for the datasets held in memory (a worker would only copy tensors)
+    and up to 4 for imagefolder, whose images are read and decoded on access."""
+    if requested is not None:
+        return requested
+    return min(4, os.cpu_count() or 1) if dataset == "imagefolder" else 0
+
+
 def _loaders(splits, args, model_channels: int, seed: int = 0):
     """Train, validation and test loaders; under torchrun each rank's part (a DistributedSampler
     seeded by --seed for training, a padding-free shard for evaluation). --batch-size is per process."""
@@ -197,12 +233,13 @@ def _loaders(splits, args, model_channels: int, seed: int = 0):
     from . import distributed
 
     collate = _RepeatChannels(model_channels) if model_channels != splits.in_channels else None
+    workers = _workers(args.workers, splits.name)
 
     def loader(dataset, shuffle):
         if dataset is None:
             return None
         # no generator of its own: the order comes from torch's global RNG, which checkpoints restore
-        whole = DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers,
+        whole = DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, num_workers=workers,
                            collate_fn=collate, pin_memory=torch.cuda.is_available())
         return distributed.shard(whole, train=shuffle, seed=seed)
 
@@ -220,15 +257,16 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
 
 
-def _baseline(model, train, args, out: Path, device):
-    """Trains the model `--epochs` epochs (unless --weights), the last one with the scores riding
-    along; kept in out/baseline.pt so that a resumed run does not train it again."""
+def _baseline(model, train, args, out: Path, device, trained: bool):
+    """Trains the model `--epochs` epochs (unless --weights loaded it whole: `trained`), the last one
+    with the scores riding along; kept in out/baseline.pt so that a resumed run does not train it again."""
     from . import distributed, train as training
     from .entropy import EntropyMeter
 
-    if args.weights or args.epochs == 0:
-        if not args.weights:
-            print("note: --epochs 0 and no --weights: pruning an untrained model", file=sys.stderr)
+    if trained or args.epochs == 0:
+        if not trained:
+            what = "--weights with a new head" if args.weights else "no --weights"
+            print(f"note: --epochs 0 and {what}: pruning an untrained model", file=sys.stderr)
         return None
     path = out / "baseline.pt"
     saved = distributed.from_main(lambda: _read_baseline(path))
@@ -276,7 +314,7 @@ def _load_run(path_arg: str, what: str):
     try:
         result = load(path, lambda: _build_model(settings["model"], settings["num_classes"], settings["in_channels"],
                                                  settings["width"]))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     return path, settings, result
 
@@ -287,10 +325,12 @@ def _cmd_score(args) -> int:
     from .sites import find_sites
 
     path, settings, result = _load_run(args.path, "score")
+    dataset = args.dataset or settings["dataset"]
     try:
-        splits = data.load(args.dataset or settings["dataset"], args.data_root or settings.get("data_root"),
+        splits = data.load(dataset, args.data_root or settings.get("data_root"),
                            seed=settings["seed"] if settings.get("split_seed") is None else settings["split_seed"],
-                           augment=settings["augment"])
+                           augment=settings["augment"],
+                           image_size=settings.get("image_size") if dataset == "imagefolder" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     device = _device(args.device)
@@ -404,14 +444,22 @@ def _parser() -> argparse.ArgumentParser:
     prune = sub.add_parser("prune", help="the EASIER loop on a model and dataset; writes a report, plots, checkpoints")
     d = PRUNE_DEFAULTS
     prune.add_argument("--model", default=d["model"], help="resnet18, vgg16_bn, mobilenet_v2 (the paper's CIFAR-style "
-                       "models) or a torchvision classification name (torchvision.resnet18 for theirs)")
+                       "models), a torchvision classification name (torchvision.resnet18 for theirs), timm:NAME "
+                       "(a timm model, random init) or hf:FOLDER (a transformers image classifier from a "
+                       "save_pretrained folder; a hub name with --download)")
     prune.add_argument("--dataset", default=d["dataset"], help="fashion-mnist-mini (shipped, the default), fashion-mnist, "
-                       "cifar10-subset, cifar10, imagefolder")
+                       "cifar10-subset, cifar10, imagefolder (read from disk as it is used)")
     prune.add_argument("--data-root", help="the dataset's folder (not needed for fashion-mnist-mini)")
-    prune.add_argument("--download", action="store_true", help="let torchvision download fashion-mnist / cifar10")
-    prune.add_argument("--weights", help="a trained state_dict for --model (then no baseline training)")
+    prune.add_argument("--download", action="store_true", help="let torchvision download fashion-mnist / cifar10, "
+                       "transformers an hf: hub model; nothing is downloaded without it")
+    prune.add_argument("--weights", help="a pretrained state_dict for --model (.pth/.pt, or .safetensors): then no "
+                       "baseline training, unless its classifier head is for other classes (then replaced and "
+                       "trained for --epochs)")
+    prune.add_argument("--num-classes", type=int, help="the model's classes (default: the dataset's)")
+    prune.add_argument("--image-size", type=int, help="imagefolder: the side of the square crops (default 224)")
     prune.add_argument("--width", type=float, default=d["width"], help="channel width multiplier of the paper models")
-    prune.add_argument("--epochs", type=int, default=d["epochs"], help="baseline training epochs (without --weights)")
+    prune.add_argument("--epochs", type=int, default=d["epochs"], help="baseline training epochs (none with "
+                       "--weights, unless its head was replaced)")
     prune.add_argument("--epochs-per-step", type=int, default=d["epochs_per_step"], help="fine-tuning epochs per step")
     prune.add_argument("--max-steps", type=int, help="stop after this many steps (default: until the accuracy drops)")
     prune.add_argument("--max-drop", type=float, default=d["max_drop"], help="accuracy points allowed below the baseline")
@@ -430,13 +478,14 @@ def _parser() -> argparse.ArgumentParser:
                        "in this fraction of the original's latency (e.g. 0.7)")
     prune.add_argument("--plan", default=d["plan"], choices=list(PLAN),
                        help="measure (plan each chain by timing it), merge (prepare every chain to merge), none")
-    prune.add_argument("--no-augment", dest="augment", action="store_false", help="no random flip / 4-pixel shift")
+    prune.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation (random flip and "
+                       "4-pixel shift; imagefolder: random resized crop and flip)")
     prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
     prune.add_argument("--train-lr", type=float, default=d["train_lr"], help="baseline training learning rate")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
     prune.add_argument("--train-size", type=int, help="train on the first N images of the training split only")
     prune.add_argument("--val-size", type=int, help="validate on the first N images of the validation split only")
-    prune.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    prune.add_argument("--workers", type=int, help="data loader worker processes (default: 0, imagefolder up to 4)")
     prune.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     prune.add_argument("--seed", type=int, default=d["seed"], help="seeds the weights, the data order and augmentation, "
                        "and the train/validation split")
@@ -456,7 +505,7 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", default="pooled", choices=["pooled", "batch_mean"])
     score.add_argument("--max-batches", type=int, help="score on the first N batches only")
     score.add_argument("--batch-size", type=int, default=128)
-    score.add_argument("--workers", type=int, default=0)
+    score.add_argument("--workers", type=int, help="data loader worker processes (default: 0, imagefolder up to 4)")
     score.add_argument("--device", default="auto")
     score.set_defaults(func=_cmd_score)
 
@@ -490,7 +539,8 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args) -> None:
     if getattr(args, "max_drop", 0) < 0:
         raise UsageError(f"--max-drop must be >= 0 accuracy points, not {args.max_drop}")
-    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size", "val_size"):
+    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size", "val_size",
+                 "num_classes", "image_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
@@ -506,12 +556,14 @@ def _check(args) -> None:
 
 
 def main(argv=None) -> int:
+    from .data import UnreadableImage
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         _check(args)
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, UnreadableImage) as exc:  # UnreadableImage: an image folder's file, found as it is read
         print(f"easier-kernels {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

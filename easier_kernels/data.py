@@ -9,8 +9,10 @@
 Names (`DATASETS`): "fashion-mnist-mini", "fashion-mnist" (the four IDX files), "cifar10-subset"
 (cifar10_subset.npz), "cifar10" (the official python batches, through torchvision) and "imagefolder"
 (root/train/<class>/*.png and optionally root/test/ or root/val/; or just root/<class>/*).
-The training set is split into train and val with a seeded permutation; all three are normalized
-per channel with the train split's statistics; only train augments (random flip + shift by up to 4 px).
+The training set is split into train and val with a seeded permutation. The first four are held in
+memory, normalized per channel with the train split's statistics; only train augments (random flip
++ shift by up to 4 px). "imagefolder" is streamed from disk (FolderDataset: each image read when
+accessed) with ImageNet's transforms and statistics, at `image_size` (default 224).
 
 The older helpers stay: they return TensorDatasets normalized with the usual published statistics.
 
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DATASETS", "ImageDataset", "Splits", "load", "cifar10_subset", "fashion_mnist", "find_root", "SPLITS"]
+__all__ = ["DATASETS", "ImageDataset", "FolderDataset", "UnreadableImage", "Splits", "load", "cifar10_subset",
+           "fashion_mnist", "find_root", "SPLITS"]
 
 SPLITS = ("train", "test")
 DATASETS = ("fashion-mnist-mini", "fashion-mnist", "cifar10-subset", "cifar10", "imagefolder")
@@ -47,6 +50,10 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MINI_PATH = Path(__file__).parent / "datasets" / "fashion_mnist_mini.npz"
 SHIFT = 4  # the augmentation's largest shift, in pixels
+# image folders: ImageNet's statistics and evaluation crop (what pretrained weights were trained with)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SIZE = 224  # imagefolder's default image_size
+CROP_FRACTION = 0.875  # evaluation: the shorter side resized to image_size / 0.875, then the centre crop
 
 
 def find_root(*candidates) -> Path | None:
@@ -117,12 +124,74 @@ class ImageDataset(Dataset):
         return self._padded_images
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded, found when a FolderDataset reads it. A DataLoader
+    worker re-raises it with its traceback as the message; str() is still the one line naming the file."""
+
+    def __str__(self) -> str:
+        text = super().__str__().strip()
+        if "\n" not in text:
+            return text
+        # from a worker: "Caught UnreadableImage in DataLoader worker ...", the original line ends the traceback
+        last = text.splitlines()[-1]
+        return last.partition("UnreadableImage: ")[2] or last
+
+
+class FolderDataset(Dataset):
+    """Image files read from disk when accessed (a folder too large for memory), as RGB (grayscale
+    and palette images converted), normalized with ImageNet's mean / std: float32 [3, size, size].
+
+    With `augment` (training): RandomResizedCrop(size) and RandomHorizontalFlip, drawing from torch's
+    global RNG so that restoring its state replays the same samples; otherwise (evaluation) the
+    shorter side resized to round(size / 0.875), then CenterCrop(size). An image that cannot be
+    decoded raises UnreadableImage naming it."""
+
+    def __init__(self, samples, size: int, *, augment: bool = False, classes: list[str] | None = None,
+                 indices: torch.Tensor | None = None):
+        # one numpy array rather than a list of str: forked workers then share it (no refcount writes)
+        self.paths = np.array([str(path) for path, _ in samples])
+        self.labels = torch.tensor([int(label) for _, label in samples], dtype=torch.int64)
+        self.size, self.augment, self.classes, self.indices = size, augment, classes, indices
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self._transform = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(_open_rgb(Path(str(self.paths[i])))), self.labels[i]
+
+    @property
+    def transform(self):
+        """The torchvision transform, made on first use: built in each process rather than pickled
+        into DataLoader workers (a spawned worker then imports torchvision through compat)."""
+        if self._transform is None:
+            T = _torchvision().transforms
+            crop = ([T.RandomResizedCrop(self.size), T.RandomHorizontalFlip()] if self.augment
+                    else [T.Resize(round(self.size / CROP_FRACTION)), T.CenterCrop(self.size)])
+            self._transform = T.Compose([*crop, T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return self._transform
+
+    def __getstate__(self):
+        return {**self.__dict__, "_transform": None}
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes: a truncated file fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # unknown format, truncated
+        raise UnreadableImage(f"cannot read the image {path} ({_one_line(e)}); remove or replace it") from e
+
+
 @dataclass
 class Splits:
     name: str
-    train: ImageDataset
-    val: ImageDataset
-    test: ImageDataset | None
+    train: ImageDataset | FolderDataset
+    val: ImageDataset | FolderDataset
+    test: ImageDataset | FolderDataset | None
     num_classes: int
     in_channels: int
     image_size: int
@@ -142,16 +211,11 @@ def load(name: str, root=None, *, download: bool = False, val_fraction: float = 
     if native is not None and image_size not in (None, native):
         raise ValueError(f"{name} images are {native}x{native}; image_size={image_size} applies to imagefolder only")
     if name == "imagefolder":
-        train, test, classes = _imagefolder(root, download, image_size or 32)
-    else:
-        train, test, classes = _READERS[name](root, download)
+        return _imagefolder(root, download, image_size or IMAGE_SIZE, val_fraction, seed, augment)
+    train, test, classes = _READERS[name](root, download)
     images, labels = train
     _check_labels(name, len(classes), labels, None if test is None else test[1])
-    if len(labels) < 2:
-        raise ValueError(f"{name}: the training set holds {len(labels)} image(s); a train/val split needs at least 2")
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_val = min(max(round(len(labels) * val_fraction), 1), len(labels) - 1)  # an image on each side at least
-    val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values
+    val_idx, train_idx = _split(name, len(labels), val_fraction, seed)
     train_images = images[train_idx]
     mean, std = channel_stats(train_images)
     return Splits(
@@ -160,6 +224,15 @@ def load(name: str, root=None, *, download: bool = False, val_fraction: float = 
         val=ImageDataset(images[val_idx], labels[val_idx], mean, std, indices=val_idx, classes=classes),
         test=None if test is None else ImageDataset(*test, mean, std, classes=classes),
         num_classes=len(classes), in_channels=images.shape[1], image_size=images.shape[2], classes=classes)
+
+
+def _split(name: str, size: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(val indices, train indices) of a training set of `size` images, each sorted: a seeded permutation."""
+    if size < 2:
+        raise ValueError(f"{name}: the training set holds {size} image(s); a train/val split needs at least 2")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    n_val = min(max(round(size * val_fraction), 1), size - 1)  # an image on each side at least
+    return order[:n_val].sort().values, order[n_val:].sort().values
 
 
 def _check_labels(name: str, num_classes: int, *label_sets) -> None:
@@ -303,7 +376,8 @@ def _cifar10(root, download):
     return splits[0], splits[1], classes
 
 
-def _imagefolder(root, download, size: int):
+def _imagefolder(root, download, size: int, val_fraction: float, seed: int, augment: bool) -> Splits:
+    """The image files listed (none read: FolderDataset streams them), the training folder split."""
     if download:
         raise ValueError("imagefolder cannot be downloaded: drop --download and pass --data-root PATH to your image folder")
     root = _needs_root("imagefolder", root, "train/<class>/<images> (and optionally test/ or val/), or <class>/<images>")
@@ -312,41 +386,32 @@ def _imagefolder(root, download, size: int):
         test_dir = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
     else:
         train_dir, test_dir = root, None
-    train_images, train_labels, classes = _read_image_folder(train_dir, size)
+    samples, classes = _list_image_folder(train_dir)
     test = None
     if test_dir is not None:
-        test_images, test_labels, test_classes = _read_image_folder(test_dir, size)
+        test_samples, test_classes = _list_image_folder(test_dir)
         if test_classes != classes:
             raise ValueError(f"the class folders of {train_dir} ({', '.join(classes)}) and {test_dir} "
                              f"({', '.join(test_classes)}) differ; give both the same class folders")
-        test = (test_images, test_labels)
-    return (train_images, train_labels), test, classes
+        test = FolderDataset(test_samples, size, classes=classes)
+    val_idx, train_idx = _split("imagefolder", len(samples), val_fraction, seed)
+    part = lambda indices: [samples[i] for i in indices]  # noqa: E731
+    return Splits("imagefolder",
+                  train=FolderDataset(part(train_idx), size, augment=augment, classes=classes, indices=train_idx),
+                  val=FolderDataset(part(val_idx), size, classes=classes, indices=val_idx),
+                  test=test, num_classes=len(classes), in_channels=3, image_size=size, classes=classes)
 
 
-def _read_image_folder(folder: Path, size: int):
-    """All images under folder/<class>/ in memory: RGB, shorter side resized to `size`, center-cropped square."""
+def _list_image_folder(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The (path, label) of every image file under folder/<class>/, and the sorted class names."""
     tv = _torchvision()
     try:
-        found = tv.datasets.ImageFolder(folder, allow_empty=True)
+        found = tv.datasets.ImageFolder(folder, allow_empty=True)  # lists the files, reads none
     except FileNotFoundError as e:  # no class folder at all
         raise FileNotFoundError(f"no class folders in {folder}: expected {folder}/<class name>/<image files>") from e
     if not found.samples:
         raise ValueError(f"no images in the class folders of {folder} (looked for {' '.join(tv.datasets.folder.IMG_EXTENSIONS)})")
-    images = torch.stack([_read_image(Path(path), size, tv) for path, _ in found.samples])
-    return images, torch.tensor(found.targets, dtype=torch.int64), list(found.classes)
-
-
-def _read_image(path: Path, size: int, tv) -> torch.Tensor:
-    from PIL import Image
-
-    F = tv.transforms.functional
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # unknown format, truncated
-        raise ValueError(f"cannot read the image {path} ({_one_line(e)}); remove or replace it") from e
-    image = F.resize(image, size, interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-    return F.pil_to_tensor(F.center_crop(image, size))
+    return found.samples, list(found.classes)
 
 
 _READERS = {"fashion-mnist-mini": _fashion_mnist_mini, "fashion-mnist": _fashion_mnist,

@@ -4,15 +4,23 @@ Every activation is its own module, called once per forward (never reused, never
 reference-style forward hooks see one call per site and the paper's site counts hold:
 17 nn.ReLU (resnet18), 15 nn.ReLU (vgg16_bn), 35 nn.ReLU6 (mobilenet_v2). All trace with
 torch.fx.symbolic_trace. No pretrained weights.
+
+`build(name)` also makes torchvision's classifiers, timm's ("timm:NAME", pip install
+'easier_kernels[timm]') and transformers' image classifiers ("hf:FOLDER", pip install
+'easier_kernels[hf]'); nothing is downloaded unless asked. `read_weights` / `load_weights` load a
+pretrained state_dict, replacing a classifier head of another class count.
 """
 
+import importlib
 import math
 import numbers
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model", "build", "torchvision_names"]
+__all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model", "build", "torchvision_names",
+           "read_weights", "load_weights", "classifier_name"]
 
 
 def _build(cls, num_classes, in_channels, width):
@@ -221,19 +229,189 @@ def torchvision_names() -> list:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build(name, *, num_classes=10, in_channels=3, width=1.0):
-    """A fresh (untrained) model by name: one of the paper's CIFAR-style models (with `width`), or a
-    torchvision classification model (3-channel input, its own width). "torchvision.resnet18" names
-    torchvision's where the paper has a model of the same name."""
+def build(name, *, num_classes=10, in_channels=3, width=1.0, download=False):
+    """A fresh (untrained) model by name: one of the paper's CIFAR-style models (with `width`), a
+    torchvision classification model (3-channel input, its own width; "torchvision.resnet18" names
+    torchvision's where the paper has a model of the same name), "timm:NAME" (timm.create_model,
+    never pretrained, with `in_channels`) or "hf:FOLDER" (a transformers image classifier from a
+    folder holding config.json: random init, or its weights where it holds them, the classifier
+    made for `num_classes`). "hf:HUB/NAME" fetches from the Hugging Face hub, with download=True only."""
     if name in PAPER_MODELS:
         return PAPER_MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width)
+    if name.startswith("timm:"):
+        _paper_only(name, width=width)
+        return _timm(name.removeprefix("timm:"), num_classes, in_channels)
+    if name.startswith("hf:"):
+        _paper_only(name, width=width, in_channels=in_channels)
+        return _hf(name.removeprefix("hf:"), num_classes, download)
     name = name.removeprefix("torchvision.")
     if name not in torchvision_names():
-        raise ValueError(f"unknown model {name!r}; pass one of {', '.join(PAPER_MODELS)} or a torchvision "
-                         "classification model name (e.g. resnet50, mobilenet_v3_small)")
-    if in_channels != 3 or width != 1.0:
-        raise ValueError(f"torchvision's {name} takes 3-channel images at its own width; in_channels and width "
-                         "apply to the paper models only")
+        raise ValueError(f"unknown model {name!r}; pass one of {', '.join(PAPER_MODELS)}, a torchvision "
+                         "classification model name (e.g. resnet50, mobilenet_v3_small), timm:NAME or hf:FOLDER")
+    _paper_only(name, width=width, in_channels=in_channels)
     from .compat import import_torchvision
 
     return import_torchvision().models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _paper_only(name, width, in_channels=3):
+    """The models that take 3-channel images at their own width refuse other in_channels / width."""
+    if in_channels != 3 or width != 1.0:
+        raise ValueError(f"{name} takes 3-channel images at its own width; in_channels and width apply to the paper "
+                         "models only (in_channels also to timm: models)")
+
+
+def _optional(module: str, extra: str):
+    """`module` imported, or an ImportError saying which extra installs it."""
+    from .compat import import_torchvision
+
+    try:  # both import torchvision where it is installed, which needs compat's workaround on some installs
+        import_torchvision()
+    except ImportError:
+        if module == "timm":  # (transformers does without)
+            raise
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImportError(f"{extra}: models need {module}, which is not importable ({reason}): "
+                          f"pip install 'easier_kernels[{extra}]'") from exc
+
+
+def _timm(arch: str, num_classes, in_channels):
+    timm = _optional("timm", "timm")
+    if not timm.is_model(arch):
+        raise ValueError(f"unknown timm model {arch!r}; timm.list_models() names them (e.g. resnet18, convnext_tiny)")
+    _check_args(num_classes, in_channels, 1.0)
+    # never pretrained=True: that downloads; pretrained weights come as a state_dict (load_weights)
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+# what save_pretrained writes: one file, or the index of a sharded checkpoint
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _hf(spec: str, num_classes, download: bool):
+    _check_args(num_classes, 3, 1.0)
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"hf:{spec} holds no config.json: pass a folder written by save_pretrained "
+                             "(config.json, and model.safetensors for pretrained weights)")
+        source, options = folder, {"local_files_only": True}
+        pretrained = any((folder / name).is_file() for name in HF_WEIGHTS)
+    elif download:
+        source, options, pretrained = spec, {}, True
+    else:
+        raise ValueError(f"hf:{spec} is not a local folder; pass --download to fetch it from the Hugging Face hub "
+                         "(download=True), or a folder holding its config.json")
+    transformers = _optional("transformers", "hf")
+    auto = transformers.AutoModelForImageClassification
+
+    def load():
+        config = transformers.AutoConfig.from_pretrained(source, **options)
+        config.num_labels = num_classes  # (its setter renames the labels when the count changes)
+        if not pretrained:
+            return auto.from_config(config)
+        return auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True, **options)
+
+    try:
+        return load()
+    except ImportError:
+        raise
+    except Exception as exc:  # unreadable config or weights (safetensors' own error type), unknown model type, network
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"cannot build hf:{spec} ({reason})") from exc
+
+
+# ------------------------------------------------------------------------------------ pretrained weights
+
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")  # where training scripts keep the state_dict
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def read_weights(path) -> dict:
+    """The state_dict in a file: torch.save'd (the state_dict itself, or a checkpoint dict holding it
+    under "state_dict", "model" or "model_state_dict") or .safetensors. A "module." or "_orig_mod."
+    prefix on every key (a DDP or compiled model's) is dropped. Raises FileNotFoundError, or
+    ValueError saying what the file holds instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as exc:  # pickled code (weights_only refuses it), not a torch file, truncated
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"cannot read {path} as a state_dict ({reason}); save one with "
+                         "torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict):
+        state = next((state[key] for key in CHECKPOINT_KEYS if isinstance(state.get(key), dict)), state)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state_dict (a dict of tensors, or a checkpoint holding one under "
+                         f"{', '.join(CHECKPOINT_KEYS)})")
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state):
+            state = {key.removeprefix(prefix): value for key, value in state.items()}
+    return state
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The classifier head's module name: timm's get_classifier(), else the last nn.Linear or 1x1
+    nn.Conv2d (torchvision's, the paper's, transformers' `classifier`, SqueezeNet's conv)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    last = None
+    for name, module in model.named_modules():
+        if module is head and name:
+            return name
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
+            last = name
+    return last or None
+
+
+def load_weights(model: nn.Module, state: dict) -> str | None:
+    """Loads the state_dict into `model`. Where only its classifier head differs (the checkpoint's
+    is for another class count, or it has none) every other tensor is loaded, strictly, and the
+    model's freshly initialized head is kept: returns a line saying so ("replaced head fc: 1000 ->
+    5 classes"); None when everything was loaded. Any other difference is a ValueError naming the
+    first keys, and nothing is loaded."""
+    own = model.state_dict()
+    head = classifier_name(model)
+    in_head = lambda key: head is not None and key.startswith(head + ".")  # noqa: E731
+    # an older checkpoint may lack batch norms' counters; load_state_dict keeps the model's then
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    problems = []
+    if bad := [k for k in mismatched if not in_head(k)]:
+        problems.append(f"{_first(bad)} {'has' if len(bad) == 1 else 'have'} other shapes (first: {bad[0]} is "
+                        f"{list(state[bad[0]].shape)} in the checkpoint, {list(own[bad[0]].shape)} in the model)")
+    if bad := [k for k in missing if not in_head(k)]:
+        problems.append(f"the checkpoint lacks {_first(bad)}")
+    if bad := [k for k in unexpected if not in_head(k)]:
+        problems.append(f"the model has no {_first(bad)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    replaced = [k for k in (*mismatched, *missing, *unexpected) if in_head(k)]
+    if not replaced:
+        model.load_state_dict(state)
+        return None
+    result = model.load_state_dict({k: v for k, v in state.items() if not in_head(k)}, strict=False)
+    assert all(in_head(k) for k in result.missing_keys) and not result.unexpected_keys, result
+    classes = own[f"{head}.weight"].shape[0] if f"{head}.weight" in own else "?"
+    old = state.get(f"{head}.weight")
+    if old is None:
+        return f"new head {head}: {classes} classes (the checkpoint has none)"
+    return f"replaced head {head}: {old.shape[0]} -> {classes} classes"
+
+
+def _first(keys, shown=3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more

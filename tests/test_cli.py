@@ -203,6 +203,11 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--val-size", "0"], "--val-size must be >= 1"),
     (["--latency-target", "0"], "--latency-target must be a fraction of the original's latency in (0, 1]"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--num-classes", "5"], "--num-classes 5 is fewer than the 10 classes of fashion-mnist-mini; pass at least 10"),
+    (["--num-classes", "0"], "--num-classes must be >= 1"),
+    (["--image-size", "64"], "fashion-mnist-mini images are 28x28; image_size=64 applies to imagefolder only"),
+    (["--model", "hf:someone/model"], "hf:someone/model is not a local folder; pass --download"),
+    (["--weights", "nowhere.pth"], "--weights nowhere.pth: no such file"),
 ])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):
     _one_line_error(capsys, ["prune", *argv, "--out", str(tmp_path / "out")], match)
@@ -232,3 +237,117 @@ def test_bad_input_from_the_shell_has_no_traceback():
     out = run_python("-m", "easier_kernels.cli", "prune", "--dataset", "cifar10-subset")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "--data-root" in out.stderr
+
+
+# ---- bring your own model and data: timm:/hf: models, --weights with a new head, image folders
+
+def write_image_folder(root, per_class=12, classes=3):
+    """train/ and val/ folders of 28x28 grey PNGs (the shipped Fashion-MNIST subset's first classes)."""
+    import numpy as np
+    from PIL import Image
+
+    from easier_kernels import data
+
+    with np.load(data.MINI_PATH) as arrays:
+        for split, source in (("train", "train"), ("val", "test")):
+            images, labels = arrays[f"{source}_images"], arrays[f"{source}_labels"]
+            for c in range(classes):
+                folder = root / split / data.FASHION_MNIST_CLASSES[c].replace("/", "-")
+                folder.mkdir(parents=True)
+                for i in np.flatnonzero(labels == c)[:per_class]:
+                    Image.fromarray(images[i]).save(folder / f"{i}.png")
+    return root
+
+
+def test_prune_a_pretrained_timm_model_on_an_image_folder(tmp_path):
+    """The issue's "done": ImageNet-shaped weights (1000 classes) pruned on a 3-class folder, from the shell."""
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    pytest.importorskip("timm", reason="the timm extra is not installed (pip install '.[timm]')")
+    folder = write_image_folder(tmp_path / "images")
+    torch.manual_seed(0)
+    torch.save(ek.models.build("timm:resnet18", num_classes=1000).state_dict(), tmp_path / "PRETRAINED.pth")
+    out = tmp_path / "run"
+    done = run_python("-m", "easier_kernels.cli", "prune", "--model", "timm:resnet18", "--dataset", "imagefolder",
+                      "--data-root", str(folder), "--image-size", "64", "--num-classes", "3", "--weights",
+                      str(tmp_path / "PRETRAINED.pth"), "--epochs", "1", "--max-steps", "1", "--max-drop", "100",
+                      "--batch-size", "16", "--workers", "1", "--plan", "merge", "--quiet", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "replaced head fc: 1000 -> 3 classes" in done.stdout and "removed 1 of 17 activation layers" in done.stdout
+    assert "input [1, 3, 64, 64]" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    settings = report["settings"]
+    assert (settings["model"], settings["num_classes"], settings["in_channels"], settings["image_size"]) == \
+        ("timm:resnet18", 3, 3, 64)
+    assert len(report["linearized"]) == 1 and (out / "baseline.pt").is_file()  # the new head was trained first
+    result = ek.load(out / "pruned.pt", lambda: ek.models.build("timm:resnet18", num_classes=3))
+    assert result.linearized == report["linearized"]
+    assert result.model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    pretrained = torch.load(tmp_path / "PRETRAINED.pth")
+    assert not torch.equal(result.model.state_dict()["conv1.weight"], pretrained["conv1.weight"])  # fine-tuned from it
+
+
+ZERO_BASELINE = "ignore:baseline accuracy is 0.0"  # a handful of validation images, a barely trained model
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A quick run of the paper's ResNet-18 on an image folder at 16 px."""
+    root = tmp_path_factory.mktemp("folder")
+    folder = write_image_folder(root / "images", per_class=8)
+    out = root / "run"
+    assert cli.main(["prune", "--width", "0.125", "--epochs", "1", "--max-steps", "1", "--max-drop", "100", "--quiet",
+                     "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "16", "--batch-size", "8",
+                     "--plan", "merge", "--out", str(out)]) == 0
+    return folder, out
+
+
+@pytest.mark.filterwarnings(ZERO_BASELINE)
+def test_score_reads_an_image_folder_at_the_run_s_image_size(folder_run, capsys, monkeypatch):
+    from easier_kernels import data
+
+    _, out = folder_run
+    assert json.loads((out / "report.json").read_text())["settings"]["image_size"] == 16
+    asked, load = [], data.load
+    monkeypatch.setattr(data, "load", lambda *a, **k: asked.append(k) or load(*a, **k))
+    capsys.readouterr()
+    assert cli.main(["score", str(out), "--max-batches", "1", "--device", "cpu", "--workers", "0"]) == 0
+    assert asked[0]["image_size"] == 16 and "16 active sites, 1 linearized" in capsys.readouterr().out
+
+
+def test_weights_of_the_same_model_skip_the_baseline_and_other_shapes_are_one_line(tmp_path, capsys):
+    torch.save({"state_dict": ek.models.build("resnet18", num_classes=10, in_channels=1, width=0.125).state_dict()},
+               tmp_path / "same.pth")
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--max-steps", "0", "--val-size", "64", "--weights", str(tmp_path / "same.pth"),
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"loaded --weights {tmp_path / 'same.pth'}\n" in printed and "replaced" not in printed
+    assert not (out / "baseline.pt").exists()  # trained weights: no baseline training
+    torch.save(ek.models.build("resnet18", num_classes=10, in_channels=1, width=0.25).state_dict(), tmp_path / "wide.pth")
+    _one_line_error(capsys, ["prune", *QUICK, "--weights", str(tmp_path / "wide.pth"), "--out", str(tmp_path / "x")],
+                    f"--weights {tmp_path / 'wide.pth'} does not fit --model resnet18: conv1.weight, bn1.weight, bn1.bias "
+                    "and 97 more have other shapes (first: conv1.weight is [16, 1, 3, 3] in the checkpoint, [8, 1, 3, 3] "
+                    "in the model); pass a state_dict of that architecture")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    _one_line_error(capsys, ["prune", *QUICK, "--weights", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "y")],
+                    f"--weights: cannot read {tmp_path / 'junk.pth'} as a state_dict")
+
+
+@pytest.mark.filterwarnings(ZERO_BASELINE)
+def test_an_unreadable_image_met_during_a_run_is_one_line(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "images", per_class=4)
+    broken = next((folder / "val").glob("*/*.png"))
+    broken.write_bytes(b"not a png")
+    err = _one_line_error(capsys, ["prune", "--width", "0.125", "--epochs", "1", "--quiet", "--dataset", "imagefolder",
+                                   "--data-root", str(folder), "--image-size", "16", "--workers", "1",
+                                   "--out", str(tmp_path / "out")], f"cannot read the image {broken}")
+    assert err.endswith("remove or replace it")
+
+
+def test_workers_default_to_none_in_memory_and_a_few_for_image_folders():
+    import os
+
+    assert cli._workers(None, "fashion-mnist-mini") == 0 and cli._workers(3, "fashion-mnist-mini") == 3
+    assert cli._workers(None, "imagefolder") == min(4, os.cpu_count()) and cli._workers(0, "imagefolder") == 0

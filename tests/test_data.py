@@ -325,37 +325,105 @@ def make_image_folder(folder, classes=("cat", "dog", "frog")):
     return colours
 
 
+def normalized(colour):
+    """What an image of one RGB colour becomes in a FolderDataset: ImageNet-normalized float32 [3]."""
+    return (torch.tensor(colour) / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+
+
 def test_imagefolder(tmp_path):
     colours = make_image_folder(tmp_path / "flat")
     splits = data.load("imagefolder", tmp_path / "flat", val_fraction=0.3)
     assert splits.classes == ["cat", "dog", "frog"] and splits.test is None
-    assert (len(splits.train) + len(splits.val), splits.in_channels, splits.image_size, splits.num_classes) == (10, 3, 32, 3)
-    images = torch.cat([splits.train.images, splits.val.images])
-    labels = torch.cat([splits.train.labels, splits.val.labels])
-    for image, label in zip(images, labels):
-        colour = colours[splits.classes[label]]
-        if label == 0 and image[0, 0, 0] == 77:
-            colour = colours["grey"]
-        assert torch.equal(image, torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
+    assert (len(splits.train), len(splits.val), splits.in_channels, splits.image_size, splits.num_classes) == (7, 3, 3, 224, 3)
+    assert splits.train.augment and not splits.val.augment
+    assert isinstance(splits.train, data.FolderDataset) and splits.train.classes == splits.classes
+    splits = data.load("imagefolder", tmp_path / "flat", val_fraction=0.3, image_size=16)
+    for dataset in (splits.train, splits.val):  # one-colour images stay one colour through any crop and resize
+        for i, path in enumerate(dataset.paths):
+            image, label = dataset[i]
+            colour = colours["grey" if path.endswith("grey.png") else splits.classes[label]]
+            assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label.dtype == torch.int64
+            assert torch.allclose(image, normalized(colour).view(3, 1, 1).expand(3, 16, 16), atol=1e-6)
     make_image_folder(tmp_path / "split" / "train")
     make_image_folder(tmp_path / "split" / "test")
     splits = data.load("imagefolder", tmp_path / "split", image_size=16)
-    assert splits.image_size == 16 and splits.test.images.shape == (10, 3, 16, 16) and splits.train[0][0].shape == (3, 16, 16)
+    assert splits.image_size == 16 and splits.test[0][0].shape == (3, 16, 16) and not splits.test.augment
     assert splits.test.labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     (tmp_path / "split" / "test").rename(tmp_path / "split" / "val")  # val/ is the test split when there is no test/
     assert len(data.load("imagefolder", tmp_path / "split").test) == 10
 
 
-def test_imagefolder_resizes_the_shorter_side_then_crops_the_centre(tmp_path):
+def test_imagefolder_split_is_seeded_and_the_same_as_the_in_memory_datasets(tmp_path):
+    make_image_folder(tmp_path)
+    first, again = (data.load("imagefolder", tmp_path, val_fraction=0.3, seed=5) for _ in range(2))
+    assert first.val.paths.tolist() == again.val.paths.tolist()
+    val_idx, train_idx = data._split("imagefolder", 10, 0.3, 5)
+    assert torch.equal(first.val.indices, val_idx) and torch.equal(first.train.indices, train_idx)
+    other = data.load("imagefolder", tmp_path, val_fraction=0.3, seed=6)
+    assert sorted(first.val.paths.tolist() + first.train.paths.tolist()) == sorted(other.val.paths.tolist() +
+                                                                                   other.train.paths.tolist())
+    assert first.val.paths.tolist() != other.val.paths.tolist()
+
+
+def test_imagefolder_is_read_from_disk_when_used(tmp_path):
+    make_image_folder(tmp_path / "train")
+    make_image_folder(tmp_path / "test")
+    splits = data.load("imagefolder", tmp_path, image_size=8)
+    write_png(tmp_path / "test" / "cat" / "a.png", (40, 30), (1, 2, 3))  # changed after load(): what a read sees
+    assert torch.allclose(splits.test[0][0], normalized((1, 2, 3)).view(3, 1, 1).expand(3, 8, 8), atol=1e-6)
+
+
+def test_imagefolder_evaluation_resizes_the_shorter_side_to_size_over_0_875_then_crops_the_centre(tmp_path):
     from PIL import Image
 
     pixels = np.random.default_rng(0).integers(0, 256, (24, 60, 3), dtype=np.uint8)  # H 24, W 60
-    (tmp_path / "only").mkdir()
-    Image.fromarray(pixels).save(tmp_path / "only" / "x.png")
-    Image.fromarray(pixels).save(tmp_path / "only" / "y.png")
-    expected = np.asarray(Image.fromarray(pixels).resize((30, 12), Image.BILINEAR))[:, 9:21]  # W 60 -> 30, then 12 wide
-    got = data.load("imagefolder", tmp_path, image_size=12).train.images[0]
-    assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(expected)).permute(2, 0, 1))
+    for name in ("x", "y"):
+        (tmp_path / "test" / "only").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "train" / "only").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "test" / "only" / f"{name}.png")
+        Image.fromarray(pixels).save(tmp_path / "train" / "only" / f"{name}.png")
+    # size 12: shorter side round(12 / 0.875) = 14, so 24x60 -> 14x35; the centre 12x12 starts at row 1, column 12
+    resized = np.asarray(Image.fromarray(pixels).resize((35, 14), Image.BILINEAR))[1:13, 12:24]
+    expected = (torch.from_numpy(resized.copy()).permute(2, 0, 1) / 255 - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) \
+        / torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    splits = data.load("imagefolder", tmp_path, image_size=12)
+    assert torch.allclose(splits.test[0][0], expected, atol=1e-6)
+    assert torch.allclose(data.load("imagefolder", tmp_path, image_size=12, augment=False).train[0][0], expected, atol=1e-6)
+
+
+def test_imagefolder_training_is_a_random_resized_crop_and_flip_replayed_from_torch_rng(tmp_path):
+    from PIL import Image
+
+    tv = import_torchvision()
+    T = tv.transforms
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for name in ("x", "y"):
+        (tmp_path / "only").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "only" / f"{name}.png")
+    train = data.load("imagefolder", tmp_path, image_size=16).train
+    recipe = T.Compose([T.RandomResizedCrop(16), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    draws = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = recipe(Image.fromarray(pixels))
+        torch.manual_seed(seed)
+        draws.append(train[0][0])
+        assert torch.equal(draws[-1], expected)
+    assert len({d.sum().item() for d in draws}) == 4  # other seeds, other crops
+
+
+def test_imagefolder_in_data_loader_workers(tmp_path):
+    make_image_folder(tmp_path / "train")
+    make_image_folder(tmp_path / "test")
+    test = data.load("imagefolder", tmp_path, image_size=8).test
+    batches = [torch.utils.data.DataLoader(test, batch_size=4, num_workers=workers) for workers in (0, 1)]
+    assert len(batches[0]) == len(batches[1]) == 3
+    for (images, labels), (images1, labels1) in zip(*batches):
+        assert torch.equal(images, images1) and torch.equal(labels, labels1)
+    import pickle
+
+    assert pickle.loads(pickle.dumps(test))[0][0].shape == (3, 8, 8)  # the transform is rebuilt, not pickled
 
 
 def test_imagefolder_errors(tmp_path):
@@ -370,17 +438,30 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "c" / "cat" / "notes.txt").write_text("no image")
     with pytest.raises(ValueError, match=r"no images in the class folders of .*c \(looked for .*\.png"):
         data.load("imagefolder", tmp_path / "c")
-    make_image_folder(tmp_path / "d")
-    (tmp_path / "d" / "dog" / "broken.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match=r"cannot read the image .*broken\.png .*remove or replace it"):
-        data.load("imagefolder", tmp_path / "d")
-    (tmp_path / "d" / "dog" / "broken.png").unlink()
-    whole = (tmp_path / "d" / "dog" / "a.png").read_bytes()
-    (tmp_path / "d" / "dog" / "a.png").write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(ValueError, match=r"cannot read the image .*a\.png"):
-        data.load("imagefolder", tmp_path / "d")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    write_png(tmp_path / "one" / "cat" / "a.png", (4, 4), 0, mode="L")
+    with pytest.raises(ValueError, match="imagefolder: the training set holds 1 image"):
+        data.load("imagefolder", tmp_path / "one")
     with pytest.raises(ValueError, match="imagefolder cannot be downloaded"):
-        data.load("imagefolder", tmp_path / "d", download=True)
+        data.load("imagefolder", tmp_path / "a", download=True)
+
+
+def test_an_unreadable_image_is_found_when_read_and_named_in_one_line(tmp_path):
+    make_image_folder(tmp_path / "train")
+    make_image_folder(tmp_path / "test")
+    (tmp_path / "test" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    whole = (tmp_path / "test" / "frog" / "a.png").read_bytes()
+    (tmp_path / "test" / "frog" / "a.png").write_bytes(whole[:len(whole) // 2])
+    test = data.load("imagefolder", tmp_path, image_size=8).test  # the files are listed, not read
+    for name in ("dog/broken.png", "frog/a.png"):
+        i = [path.endswith(name) for path in test.paths].index(True)
+        with pytest.raises(data.UnreadableImage, match=f"cannot read the image .*{name} .*remove or replace it") as caught:
+            test[i]
+        assert "\n" not in str(caught.value)
+    with pytest.raises(data.UnreadableImage) as caught:  # a worker's, re-raised with its traceback in the message
+        list(torch.utils.data.DataLoader(test, batch_size=4, num_workers=1))
+    assert "DataLoader worker" in caught.value.args[0]
+    assert str(caught.value).startswith("cannot read the image ") and str(caught.value).endswith("remove or replace it")
 
 
 def test_argument_errors(tmp_path):

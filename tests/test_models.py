@@ -113,3 +113,148 @@ def test_unknown_name_lists_valid_names():
     msg = str(err.value)
     assert "\n" not in msg
     assert all(name in msg for name in NAMES)
+
+
+# ---- build(): timm: and hf: models; pretrained weights with a classifier head for other classes
+
+from easier_kernels import models  # noqa: E402
+from easier_kernels.compat import import_torchvision  # noqa: E402
+
+
+def need(module: str, extra: str):
+    """The optional module, or a skip; torchvision first (timm and transformers import it) through compat."""
+    import_torchvision()
+    return pytest.importorskip(module, reason=f"the {extra} extra is not installed (pip install '.[{extra}]')")
+
+
+def test_timm_models_are_built_untrained_for_the_classes_and_channels():
+    need("timm", "timm")
+    model = models.build("timm:resnet18", num_classes=3, in_channels=1)
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 3
+    assert model.eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 3)
+    torch.manual_seed(0)
+    first = models.build("timm:resnet18", num_classes=3).conv1.weight
+    torch.manual_seed(0)
+    assert torch.equal(first, models.build("timm:resnet18", num_classes=3).conv1.weight)  # seeded random init
+    with pytest.raises(ValueError, match="unknown timm model 'resnet9000'; timm.list_models"):
+        models.build("timm:resnet9000")
+    with pytest.raises(ValueError, match="timm:resnet18 takes 3-channel images at its own width"):
+        models.build("timm:resnet18", width=0.5)
+
+
+@pytest.mark.parametrize("module, extra", [("timm", "timm"), ("transformers", "hf")])
+def test_a_missing_extra_says_which_to_install(monkeypatch, tmp_path, module, extra):
+    import sys
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=f"not importable .*: pip install 'easier_kernels\\[{extra}\\]'"):
+        models.build("timm:resnet18" if module == "timm" else f"hf:{tmp_path}")
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """A tiny transformers ResNet: a folder with config.json only, and one with its weights too."""
+    transformers = need("transformers", "hf")
+    root = tmp_path_factory.mktemp("hf")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                       num_labels=10)
+    config.save_pretrained(root / "config")
+    model = transformers.AutoModelForImageClassification.from_config(config)
+    model.save_pretrained(root / "weights")
+    return root, model
+
+
+def test_hf_models_from_a_config_folder_or_a_folder_with_weights(hf_folders):
+    root, saved = hf_folders
+    model = models.build(f"hf:{root / 'config'}", num_classes=3)
+    assert model.config.num_labels == 3 and model.classifier[1].out_features == 3
+    assert model(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+    assert not torch.equal(model.resnet.embedder.embedder.convolution.weight,
+                           saved.resnet.embedder.embedder.convolution.weight)  # random init
+    pretrained = models.build(f"hf:{root / 'weights'}", num_classes=5)
+    assert pretrained.classifier[1].out_features == 5
+    for name, tensor in saved.state_dict().items():
+        if not name.startswith("classifier."):
+            assert torch.equal(pretrained.state_dict()[name], tensor), name
+
+
+def test_hf_errors_and_nothing_downloaded_without_download(hf_folders, tmp_path):
+    root, _ = hf_folders
+    with pytest.raises(ValueError, match="hf:microsoft/resnet-50 is not a local folder; pass --download"):
+        models.build("hf:microsoft/resnet-50")
+    with pytest.raises(ValueError, match=f"hf:{tmp_path} holds no config.json"):
+        models.build(f"hf:{tmp_path}")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"cannot build hf:{tmp_path} \\("):
+        models.build(f"hf:{tmp_path}")
+    with pytest.raises(ValueError, match="in_channels and width apply to the paper models only"):
+        models.build(f"hf:{root / 'config'}", in_channels=1)
+
+
+def test_classifier_name_finds_the_head():
+    assert models.classifier_name(resnet18(3, width=0.125)) == "fc"
+    assert models.classifier_name(vgg16_bn(3, width=0.125)) == "classifier.4"
+    assert models.classifier_name(models.build("squeezenet1_0", num_classes=3)) == "classifier.1"  # a 1x1 conv
+    assert models.classifier_name(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())) is None
+
+
+def test_load_weights_replaces_a_head_for_other_classes_and_loads_the_rest():
+    torch.manual_seed(0)
+    source = resnet18(1000, width=0.125).state_dict()
+    model = resnet18(5, width=0.125)
+    head = model.fc.weight.clone()
+    assert models.load_weights(model, source) == "replaced head fc: 1000 -> 5 classes"
+    assert torch.equal(model.fc.weight, head)  # the model's own new head
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, source[name]), name
+    headless = {k: v for k, v in source.items() if not k.startswith("fc.")}
+    assert models.load_weights(resnet18(5, width=0.125), headless) == "new head fc: 5 classes (the checkpoint has none)"
+    same = resnet18(1000, width=0.125)
+    assert models.load_weights(same, source) is None and torch.equal(same.fc.weight, source["fc.weight"])
+
+
+def test_load_weights_replaces_timm_heads():
+    need("timm", "timm")
+    model = models.build("timm:mobilenetv3_small_050", num_classes=3)
+    source = models.build("timm:mobilenetv3_small_050", num_classes=1000).state_dict()
+    assert models.load_weights(model, source) == "replaced head classifier: 1000 -> 3 classes"
+    assert torch.equal(model.conv_stem.weight, source["conv_stem.weight"])
+
+
+def test_load_weights_refuses_any_other_difference_and_loads_nothing():
+    source = resnet18(10, width=0.125).state_dict()
+    model = resnet18(10, width=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^conv1.weight, bn1.weight, bn1.bias and \d+ more have other shapes \(first: "
+                                         r"conv1.weight is \[8, 3, 3, 3\] in the checkpoint, \[16, 3, 3, 3\] in the model\)$"):
+        models.load_weights(model, source)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="^the checkpoint lacks layer1.0.conv1.weight$"):
+        models.load_weights(resnet18(10, width=0.125), {k: v for k, v in source.items() if k != "layer1.0.conv1.weight"})
+    with pytest.raises(ValueError, match="^the model has no extra.weight$"):
+        models.load_weights(resnet18(10, width=0.125), {**source, "extra.weight": torch.zeros(1)})
+    old = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}  # as older torch saved them
+    assert models.load_weights(resnet18(10, width=0.125), old) is None
+
+
+def test_read_weights_takes_state_dicts_checkpoints_and_safetensors(tmp_path):
+    source = resnet18(10, width=0.125).state_dict()
+    for name, content in (("plain.pth", source), ("timm.pth", {"state_dict": source, "epoch": 3}),
+                          ("tv.pth", {"model": source, "optimizer": {}}),
+                          ("ddp.pth", {f"module.{k}": v for k, v in source.items()})):
+        torch.save(content, tmp_path / name)
+        read = models.read_weights(tmp_path / name)
+        assert read.keys() == source.keys() and all(torch.equal(read[k], source[k]) for k in source), name
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file({k: v.contiguous() for k, v in source.items()}, tmp_path / "model.safetensors")
+    assert models.read_weights(tmp_path / "model.safetensors").keys() == source.keys()
+    with pytest.raises(FileNotFoundError, match="nothing.pth: no such file"):
+        models.read_weights(tmp_path / "nothing.pth")
+    torch.save(resnet18(10, width=0.125), tmp_path / "module.pth")  # a pickled module, not a state_dict
+    with pytest.raises(ValueError, match=r"cannot read .*module.pth as a state_dict .*torch.save\(model.state_dict\(\)"):
+        models.read_weights(tmp_path / "module.pth")
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match="empty.pth holds no state_dict"):
+        models.read_weights(tmp_path / "empty.pth")

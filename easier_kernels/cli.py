@@ -261,6 +261,7 @@ def _baseline(model, train, args, out: Path, device, trained: bool):
     """Trains the model `--epochs` epochs (unless --weights loaded it whole: `trained`), the last one
     with the scores riding along; kept in out/baseline.pt so that a resumed run does not train it again."""
     from . import distributed, train as training
+    from .capture import batch_inputs
     from .entropy import EntropyMeter
 
     if trained or args.epochs == 0:
@@ -273,7 +274,8 @@ def _baseline(model, train, args, out: Path, device, trained: bool):
     if saved is not None:
         model.load_state_dict(saved["state_dict"])
         return saved["scores"]
-    meter = EntropyMeter(model, mode=args.mode)
+    example = batch_inputs(next(iter(train)), device)  # what torch.export captures from, where torch.fx cannot
+    meter = EntropyMeter(model, example_inputs=example, mode=args.mode)
     try:
         training.fit(model, train, args.epochs, lr=args.train_lr, meter=meter, device=device,
                      progress=not args.quiet and distributed.is_main(), desc="baseline")

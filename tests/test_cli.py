@@ -288,6 +288,30 @@ def test_prune_a_pretrained_timm_model_on_an_image_folder(tmp_path):
     assert not torch.equal(result.model.state_dict()["conv1.weight"], pretrained["conv1.weight"])  # fine-tuned from it
 
 
+def test_prune_a_hugging_face_model_from_a_config_folder(tmp_path):
+    """hf:FOLDER (a local config, random init, nothing downloaded): a transformers ViT, captured by
+    torch.export, trained on its .logits, pruned end to end from the shell."""
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed (pip install '.[hf]')")
+    folder = write_image_folder(tmp_path / "images")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64)
+    config.save_pretrained(tmp_path / "vit")
+    out = tmp_path / "run"
+    done = run_python("-m", "easier_kernels.cli", "prune", "--model", f"hf:{tmp_path / 'vit'}", "--dataset", "imagefolder",
+                      "--data-root", str(folder), "--image-size", "32", "--num-classes", "3", "--epochs", "1",
+                      "--max-steps", "1", "--max-drop", "100", "--batch-size", "16", "--workers", "0", "--plan", "merge",
+                      "--quiet", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["sites"] == ["vit_layers_0_mlp_activation_fn", "vit_layers_1_mlp_activation_fn"]
+    assert len(report["linearized"]) == 1
+    result = ek.load(out / "pruned.pt", lambda: ek.models.build(f"hf:{tmp_path / 'vit'}", num_classes=3))
+    assert result.model.eval()(torch.zeros(2, 3, 32, 32)).logits.shape == (2, 3)
+
+
 ZERO_BASELINE = "ignore:baseline accuracy is 0.0"  # a handful of validation images, a barely trained model
 
 

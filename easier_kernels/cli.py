@@ -163,9 +163,17 @@ def _build_model(name: str, num_classes: int, data_channels: int, width: float):
 
 
 def _load_weights(model, path) -> None:
+    from .recipe_entry import RECIPE_ENTRY
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if isinstance(state, dict) and RECIPE_ENTRY in state:
+            raise UsageError(f"--weights {path} holds a pruned network; --weights takes the unpruned model's "
+                             "state_dict (load a pruned one in Python with ek.load(path, model_fn))")
+        model.load_state_dict(state)
+    except UsageError:
+        raise
     except FileNotFoundError:
         raise UsageError(f"--weights {path}: no such file") from None
     except Exception as exc:

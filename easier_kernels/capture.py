@@ -309,9 +309,9 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer with activation modules and user-named modules as leaves, remembering
     which module was being traced when tracing failed."""
 
-    def __init__(self, leaves: _Leaves):
+    def __init__(self, leaves: _Leaves | None = None):  # (None: torch re-creates the tracer when unpickling)
         super().__init__()
-        self.leaves = leaves
+        self.leaves = leaves or _Leaves(None, {})
         self.failed_in: tuple[str, nn.Module] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

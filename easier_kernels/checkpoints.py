@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import distributed
 from .files import atomic_write, load_file
+from .recipe_entry import RECIPE_ENTRY
 
 __all__ = ["CheckpointFolder", "CheckpointError", "fingerprint", "rng_state", "set_rng_state", "seed_everything", "FORMAT"]
 
@@ -36,7 +37,7 @@ class CheckpointError(ValueError):
 
 def fingerprint(model: nn.Module, site_names: list) -> str:
     """What a checkpoint must have been written for: the architecture (class, sites, shapes)."""
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not k.endswith(RECIPE_ENTRY)}  # (its length varies)
     text = json.dumps([type(model).__name__, site_names, shapes], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -182,10 +182,16 @@ def _build_model(name: str, num_classes: int, data_channels: int, width: float, 
 def _load_weights(model, args) -> bool:
     """Loads --weights into the model; False where its head was replaced (then untrained)."""
     from . import distributed, models
+    from .recipe_entry import RECIPE_ENTRY
 
     path = args.weights
     try:
         state = models.read_weights(path)
+        if RECIPE_ENTRY in state:
+            raise UsageError(f"--weights {path} holds a pruned network; --weights takes the unpruned model's "
+                             "state_dict (load a pruned one in Python with ek.load(path, model_fn))")
+    except UsageError:
+        raise
     except FileNotFoundError:
         raise UsageError(f"--weights {path}: no such file") from None
     except (ValueError, ImportError) as exc:  # ImportError: safetensors for a .safetensors file

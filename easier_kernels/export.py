@@ -22,7 +22,7 @@ from .fold import decisions, fold, lower_fused
 from .fold.graph import relative_error
 from .linearize import from_recipe
 
-__all__ = ["export", "FORMATS", "save_folded", "load_folded"]
+__all__ = ["export", "FORMATS", "save_folded", "load_folded", "folded_from_recipe"]
 
 FORMATS = ("onnx", "pt2")
 _FORMAT = "easier_kernels.folded/1"
@@ -78,17 +78,24 @@ def load_folded(path, model_fn, *, leaf_modules=None) -> nn.Module:
     decisions (no timing), then the saved weights loaded."""
     saved = load_file(path, _FORMAT, "ek.save_folded")
     done = json.loads(saved["record"])
+    example = tuple(torch.zeros(shape) for shape in done["fold"]["example_shape"])
+    folded = folded_from_recipe(model_fn, done, example, leaf_modules=leaf_modules, where=path)
+    folded.load_state_dict(saved["state_dict"])
+    return folded
+
+
+def folded_from_recipe(model_fn, done: dict, example_inputs, *, leaf_modules=None, where="the recipe") -> nn.Module:
+    """The folded module a recipe (with its "fold" record) describes, weights not loaded: `model_fn`'s
+    network linearized as recorded, its chains folded with the saved decisions (no timing)."""
     record = done["fold"]
     original = model_fn if isinstance(model_fn, nn.Module) else model_fn()
-    example = tuple(torch.zeros(shape) for shape in record["example_shape"])
-    net = from_recipe(original, done, example, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
+    net = from_recipe(original, done, example_inputs, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
     replay = {row["chain"]: row["choice"] for row in record["decisions"]}
-    folded = fold(net, example, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], check=False,
+    folded = fold(net, example_inputs, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], check=False,
                   portable=record.get("portable", False), leaf_modules=leaf_modules)
     chains = [row["chain"] for row in decisions(folded)]
     if chains != list(replay):
-        raise ValueError(f"{path}: the model from model_fn has other linear chains than the saved one "
+        raise ValueError(f"{where}: the model from model_fn has other linear chains than the saved one "
                          f"({chains} vs {list(replay)}); pass the architecture it was folded from")
-    folded.load_state_dict(saved["state_dict"])
     folded.meta[sites_mod.RECIPE_KEY] = done  # the saved decision table, with its timings
     return folded

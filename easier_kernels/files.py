@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["atomic_write", "load_file"]
+__all__ = ["atomic_write", "load_file", "read_weights"]
 
 
 def atomic_write(path, write: Callable) -> None:
@@ -35,12 +35,18 @@ def atomic_write(path, write: Callable) -> None:
 def load_file(path, file_format: str, written_by: str) -> dict:
     """A file of easier_kernels' {format, record, state_dict} kind, read with weights_only=True;
     one clear error when it is missing, torn or of another kind."""
+    saved = read_weights(path)
+    if not isinstance(saved, dict) or saved.get("format") != file_format:
+        raise ValueError(f"{path} is not of the kind expected here (format {file_format}); pass a file from {written_by}")
+    return saved
+
+
+def read_weights(path):
+    """What torch.save wrote to `path`, read with weights_only=True (on the CPU); one clear error
+    when it is missing or torn."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as exc:
         raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
-    if not isinstance(saved, dict) or saved.get("format") != file_format:
-        raise ValueError(f"{path} is not of the kind expected here (format {file_format}); pass a file from {written_by}")
-    return saved

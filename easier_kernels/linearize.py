@@ -33,6 +33,7 @@ from . import sites as sites_mod
 from .capture import call, capture, logits_of, positional
 from .fold.planner import plan_chains
 from .fold.plans import layout, parse_plan
+from .recipe_entry import track
 from .sites import RECIPE_KEY, linearized, recipe
 
 __all__ = ["linearize", "recipe", "linearized", "from_recipe", "PLAN"]
@@ -81,7 +82,7 @@ def linearize(model: nn.Module, site_names: Iterable[str], example_inputs, *, pl
             done["padding"].append(change)
     gm.meta[RECIPE_KEY] = done
     _check_runs(model, gm, example_inputs)
-    return gm
+    return track(gm, model, example_inputs, leaf_modules)  # its state dicts carry the recipe (ek.load reads it)
 
 
 def from_recipe(model: nn.Module, done: dict, example_inputs, *, leaf_modules: Iterable | None = None,

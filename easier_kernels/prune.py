@@ -4,6 +4,7 @@
     result.model             # the last network that passed (trainable; activations -> identity)
     result.linearized        # the removed sites, in order
     result.save("pruned.pt"); ek.load("pruned.pt", lambda: MyNet())   # weights + a JSON recipe
+    net = ek.load(result.model.state_dict(), lambda: MyNet())   # its state dict carries the recipe too
 
 Per step (DESIGN.md, "The method"): the lowest-entropy site goes (`layers_per_step` of them, and
 every site scoring exactly 0), the network is fine-tuned and evaluated; the loop stops when the
@@ -26,19 +27,21 @@ import dataclasses
 import json
 import time
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import checkpoints, distributed, payoff, runtimes, train as training
+from . import checkpoints, distributed, payoff, recipe_entry, runtimes, train as training
 from .activations import declared
 from .capture import as_call, batch_inputs, example_from_spec, example_spec, model_device, positional, to_device
 from .entropy import MODES, EntropyMeter, entropy_scores
-from .files import atomic_write
+from .export import folded_from_recipe
+from .files import atomic_write, read_weights
 from .fold.gains import site_gains
 from .linearize import PLAN, from_recipe, linearize, recipe
+from .recipe_entry import RECIPE_ENTRY, leaf_paths as _leaf_paths
 from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
 
@@ -112,21 +115,54 @@ def read_record(path) -> dict:
     return json.loads(checkpoints.read(path)["record"])
 
 
-def load(path, model_fn: Callable[[], nn.Module] | nn.Module) -> PruneResult:
-    """A saved PruneResult: `model_fn` builds the original (unpruned) architecture, or is that module;
-    the recorded sites are linearized in it (with the same padding moves) and the weights loaded."""
-    saved = checkpoints.read(path)
+def load(source, model_fn: Callable[[], nn.Module] | nn.Module):
+    """A saved pruned network; `model_fn` builds the original (unpruned) architecture, or is that module.
+
+    source: a file from `PruneResult.save` gives that PruneResult (the recorded sites linearized
+    in the original, with the same padding moves, and the weights loaded). A pruned network's
+    state dict (`result.model.state_dict()`, `ek.linearize`'s or `ek.fold`'s output), or a file
+    torch.save'd from one, gives the network itself: rebuilt from the recipe the state dict
+    carries (`recipe_entry.RECIPE_ENTRY`), its weights loaded strictly.
+    """
+    saved = source if isinstance(source, Mapping) else read_weights(source)
+    where = "the state dict" if isinstance(source, Mapping) else str(source)
+    if isinstance(saved, Mapping) and RECIPE_ENTRY in saved:
+        return _load_network(saved, model_fn, where)
+    if isinstance(saved, Mapping) and saved.get("format") == checkpoints.FORMAT and "record" in saved:
+        return _load_result(saved, model_fn, where)
+    if isinstance(saved, Mapping) and saved and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise ValueError(f"{where} is a plain state dict: without the {RECIPE_ENTRY!r} entry nothing says which "
+                         "activations were removed; pass a pruned network's state_dict() or the file of PruneResult.save")
+    raise ValueError(f"{where} is neither a PruneResult file nor a pruned network's state dict; pass the file of "
+                     "PruneResult.save or result.model.state_dict()")
+
+
+def _load_result(saved: dict, model_fn, where: str) -> PruneResult:
     record = json.loads(saved["record"])  # a JSON string inside: the file holds no pickled objects
     original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
     example = example_from_spec(record["example"]) if record.get("example") else torch.zeros(record["example_shape"])
     net = _rebuild(original, record["recipe"], record["steps"], example, record["leaf_modules"], record.get("activations"))
     if recipe(net) != record["recipe"]:
-        raise ValueError(f"{path}: the model from model_fn gives other padding moves than the saved one; pass the "
+        raise ValueError(f"{where}: the model from model_fn gives other padding moves than the saved one; pass the "
                          "architecture the result was pruned from")
     net.load_state_dict(saved["state_dict"])
     record["steps"] = [Step(**s) for s in record.pop("steps")]
     fields = {f.name for f in dataclasses.fields(PruneResult)}
     return PruneResult(model=net, history=record.pop("steps"), **{k: v for k, v in record.items() if k in fields})
+
+
+def _load_network(state_dict: Mapping, model_fn, where: str) -> fx.GraphModule:
+    """The network a state dict's recipe entry describes (linearized, or also folded), its weights loaded strictly."""
+    saved = recipe_entry.read(state_dict, where)
+    done = saved["recipe"]
+    original = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
+    example = recipe_entry.example_inputs(saved, model_device(original))
+    if "fold" in done:
+        net = folded_from_recipe(original, done, example, leaf_modules=saved["leaf_modules"], where=where)
+    else:
+        net = from_recipe(original, done, example, leaf_modules=saved["leaf_modules"], activations=saved["activations"])
+    net.load_state_dict(state_dict)  # strict; the entry is checked against the rebuilt network's recipe
+    return net
 
 
 class Pruner:
@@ -528,15 +564,6 @@ def _first_shape(example) -> list:
     """The shape of the example's first tensor (what reports show)."""
     tensor = next((t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)), None)
     return list(tensor.shape) if tensor is not None else []
-
-
-def _leaf_paths(model: nn.Module, leaf_modules) -> list:
-    """Leaf modules as module paths (types resolved), so that the recipe stays plain JSON."""
-    if not leaf_modules:
-        return []
-    leaf_modules = list(leaf_modules)
-    types = tuple(m for m in leaf_modules if isinstance(m, type))
-    return [name for name, m in model.named_modules() if name and (name in leaf_modules or isinstance(m, types))]
 
 
 def _rebuild(original: nn.Module, done: dict | None, steps: list, example, leaf_paths: list,

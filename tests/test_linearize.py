@@ -27,7 +27,8 @@ def test_input_model_untouched_and_result_trainable():
     assert [m.padding for m in model.modules() if isinstance(m, nn.Conv2d)] == [(1, 1)] * 13
     torch.testing.assert_close(outputs(model, x), expected, rtol=0, atol=0)
     assert all(p.requires_grad for p in net.parameters())
-    assert net.state_dict().keys() == model.state_dict().keys()  # same checkpoint layout
+    # the same weights' names, and the recipe (a plain load into the original fails on it: tests/test_recipe_state.py)
+    assert list(net.state_dict()) == [*model.state_dict(), "easier_kernels.recipe:load_with_ek.load"]
     net.train()
     F.cross_entropy(net(x), torch.tensor([0, 1])).backward()
     assert all(p.grad is not None for p in net.parameters())

@@ -163,6 +163,8 @@ def test_default_finetuner_trains_and_the_result_saves_and_loads(loaders, tmp_pa
     assert all(torch.equal(got[k], want[k]) for k in want)
     x = next(iter(val))[0][:8]
     assert torch.equal(loaded.model.eval()(x), result.model.eval()(x))
+    # the bare state dict carries the recipe too (plans measured by the run, nothing timed again)
+    assert torch.equal(ek.load(result.model.state_dict(), small_model).eval()(x), result.model(x))
     # the file is weights and JSON: loadable without unpickling any code
     saved = torch.load(tmp_path / "pruned.pt", weights_only=True)
     assert json.loads(saved["record"])["linearized"] == result.linearized

@@ -13,6 +13,7 @@ import torch.nn as nn
 from .. import runtimes
 from .. import sites as sites_mod
 from ..capture import capture, model_device, positional, to_device
+from ..recipe_entry import track
 from ..timing import compare
 from .blocks import lower_fused
 from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_norms, passthrough, set_module
@@ -80,7 +81,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
                     "decisions": rows, "latency": latency, "relative_error": error,
                     "example_shape": [list(a.shape) for a in args]}
     folded.meta[sites_mod.RECIPE_KEY] = done
-    return folded
+    return track(folded, model, example, leaf_modules)  # its state dicts carry the recipe (ek.load reads it)
 
 
 def _eval_graph(model: nn.Module, example, leaf_modules, device) -> fx.GraphModule:

@@ -269,15 +269,23 @@ def _restore_python_state(kept: list) -> None:
 
 
 def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
-    """Why `gm` is not `model` on the example in eval mode (an error, other outputs), or None."""
-    kept = _python_state(model)
+    """Why `gm` is not `model` on the example, in the mode the model is in (the same random numbers
+    for both; buffers and caches as before after), or None."""
+    kept, buffers = _python_state(model), [(b, b.clone()) for b in model.buffers()]
+    device = model_device(model)
     try:
-        with torch.no_grad(), eval_mode(model), eval_mode(gm):
-            expected, got = call(model, example_inputs), call(gm, example_inputs)
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            expected = call(model, example_inputs)
+            torch.manual_seed(0)
+            got = call(gm, example_inputs)
     except Exception as exc:
         return f"it fails with {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     finally:
         _restore_python_state(kept)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
     expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
     pairs = [(e, g) for e, g in zip(expected, got) if isinstance(e, torch.Tensor)]
     if len(expected) != len(got) or any(not isinstance(g, torch.Tensor) or g.shape != e.shape for e, g in pairs):
@@ -357,17 +365,37 @@ def _export(model: nn.Module, example_inputs, leaves: "_Leaves", fx_failure: str
     for node in list(graph.nodes):
         if node.op == "call_module":  # export's input guards (_guards_fn): checked by the model itself
             graph.erase_node(node)
-    gm = fx.GraphModule(model, graph, model.__class__.__name__)
+    gm = fx.GraphModule(_attributes(graph, model, exported), graph, model.__class__.__name__)
     _copy_specs(exported, gm)
     _restore_module_calls(gm, model, leaves)
     _functional_activations(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    if why := _differs(model, gm, example_inputs):
+    with eval_mode(model), _no_cache(model):  # as it was captured
+        why = _differs(model, gm, example_inputs)
+    if why:
         raise TraceFailure(f"{fx_failure}; the torch.export graph does not compute what the model does either ({why}); "
                            "please report this model")
     return gm
+
+
+def _attributes(graph: fx.Graph, model: nn.Module, exported: nn.Module) -> dict:
+    """What the graph's get_attr nodes read: the model's own parameters and buffers (shared), and
+    the constants export lifted out of the forward (tensors made there)."""
+    def lookup(target):
+        try:
+            return _getattr_path(model, target)
+        except AttributeError:
+            return _getattr_path(exported, target)
+    return {n.target: lookup(n.target) for n in graph.nodes if n.op == "get_attr"}
+
+
+def _getattr_path(module: nn.Module, target: str):
+    value = module
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _copy_specs(source: nn.Module, target: nn.Module) -> None:

@@ -3,6 +3,8 @@
 
 import copy
 
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -111,4 +113,4 @@ def test_the_cli_refuses_a_pruned_network_as_weights(tmp_path):
 
     torch.save({"state_dict": pruned().state_dict()}, tmp_path / "pruned.pt")
     with pytest.raises(UsageError, match="holds a pruned network.*ek.load"):
-        _load_weights(Tiny(), tmp_path / "pruned.pt")
+        _load_weights(Tiny(), types.SimpleNamespace(weights=tmp_path / "pruned.pt", model="tiny", epochs=1))

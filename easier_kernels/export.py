@@ -18,7 +18,7 @@ from . import runtimes
 from . import sites as sites_mod
 from .files import atomic_write, load_file
 from .fold import decisions, fold, lower_fused
-from .fold.graph import relative_error
+from .fold.graph import CANNOT_FOLD, relative_error
 from .linearize import from_recipe
 
 __all__ = ["export", "FORMATS", "save_folded", "load_folded"]
@@ -81,10 +81,10 @@ def load_folded(path, model_fn, *, leaf_modules=None) -> nn.Module:
     original = model_fn if isinstance(model_fn, nn.Module) else model_fn()
     example = tuple(torch.zeros(shape) for shape in record["example_shape"])
     net = from_recipe(original, done, example, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
-    replay = {row["chain"]: row["choice"] for row in record["decisions"]}
+    replay = {row["chain"]: row["choice"] for row in record["decisions"] if row["choice"] != CANNOT_FOLD}
     folded = fold(net, example, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], check=False,
                   portable=record.get("portable", False), leaf_modules=leaf_modules)
-    chains = [row["chain"] for row in decisions(folded)]
+    chains = [row["chain"] for row in decisions(folded) if row["choice"] != CANNOT_FOLD]
     if chains != list(replay):
         raise ValueError(f"{path}: the model from model_fn has other linear chains than the saved one "
                          f"({chains} vs {list(replay)}); pass the architecture it was folded from")

@@ -364,6 +364,7 @@ def _folded(args, what: str):
     for args.runtime, checked against the run's unpruned architecture with batch norms folded."""
     from . import payoff, report
     from .fold import fold, format_decisions
+    from .fold.graph import InexactFold
 
     path, settings, result = _load_run(args.path, what)
     device = _device(args.device)
@@ -375,6 +376,8 @@ def _folded(args, what: str):
                       decide=args.decide, allow_inexact=args.allow_inexact, original=original.eval())
     except ImportError as exc:
         raise UsageError(str(exc)) from None
+    except InexactFold as exc:
+        raise UsageError(f"{exc.what}; pass --allow-inexact to accept it") from None
     record = folded.meta["easier_kernels"]["fold"]
     print(f"{path}: {len(result.linearized)} sites linearized; {record['batch_norms']} batch norms folded; "
           f"plans timed in {args.runtime} on {device} with a batch of {list(shape)}")

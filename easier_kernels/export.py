@@ -19,7 +19,7 @@ from . import sites as sites_mod
 from .capture import positional
 from .files import atomic_write, load_file
 from .fold import decisions, fold, lower_fused
-from .fold.graph import relative_error
+from .fold.graph import CANNOT_FOLD, relative_error
 from .linearize import from_recipe
 
 __all__ = ["export", "FORMATS", "save_folded", "load_folded", "folded_from_recipe"]
@@ -90,10 +90,10 @@ def folded_from_recipe(model_fn, done: dict, example_inputs, *, leaf_modules=Non
     record = done["fold"]
     original = model_fn if isinstance(model_fn, nn.Module) else model_fn()
     net = from_recipe(original, done, example_inputs, leaf_modules=leaf_modules) if done["linearized"] or done["padding"] else original
-    replay = {row["chain"]: row["choice"] for row in record["decisions"]}
+    replay = {row["chain"]: row["choice"] for row in record["decisions"] if row["choice"] != CANNOT_FOLD}
     folded = fold(net, example_inputs, decide=replay, device="cpu", allow_inexact=record["allow_inexact"], check=False,
                   portable=record.get("portable", False), leaf_modules=leaf_modules)
-    chains = [row["chain"] for row in decisions(folded)]
+    chains = [row["chain"] for row in decisions(folded) if row["choice"] != CANNOT_FOLD]
     if chains != list(replay):
         raise ValueError(f"{where}: the model from model_fn has other linear chains than the saved one "
                          f"({chains} vs {list(replay)}); pass the architecture it was folded from")

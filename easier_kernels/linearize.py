@@ -31,6 +31,8 @@ import torch.nn as nn
 from . import runtimes
 from . import sites as sites_mod
 from .capture import call, capture, logits_of, positional
+from .fold.algebra import CONVS, exactly
+from .fold.chains import BATCH_NORMS
 from .fold.planner import plan_chains
 from .fold.plans import layout, parse_plan
 from .recipe_entry import track
@@ -122,12 +124,12 @@ def _lay_out(gm: fx.GraphModule, records: list[dict]) -> list[dict]:
 
 
 def _conv(gm: fx.GraphModule, node: fx.Node):
-    """The node's conv module when padding can move through it (zero padding, integer padding,
-    no dilation), else None."""
+    """The node's conv module when padding can move through it (exactly a torch conv, zero padding,
+    integer padding, no dilation), else None."""
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not exactly(module, CONVS):  # a subclass may pad at run time (timm's Conv2dSame) or not pad at all
         return None
     if module.padding_mode != "zeros" or isinstance(module.padding, str) or any(d != 1 for d in module.dilation):
         return None
@@ -150,7 +152,7 @@ def _links(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
                 break
             if node.op == "call_function" and node.target is linearized:
                 crossed = True
-            elif not (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)):
+            elif not (node.op == "call_module" and exactly(gm.get_submodule(node.target), BATCH_NORMS)):
                 break
     return links
 

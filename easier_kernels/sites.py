@@ -27,7 +27,7 @@ from . import activations as acts
 from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
 from .capture import CAPTURE_KEY, capture, eval_mode, positional
 
-__all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "select", "instrument", "eval_mode", "linearized",
+__all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "record_shapes", "select", "instrument", "eval_mode", "linearized",
            "recipe", "declared_activations"]
 
 RECIPE_KEY = "easier_kernels"
@@ -272,12 +272,18 @@ def sites_of(gm: fx.GraphModule, require: bool = False) -> list[Site]:
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once, recording every node's output shape in `node.meta["ek_shape"]`."""
-
     def run_node(self, n):
         out = super().run_node(n)
         n.meta["ek_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         return out
+
+
+def record_shapes(gm: fx.GraphModule, args: tuple):
+    """Runs `gm` on positional `args` once (eval mode, no gradients), keeping every node's output
+    shape in `node.meta["ek_shape"]` (None for non-tensors; copies of the graph keep it).
+    Returns the outputs."""
+    with torch.no_grad(), eval_mode(gm):
+        return _ShapeRecorder(gm).run(*args)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
@@ -289,8 +295,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
     handles = [m.register_forward_pre_hook(_record_shape(leaf_shapes, path)) for path, m in gm.named_modules()
                if path not in called and acts.module_kind(m, table) is not None]
     try:
-        with torch.no_grad(), eval_mode(gm):
-            _ShapeRecorder(gm).run(*positional(gm, example_inputs))
+        record_shapes(gm, positional(gm, example_inputs))
     finally:
         for h in handles:
             h.remove()

@@ -120,6 +120,19 @@ def test_fold_prints_the_decision_table_and_saves_a_loadable_module(run_dir, tmp
     _one_line_error(capsys, ["fold", str(tmp_path / "nothing")], "no such file")
 
 
+def test_an_inexact_fold_is_a_one_line_error_naming_the_flag(run_dir, capsys, monkeypatch):
+    import sys
+
+    fold_pkg = sys.modules["easier_kernels.fold"]  # the package: ek.fold is the function
+
+    def inexact(*args, **kwargs):
+        raise ek.InexactFold("the folded module's outputs differ from the model's by a relative error of 3.0e-02")
+
+    monkeypatch.setattr(fold_pkg, "fold", inexact)
+    err = _one_line_error(capsys, ["fold", str(run_dir), "--device", "cpu"], "relative error of 3.0e-02")
+    assert err.endswith("pass --allow-inexact to accept it") and "allow_inexact=True" not in err
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
 def test_export_writes_a_checked_file_and_prints_the_latency_in_its_runtime(run_dir, tmp_path, capsys, fmt):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")

@@ -199,7 +199,7 @@ def test_every_plan_of_every_chain_is_exact(name):
 
     net, x = linearized_model(name, fraction=0.6, seed=1)
     gm = ek.capture.capture(net).eval()
-    fold_batch_norms(gm)
+    fold_batch_norms(gm, (x,))
     chains = {c.name: [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in c.layers])] for c in find_chains(gm)}
     assert chains, "no chain to fold: pick another seed"
     expected = net(x)
@@ -311,7 +311,7 @@ def fused_mobilenet():
     from easier_kernels.fold.plans import plan_label, plans
 
     gm = ek.capture.capture(net).eval()
-    fold_batch_norms(gm)
+    fold_batch_norms(gm, (x,))
     replay = {}
     for chain in find_chains(gm):
         labels = [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in chain.layers])]

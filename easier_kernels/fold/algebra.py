@@ -18,10 +18,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init  # every weight is assigned: no random init, no RNG drawn
 
-__all__ = ["dense_weight", "compose_conv", "add_identity", "compose_linear", "foldable_conv", "merged_layer", "merged_padding", "identity_fits",
+__all__ = ["CONVS", "LAYERS", "exactly",
+           "dense_weight", "compose_conv", "add_identity", "compose_linear", "foldable_conv", "merged_layer", "merged_padding", "identity_fits",
            "unpad_pointwise"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# The layers folding acts on, by exact type: a subclass may compute something else with the same
+# attributes (timm's StdConv2d standardizes its weight, Conv2dSame pads at run time with
+# padding 0), so composing its weights, folding a batch norm in or moving its padding would be
+# silently wrong. Subclasses are opaque modules.
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS = (*CONVS, nn.Linear)
+
+
+def exactly(module, types) -> bool:
+    """Whether `module` is one of `types` itself, not a subclass (whose forward may differ)."""
+    return type(module) in (types if isinstance(types, tuple) else (types,))
 
 
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -96,7 +109,7 @@ def compose_linear(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, 
 def foldable_conv(conv: nn.Module) -> bool:
     """A conv the weight algebra can compose and move padding through: zero padding given as
     numbers, no dilation."""
-    return (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(conv.padding, tuple)
+    return (exactly(conv, CONVS) and isinstance(conv.padding, tuple)
             and conv.padding_mode == "zeros" and all(d == 1 for d in conv.dilation))
 
 
@@ -163,8 +176,7 @@ def unpad_pointwise(first: nn.Module, second: nn.Module) -> tuple[nn.Module, nn.
     then sees b1 everywhere plus the zero-padded rest, which is its own zero padding with
     sum(W2) . b1 added to its bias. The first conv no longer computes the padded border (the
     cost a padding move put on it)."""
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if not (isinstance(first, convs) and isinstance(second, convs) and type(first) is type(second)):
+    if not (exactly(first, CONVS) and type(first) is type(second)):
         return None
     if (any(k != 1 for k in first.kernel_size) or not any(first.padding) or any(second.padding)
             or isinstance(first.padding, str) or first.padding_mode != "zeros" or second.padding_mode != "zeros"

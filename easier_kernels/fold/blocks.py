@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.utils import skip_init  # every weight is assigned: no random init, no RNG drawn
 
 from .. import ops
-from .algebra import foldable_conv
+from .algebra import exactly, foldable_conv
 
 __all__ = ["FusedConvBlock", "StandardConvBlock", "fused_pattern", "fused_block", "lower_fused"]
 
@@ -85,7 +85,7 @@ def fused_pattern(first: nn.Module, second: nn.Module) -> str | None:
     """'pw_dw' / 'dw_pw' when the pair of 2-D convs is one the fused kernel runs, else None. A
     padded pointwise conv before an unpadded depthwise one (a pw -> dw pair whose padding was
     moved for a merge) runs too (see `fused_block`)."""
-    if not all(isinstance(c, nn.Conv2d) and foldable_conv(c) for c in (first, second)):
+    if not all(exactly(c, nn.Conv2d) and foldable_conv(c) for c in (first, second)):
         return None
     if _pointwise(first, padded=not any(second.padding)) and _depthwise(second):
         return "pw_dw"

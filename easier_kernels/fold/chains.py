@@ -1,9 +1,15 @@
 """Chains: the linear stretches of a (linearized) graph that folding can act on, and the batch-norm
 pass that comes first.
 
-    fold_batch_norms(gm)          # every conv/linear -> batch norm pair as one layer (eval statistics)
+    fold_batch_norms(gm, args)    # every conv/linear -> batch norm pair as one layer (eval statistics)
     for chain in find_chains(gm): # conv -> (identity)* -> conv ..., then optionally + residual, activation
         ...
+    gated_sites(gm, nodes)        # the sites whose output is gated (SwiGLU): nothing to fold there
+
+Layers are matched by exact type (`algebra.LAYERS`): a subclass is an opaque module. Shapes come
+from one run of the graph (`sites.record_shapes`, kept in node.meta["ek_shape"]): a batch norm folds
+only where it normalizes its layer's output channels, a residual add joins a chain only where
+both operands have the chain output's shape.
 """
 
 from __future__ import annotations
@@ -17,12 +23,23 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .. import sites as sites_mod
+from ..activations import computed
+from .algebra import LAYERS, exactly
 
 __all__ = ["Chain", "find_chains", "fold_batch_norms", "drop_identities", "act_spec", "module_of", "set_module", "passthrough",
-           "origin"]
+           "origin", "op_name", "shape_of", "gated_sites", "GATED", "BATCH_NORMS"]
 
-_ADDS = {operator.add, operator.iadd, torch.add}
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # identities in eval mode
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # exact types, as LAYERS
+# The input rank a batch norm accepts, where it accepts one only (BatchNorm1d takes 2-D and 3-D,
+# SyncBatchNorm any): with it, a conv -> batch norm pair folds without knowing the shapes.
+_BN_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+
+# Python callables torch.fx records -> canonical op name (aten overloads and tensor methods are
+# named by themselves, see `op_name`)
+_FUNCTION_OPS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul", operator.imul: "mul",
+                 torch.mul: "mul", operator.sub: "sub", operator.isub: "sub", torch.sub: "sub", operator.truediv: "div",
+                 operator.itruediv: "div", torch.div: "div", operator.neg: "neg", torch.neg: "neg"}
 
 
 @dataclasses.dataclass
@@ -50,32 +67,58 @@ class Chain:
 
 
 def module_of(gm: fx.GraphModule, node, types):
+    """The module a call_module node calls when it is exactly one of `types` (not a subclass)."""
     if isinstance(node, fx.Node) and node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, types):
+        if exactly(module, types):
             return module
     return None
+
+
+def op_name(node: fx.Node) -> str | None:
+    """The op a call_function / call_method node runs, by one name whatever the capture: torch.fx's
+    `operator.add`, `torch.add`, `x.add(y)`, `x.add_(y)` and torch.export's `aten.add.Tensor` are
+    all "add" (in-place forms too). None for other nodes and unknown Python callables."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        name = node.target.overloadpacket.__name__
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverloadPacket):
+        name = node.target.__name__
+    elif node.op == "call_function":
+        name = _FUNCTION_OPS.get(node.target)
+    else:
+        return None
+    return name[:-1] if name and name.endswith("_") and not name.endswith("__") else name
+
+
+def shape_of(node) -> tuple | None:
+    """The node's output shape from the last `sites.record_shapes`, None where unknown."""
+    return node.meta.get("ek_shape") if isinstance(node, fx.Node) else None
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def fold_batch_norms(gm: fx.GraphModule) -> list[str]:
-    """Every batch norm (eval statistics) that reads a conv/linear's output alone goes into that
-    layer's weights (torch's own fusion math). Returns the folded batch norms' node names."""
+def fold_batch_norms(gm: fx.GraphModule, args: tuple | None = None) -> list[str]:
+    """Every batch norm (eval statistics) that reads a conv/linear's output alone and normalizes
+    its output channels goes into that layer's weights (torch's own fusion math). Returns the
+    folded batch norms' node names. `args`: example inputs the shapes are propagated with first
+    (`sites.record_shapes`); without them the shapes of the last propagation are used, and a pair
+    whose layout they would decide (a linear or Conv1d before a BatchNorm1d) is left alone."""
+    if args is not None:
+        sites_mod.record_shapes(gm, args)
     calls, folded = sites_mod.module_calls(gm), []
     for node in list(gm.graph.nodes):
-        bn = module_of(gm, node, nn.modules.batchnorm._BatchNorm)
+        bn = module_of(gm, node, BATCH_NORMS)
         layer_node = node.args[0] if bn is not None else None
-        layer = module_of(gm, layer_node, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        layer = module_of(gm, layer_node, LAYERS)
         if layer is None or len(layer_node.users) != 1 or calls[node.target] > 1 or calls[layer_node.target] > 1:
             continue
-        if bn.running_mean is None:  # no running statistics: it normalizes with the batch's, even in eval
+        if bn.running_mean is None or not _normalizes_channels(layer, bn, shape_of(layer_node)):
             continue
         if isinstance(layer, nn.Linear):
-            if bn.num_features != layer.out_features:
-                continue
             fused = fuse_linear_bn_eval(layer.eval(), bn.eval())
         else:
             fused = fuse_conv_bn_eval(layer.eval(), bn.eval())
@@ -86,6 +129,16 @@ def fold_batch_norms(gm: fx.GraphModule) -> list[str]:
     gm.delete_all_unused_submodules()
     gm.recompile()  # the module runs what the graph now says
     return folded
+
+
+def _normalizes_channels(layer: nn.Module, bn: nn.Module, shape: tuple | None) -> bool:
+    """Whether `bn` (channels on dim 1) normalizes the layer's output channels: a linear's are on
+    its last dim, so only a 2-D output has them on dim 1 (BatchNorm1d on tokens [N, L, C]
+    normalizes L); a conv's are on dim 1 when batched (an unbatched Conv1d gives [C, L])."""
+    rank = len(shape) if shape is not None else _BN_RANK.get(type(bn))
+    linear = isinstance(layer, nn.Linear)
+    channels = layer.out_features if linear else layer.out_channels
+    return rank == (2 if linear else layer.weight.dim()) and bn.num_features == channels
 
 
 def set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -108,6 +161,10 @@ def origin(gm, node: fx.Node, identities=frozenset()) -> fx.Node:
     return node
 
 
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    return shape_of(a) is not None and shape_of(a) == shape_of(b)
+
+
 def _family(module) -> tuple:
     return ("linear",) if isinstance(module, nn.Linear) else ("conv", module.weight.dim())
 
@@ -115,12 +172,14 @@ def _family(module) -> tuple:
 def find_chains(gm: fx.GraphModule, *, min_layers: int = 2, identities=frozenset()) -> list[Chain]:
     """The maximal linear chains of at least `min_layers` layers (after batch-norm folding). A
     layer whose module is called more than once is never part of one (its weights serve other
-    calls too). `identities`: nodes taken as identities too (what linearizing them would give)."""
+    calls too). `identities`: nodes taken as identities too (what linearizing them would give).
+    A following add is the chain's residual only where both its operands have the chain output's
+    shape (propagated, see `sites.record_shapes`): a broadcast add (a bias map [1, C, 1, 1]) stays
+    outside, as does any add where the shapes are unknown."""
     calls, chains, taken = sites_mod.module_calls(gm), [], set()
-    layer_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
     def layer(node):
-        module = module_of(gm, node, layer_types)
+        module = module_of(gm, node, LAYERS)
         return module if module is not None and calls[node.target] == 1 else None
 
     def after(node):  # the next non-identity node on a single-user path, else None
@@ -143,13 +202,14 @@ def find_chains(gm: fx.GraphModule, *, min_layers: int = 2, identities=frozenset
         taken.update(layers)
         end, residual, act = layers[-1], None, None
         nxt = after(end)
-        if nxt is not None and nxt.op == "call_function" and nxt.target in _ADDS and len(nxt.args) == 2 and not nxt.kwargs:
+        if nxt is not None and op_name(nxt) == "add" and len(nxt.args) == 2 and not nxt.kwargs:
             path = [a for a in nxt.args if isinstance(a, fx.Node) and origin(gm, a, identities) is end]
             others = [a for a in nxt.args if isinstance(a, fx.Node) and a not in path]
-            if len(path) == 1 and len(others) == 1:
+            if len(path) == 1 and len(others) == 1 and _same_shape(end, others[0]) and _same_shape(end, nxt):
                 end, residual = nxt, others[0]
                 nxt = after(end)
-        if nxt is not None and sites_mod._call_spec(gm, nxt) is not None:
+        spec = sites_mod._call_spec(gm, nxt) if nxt is not None else None
+        if spec is not None and computed(spec[0]):  # an activation the fused kernel can compute
             act = nxt
         chains.append(Chain(layers, end, residual, act))
     return chains
@@ -167,3 +227,50 @@ def act_spec(gm: fx.GraphModule, node: fx.Node) -> tuple[str, dict]:
     """(kind, kind_args) of an activation call node."""
     kind, kind_args, _, _ = sites_mod._call_spec(gm, node)
     return kind, kind_args
+
+
+# ---- gated units: what linearizing cannot make foldable
+
+GATED = ("the site's output is multiplied by another input-dependent tensor (a gated unit such as SwiGLU/GeGLU): "
+         "the product is bilinear, nothing folds through it")
+# ops a site's output passes through on its way to a gate, when their other operands are constants
+_ELEMENTWISE = {"add", "sub", "mul", "div", "neg", "to", "type", "float", "half", "bfloat16", "contiguous", "clone", "_to_copy"}
+
+
+def gated_sites(gm: fx.GraphModule, nodes) -> dict:
+    """node -> GATED for each of `nodes` (activation calls, or linearized sites) whose output is
+    gated. The rule: following the output through identities (linearized sites, nn.Identity,
+    eval dropout) and elementwise ops whose other operands are constants or parameters, it reaches
+    a mul whose other operand depends on the model's inputs, as `down(act(gate(x)) * up(x))` does.
+    Linearizing such an activation leaves `gate(x) * up(x)`: the chain stops at the product."""
+    dependent = _input_dependent(gm)
+    return {node: GATED for node in nodes if _reaches_gate(gm, node, dependent)}
+
+
+def _input_dependent(gm: fx.GraphModule) -> set:
+    """The nodes computed from the model's inputs (not from parameters and constants alone)."""
+    dependent = set()
+    for node in gm.graph.nodes:  # in execution order: inputs come first
+        if node.op == "placeholder" or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _reaches_gate(gm: fx.GraphModule, node: fx.Node, dependent: set) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            operands = []
+            fx.node.map_arg((user.args, user.kwargs), operands.append)
+            operands.remove(value)  # one occurrence: `v * v` keeps the other
+            data = [a for a in operands if a in dependent]
+            name = op_name(user)
+            if name == "mul" and data:
+                return True
+            if passthrough(gm, user) or (name in _ELEMENTWISE and not data):
+                todo.append(user)
+    return False

@@ -12,6 +12,9 @@ timed under the plan `ek.linearize` would give it (a recorded plan where the uni
 chain), before minus after. Units away from the move cancel, and a unit's time is cached by its
 modules' signature, so a step costs seconds, not a whole-network timing per candidate. An
 activation that ends no unit (after a pooling, inside a leaf module) saves only its own call.
+A move with a gated site (`chains.gated_sites`: SwiGLU's `act(gate(x)) * up(x)`) gets no gain: the
+chain stops at the product, so its linearization folds nothing. It is kept, with "excluded" (the
+reason) and pays False: selection takes it by entropy alone, after the moves that pay.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn as nn
 from .. import ops, runtimes
 from .. import sites as sites_mod
 from ..capture import capture
-from .chains import Chain, act_spec, find_chains, fold_batch_norms, origin
+from .chains import Chain, act_spec, find_chains, fold_batch_norms, gated_sites, origin
 from .planner import MARGIN, Capture, _seconds, best_plan, segment_options, segment_seconds
 from .plans import build, parse_plan
 
@@ -36,13 +39,15 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
                leaf_modules=None) -> list[dict]:
     """The moves over `site_names` (sites of `net` not yet linearized), each with the ms it saves
     in `runtime` on `args`, the ms of the units it changes, and whether it pays: saves more than
-    MARGIN of those units' time (less is within timing noise)."""
+    MARGIN of those units' time (less is within timing noise). A move with a gated site saves 0
+    and names why in "excluded"."""
     gm = capture(copy.deepcopy(net), args, leaf_modules=leaf_modules).eval()
     gm.requires_grad_(False)
     sites_mod.sites_of(gm)  # marks the site nodes (node.meta["ek_site"])
     nodes = {n.name: n for n in gm.graph.nodes if n.meta.get("ek_site") in site_names}
+    gated = gated_sites(gm, nodes.values())
     with torch.no_grad():
-        fold_batch_norms(gm)
+        fold_batch_norms(gm, args)
         values = _values(gm, args)
         units = _Units(gm, values, runtime, sites_mod.recipe(net).get("plans", []))
         moves = [[name] for name in site_names]
@@ -51,6 +56,10 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
                 moves.append(pair)
         out = []
         for move in moves:
+            excluded = [gated[nodes[s]] for s in move if s in nodes and nodes[s] in gated]
+            if excluded:
+                out.append({"sites": move, "ms_saved": 0.0, "ms_before": 0.0, "pays": False, "excluded": excluded[0]})
+                continue
             saved, before = units.gain([nodes[s] for s in move if s in nodes])
             out.append({"sites": move, "ms_saved": round(saved * 1e3, 5), "ms_before": round(before * 1e3, 5),
                         "pays": saved > MARGIN * before and saved > 0})

@@ -16,18 +16,45 @@ from ..capture import capture, model_device, positional, to_device
 from ..recipe_entry import track
 from ..timing import compare
 from .blocks import lower_fused
-from .chains import Chain, act_spec, drop_identities, find_chains, fold_batch_norms, passthrough, set_module
+from .chains import (Chain, act_spec, drop_identities, find_chains, fold_batch_norms, gated_sites, module_of, origin,
+                     passthrough, set_module, shape_of)
+from .algebra import LAYERS
 from .planner import best_plan, chain_values, segment_options
 from .plans import Segment, build, parse_plan, plan_label, segments
 
-__all__ = ["fold", "decisions", "format_decisions", "relative_error", "DECIDE"]
+__all__ = ["fold", "decisions", "format_decisions", "relative_error", "default_tolerance", "InexactFold", "DECIDE",
+           "CANNOT_FOLD"]
 
 DECIDE = ("measure", "merge", "separate")
+CANNOT_FOLD = "cannot fold"  # the choice of a decision row for a linearized site no plan can fold (`gated_sites`)
+# The relative error of an exact fold is rounding: composed weights, another summation order.
+# Allowed per output dtype, measured against the largest output (so the scale does not matter).
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+class InexactFold(RuntimeError):
+    """The folded module's outputs differ from the model's by more than the tolerance; `what`
+    says by how much and where from."""
+
+    def __init__(self, what: str):
+        super().__init__(f"fold: {what}; pass allow_inexact=True to accept it (the error is then recorded in "
+                         "ek.recipe(folded)['fold'])")
+        self.what = what
+
+
+def default_tolerance(dtypes, device=None) -> float:
+    """The loosest of TOLERANCE over `dtypes`; float32 on a CUDA device that runs convolutions or
+    matmuls in TF32 (PyTorch's default for cuDNN) gets float16's (TF32 keeps 10 mantissa bits)."""
+    dtypes = [dtypes] if isinstance(dtypes, torch.dtype) else list(dtypes)
+    tf32 = (device is not None and torch.device(device).type == "cuda"
+            and (torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32))
+    return max((TOLERANCE[torch.float16] if tf32 and d == torch.float32 else TOLERANCE.get(d, TOLERANCE[torch.float32])
+                for d in dtypes), default=TOLERANCE[torch.float32])
 
 
 def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: bool = False, decide="measure",
          original: nn.Module | None = None, check: bool = True, device=None, allow_inexact: bool = False,
-         leaf_modules=None) -> fx.GraphModule:
+         tolerance: float | None = None, leaf_modules=None) -> fx.GraphModule:
     """An inference module computing `model`'s eval outputs with its linear chains folded.
 
     Batch norms go into the conv/linear before them; chains of convs or linears linked only by
@@ -39,6 +66,13 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     only folds batch norms; a dict (chain -> plan label) replays a decision table. A merge whose
     later convs are padded is inexact at image borders: its error is measured and shown, and the
     plan used only with allow_inexact=True.
+
+    The folded outputs are then compared with the model's on `example_inputs`: a relative error
+    (largest difference over the largest output) above `tolerance` (default `default_tolerance`:
+    1e-4 in float32, 1e-9 in float64, 1e-2 in float16, 5e-2 in bfloat16) raises InexactFold naming
+    the chains that cause it, unless allow_inexact=True (the error is recorded either way).
+    A linearized site whose output is gated (`gated_sites`: SwiGLU's `act(gate(x)) * up(x)`)
+    leaves nothing to fold: its row's choice is "cannot fold", with the reason.
 
     With decide="measure", check=True then times the whole folded network against `original`
     (the unpruned model; by default `model` itself) with batch norms folded, in `runtime`, in
@@ -60,7 +94,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     args = positional(gm, example)
     planned = {tuple(r["layers"]): r for r in sites_mod.recipe(model).get("plans", []) if r.get("runtime") == runtime}
     with torch.no_grad():
-        expected = gm(*args)
+        expected = sites_mod.record_shapes(gm, args)  # the shapes decide which batch norms and adds fold
         batch_norms = fold_batch_norms(gm)
         chains = find_chains(gm)
         values = chain_values(gm, chains, args)
@@ -70,16 +104,22 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
         if check and decide == "measure" and (original is not None or any(r["choice"] != "separate" for r in rows)):
             baseline = gm if original is None else _eval_graph(original, example, leaf_modules, device)
             if original is not None:
-                fold_batch_norms(baseline)
+                fold_batch_norms(baseline, args)
             folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
         if portable:  # a replayed table may name fused plans
             lower_fused(folded)
         error = relative_error(folded(*args), expected)
+        if tolerance is None:
+            tolerance = default_tolerance([t.dtype for t in _outputs(expected) if t.is_floating_point()], device)
+        inexact = [] if error <= tolerance else _inexact_chains(gm, rows, args, expected, tolerance, portable)
+    if inexact and not allow_inexact:
+        raise InexactFold(f"the folded module's outputs differ from the model's by a relative error of {error:.1e} "
+                          f"(tolerance {tolerance:.0e}), from {_culprits(inexact)}")
     done = sites_mod.recipe(folded)
     done["fold"] = {"decide": decide if isinstance(decide, str) else "replayed", "runtime": runtime, "portable": portable,
                     "allow_inexact": allow_inexact, "device": str(device), "batch_norms": len(batch_norms),
-                    "decisions": rows, "latency": latency, "relative_error": error,
-                    "example_shape": [list(a.shape) for a in args]}
+                    "decisions": rows + _cannot_fold(gm), "latency": latency, "relative_error": error,
+                    "tolerance": tolerance, "inexact": inexact, "example_shape": [list(a.shape) for a in args]}
     folded.meta[sites_mod.RECIPE_KEY] = done
     return track(folded, model, example, leaf_modules)  # its state dicts carry the recipe (ek.load reads it)
 
@@ -134,6 +174,21 @@ def _decide(gm, chain: Chain, values: dict, decide, planned: dict, runtime: str,
         "choice": choice,
         "why": why,
     }
+
+
+def _cannot_fold(gm: fx.GraphModule) -> list[dict]:
+    """A decision row per linearized site that leaves nothing to fold (a gated unit's activation),
+    named after the layer before it: shown, never rewritten (the plans skip these rows)."""
+    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is sites_mod.linearized]
+    rows = []
+    for node, why in gated_sites(gm, sites).items():
+        layer = origin(gm, node)
+        known = module_of(gm, layer, LAYERS) is not None
+        rows.append({"chain": layer.name if known else node.name, "site": node.meta.get("ek_linearized", node.name),
+                     "layers": [layer.target] if known else [], "residual": False, "activation": None,
+                     "input": list(shape_of(node) or ()), "candidates_ms": {}, "border_error": {}, "choice": CANNOT_FOLD,
+                     "why": why})
+    return rows
 
 
 def _fits(label: str, options: dict, n: int, allowed) -> bool:
@@ -204,6 +259,38 @@ def _rewrite(gm: fx.GraphModule, chain: Chain, parts: list[Segment]) -> tuple[fx
     return last, out
 
 
+def _inexact_chains(bn_folded, rows: list[dict], args: tuple, expected, tolerance: float, portable: bool) -> list[dict]:
+    """Where the error comes from: each chain folded as planned on its own (the others separate)
+    whose error exceeds `tolerance`; else the batch norms (every chain separate) when they do;
+    else every chain that is not separate (the error is theirs together). Entries: chain (None
+    for the batch norms), choice, relative_error (None where only the chains together exceed it)."""
+
+    def error(choices: dict) -> float:
+        folded = _apply(bn_folded, [{**r, "choice": choices.get(r["chain"], "separate")} for r in rows])
+        if portable:
+            lower_fused(folded)
+        return relative_error(folded(*args), expected)
+
+    planned = {r["chain"]: r["choice"] for r in rows if r["choice"] != "separate"}
+    alone = [{"chain": name, "choice": choice, "relative_error": error({name: choice})} for name, choice in planned.items()]
+    culprits = [c for c in alone if not c["relative_error"] <= tolerance]
+    if culprits:
+        return culprits
+    separate = error({})
+    if not separate <= tolerance or not alone:
+        return [{"chain": None, "choice": "batch norms folded", "relative_error": separate}]
+    return [{**c, "relative_error": None} for c in alone]
+
+
+def _culprits(inexact: list[dict]) -> str:
+    if inexact[0]["chain"] is None:
+        return (f"folding batch norms into their layers (every chain separate: {inexact[0]['relative_error']:.1e}); "
+                "please report this model")
+    if inexact[0]["relative_error"] is None:
+        return "the chains together (each alone is within it): " + ", ".join(f"{c['chain']} ({c['choice']})" for c in inexact)
+    return "chain " + ", chain ".join(f"{c['chain']} ({c['choice']}: {c['relative_error']:.1e})" for c in inexact)
+
+
 # ---- the whole network, never slower
 
 
@@ -240,13 +327,20 @@ def _outputs(out) -> list:
 
 def relative_error(got, expected) -> float:
     """Largest |got - expected| / max |expected| over the outputs' tensors (inf when they differ
-    in number): what fold records and export checks."""
+    in number): what fold records and checks, and export checks. Equal values (the same inf, NaN
+    against NaN) differ by 0 and the scale is over the finite values; any other NaN gives NaN."""
     got, expected = _outputs(got), _outputs(expected)
     if len(got) != len(expected):
         return float("inf")
-    errors = [float((g.cpu().double() - e.cpu().double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
-              for g, e in zip(got, expected) if e.numel()]
-    return max(errors, default=0.0)
+    errors = [_relative_error(g.cpu().double(), e.cpu().double()) for g, e in zip(got, expected) if e.numel()]
+    return float("nan") if any(e != e for e in errors) else max(errors, default=0.0)  # max() would skip a NaN
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    same = (got == expected) | (got.isnan() & expected.isnan())
+    finite = expected[expected.isfinite()].abs()
+    scale = finite.max().clamp_min(1e-30) if finite.numel() else expected.new_tensor(1.0)
+    return float((got - expected).abs().masked_fill(same, 0).max() / scale)
 
 
 # ---- the record

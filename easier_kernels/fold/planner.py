@@ -161,7 +161,7 @@ def plan_chains(gm: fx.GraphModule, args: tuple, *, runtime: str, known: list[di
     fastest plan (`best_plan`), each merge timed in the padding layout it needs."""
     net = copy.deepcopy(gm).eval()
     net.requires_grad_(False)
-    fold_batch_norms(net)
+    fold_batch_norms(net, args)
     chains = find_chains(net)
     known = {tuple(r["layers"]): r for r in known}
     values = chain_values(net, [c for c in chains if tuple(c.targets) not in known], args)

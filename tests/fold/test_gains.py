@@ -89,7 +89,7 @@ def test_a_move_that_changes_nothing_does_not_pay(cost_model):
 
 def test_hypothetical_identities_join_units_like_a_linearization_does():
     gm = ek.linearize(Bottleneck().eval(), [], X, plan="none")
-    fold_batch_norms(gm)
+    fold_batch_norms(gm, (X,))
     relu1 = next(n for n in gm.graph.nodes if n.name == "relu1")
     assert [u.targets for u in find_chains(gm, min_layers=1)] == [["conv1"], ["conv2"], ["conv3"], ["fc"]]
     assert find_chains(gm) == []
@@ -97,7 +97,7 @@ def test_hypothetical_identities_join_units_like_a_linearization_does():
     assert [u.targets for u in joined][:2] == [["conv1", "conv2"], ["conv3"]]
     assert joined[0].act.name == "relu2"
     real = ek.linearize(Bottleneck().eval(), ["relu1"], X, plan="none")
-    fold_batch_norms(real)
+    fold_batch_norms(real, (X,))
     assert [u.targets for u in find_chains(real, min_layers=1)] == [u.targets for u in joined]
 
 

@@ -99,7 +99,7 @@ def test_the_planner_finds_the_fastest_plan(name, fraction, monkeypatch):
     names = [s.name for s in ek.find_sites(model, x)]
     net = ek.linearize(model, names[: round(len(names) * fraction)], x, plan="none").eval()
     gm = ek.capture.capture(net).eval()
-    fold_batch_norms(gm)
+    fold_batch_norms(gm, (x,))
     chains = find_chains(gm)
     values = planner.chain_values(gm, chains, (x,))
     checked = 0

@@ -70,6 +70,30 @@ def test_grouped_convs_and_pointwise_then_depthwise():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("k1, k2", [(1, 3), (3, 1), (3, 3), (5, 3)])
+@pytest.mark.parametrize("s1", [1, 2])
+@pytest.mark.parametrize("depthwise_first", [True, False])
+def test_depthwise_with_dense_composes_per_channel(dims, k1, k2, s1, depthwise_first):
+    """Xception's separable convs: a depthwise kernel with a dense one, composed without making
+    the depthwise one dense first, equals the two convs."""
+    channels = 6
+    conv = CONV[dims]
+    if depthwise_first:
+        w1, b1 = weights(channels, 1, k1, dims, seed=11)
+        w2, b2 = weights(5, channels, k2, dims, seed=12)
+        groups1, groups2, in_channels = channels, 1, channels
+    else:
+        w1, b1 = weights(channels, 4, k1, dims, seed=13)
+        w2, b2 = weights(channels, 1, k2, dims, seed=14)
+        groups1, groups2, in_channels = 1, channels, 4
+    x = torch.randn(2, in_channels, *(17,) * dims, dtype=torch.float64)
+    expected = conv(conv(x, w1, b1, stride=s1, groups=groups1), w2, b2, groups=groups2)
+    w, b, groups = compose_conv(w1, b1, w2, b2, stride1=s1, groups1=groups1, groups2=groups2)
+    assert groups == 1 and w.shape[2:] == (k1 + s1 * (k2 - 1),) * dims
+    torch.testing.assert_close(conv(x, w, b, stride=s1), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_dense_weight_computes_what_the_grouped_conv_does():
     w, b = weights(6, 2, 3, 2, seed=9)
     x = torch.randn(1, 6, 9, 9, dtype=torch.float64)

@@ -64,6 +64,9 @@ def compose_conv(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2
     if w2.shape[1] * groups2 != w1.shape[0]:
         raise ValueError(f"conv2 reads {w2.shape[1] * groups2} channels but conv1 writes {w1.shape[0]}")
     if groups1 != groups2:
+        mixed = _compose_with_depthwise(w1, w2, stride1, groups1, groups2)
+        if mixed is not None:  # a depthwise kernel with a dense one: no dense copy of the depthwise one
+            return mixed, _composed_bias(w2, groups2, b1, b2), 1
         w1, w2, groups1, groups2 = dense_weight(w1, groups1), dense_weight(w2, groups2), 1, 1
     groups = groups1
     k2 = w2.shape[2:]
@@ -73,12 +76,38 @@ def compose_conv(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2
     padding = [s * (k - 1) for s, k in zip(stride1, k2)]
     weight = _CONV[dims](images, w2.flip(list(range(2, 2 + dims))), padding=padding, dilation=stride1, groups=groups)
     weight = weight.transpose(0, 1).contiguous()  # [O2, I/g, *K]
+    return weight, _composed_bias(w2, groups, b1, b2), groups
+
+
+def _composed_bias(w2: torch.Tensor, groups2: int, b1: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor | None:
+    """b[o] = b2[o] + sum_{m in o's group, taps} W2[o, m, taps] * b1[m]."""
     if b1 is None:
-        return weight, b2, groups
-    # b[o] = b2[o] + sum_{m in o's group, taps} W2[o, m, taps] * b1[m]
-    w2_sums = w2.flatten(2).sum(-1).view(groups, -1, w2.shape[1])  # [g, O2/g, O1/g]
-    bias = (w2_sums @ b1.view(groups, -1, 1)).flatten()
-    return weight, bias if b2 is None else bias + b2, groups
+        return b2
+    w2_sums = w2.flatten(2).sum(-1).view(groups2, -1, w2.shape[1])  # [g, O2/g, O1/g]
+    bias = (w2_sums @ b1.view(groups2, -1, 1)).flatten()
+    return bias if b2 is None else bias + b2
+
+
+def _compose_with_depthwise(w1, w2, stride1: tuple, groups1: int, groups2: int) -> torch.Tensor | None:
+    """The dense weight of conv2(conv1(x)) where one conv is depthwise (one input channel per
+    group, as many groups as channels) and the other dense, computed per channel (a depthwise
+    kernel made dense first would cost channels times more: minutes for Xception's 728 channels).
+    None for other groupings."""
+    dims = w1.dim() - 2
+    spatial = list(range(2, 2 + dims))
+    channels = w1.shape[0]
+    if groups1 == 1 and groups2 == channels and w2.shape[:2] == (channels, 1):
+        # W[m, i] = W2[m] dilated by s1 (*) W1[m, i]: W1's inputs as the batch, one group per channel
+        padding = [s * (k - 1) for s, k in zip(stride1, w2.shape[2:])]
+        weight = _CONV[dims](w1.transpose(0, 1), w2.flip(spatial), padding=padding, dilation=stride1, groups=channels)
+        return weight.transpose(0, 1).contiguous()
+    if groups2 == 1 and groups1 == channels and w1.shape[1] == 1:
+        # W[o, m] = W2[o, m] dilated by s1 (*) W1[m]: W2's outputs as the batch, one group per channel
+        dilated = w2.new_zeros(*w2.shape[:2], *[s * (k - 1) + 1 for s, k in zip(stride1, w2.shape[2:])])
+        dilated[(..., *[slice(None, None, s) for s in stride1])] = w2
+        padding = [k - 1 for k in w1.shape[2:]]
+        return _CONV[dims](dilated, w1.flip(spatial), padding=padding, groups=channels).contiguous()
+    return None
 
 
 def add_identity(weight: torch.Tensor, bias: torch.Tensor | None, *, padding, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:

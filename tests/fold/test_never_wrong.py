@@ -355,7 +355,7 @@ def site_nodes(gm):
 
 @pytest.mark.parametrize("functional", [False, True])
 def test_gated_sites_are_the_activations_multiplied_by_another_projection(functional):
-    gm = ek.sites.trace(TinyBlock(functional))
+    gm = ek.capture.capture(TinyBlock(functional))
     nodes = site_nodes(gm)
     gated_name = "silu" if functional else "mlp_act"
     assert set(nodes) == {"gelu", gated_name, "relu"}

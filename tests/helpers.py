@@ -168,3 +168,16 @@ class WithGate(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.relu(self.stem(x))).mean((2, 3)))
+
+
+def randomize_batch_norms(model, seed=0):
+    """Batch norms that do something in eval mode (fresh ones are the identity); the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+    return model.eval()

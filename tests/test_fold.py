@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from helpers import TORCHVISION_MODELS, paper_or_torchvision
+from helpers import TORCHVISION_MODELS, paper_or_torchvision, randomize_batch_norms
 
 import easier_kernels as ek
 from easier_kernels.fold import add_identity, compose_conv, compose_linear, decisions, dense_weight
@@ -163,19 +163,6 @@ def test_a_linearized_chain_folds_exactly_into_one_conv(stride):
 
 
 # ---- ek.fold: the graph pass
-
-
-def randomize_batch_norms(model, seed=0):
-    """Batch norms that do something in eval mode (fresh ones are the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-    return model
 
 
 def relative_error(got, expected):

@@ -15,18 +15,7 @@ from easier_kernels import select
 from easier_kernels.fold import chains, gains, planner
 from easier_kernels.fold.graph import CANNOT_FOLD, InexactFold, decisions, default_tolerance
 from easier_kernels.fold.plans import ChainModule
-
-
-def randomize_batch_norms(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-    return model.eval()
+from helpers import randomize_batch_norms
 
 
 def relative_error(got, expected):

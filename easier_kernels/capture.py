@@ -273,8 +273,9 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
     for both; buffers and caches as before after), or None."""
     kept, buffers = _python_state(model), [(b, b.clone()) for b in model.buffers()]
     device = model_device(model)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)
             expected = call(model, example_inputs)
             torch.manual_seed(0)

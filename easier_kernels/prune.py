@@ -438,6 +438,13 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     scores: the first step's scores (e.g. from an EntropyMeter during your own training);
         by default a pass over `train_loader` in train mode.
     exclude: site names never linearized. seed: seeds torch, numpy and random (None: leave them).
+    Batches: (inputs, targets) tuples or dicts of keyword inputs with "labels" (Hugging Face
+        style); inputs_fn(batch) -> (args, kwargs) and loss_fn(output, batch) read any other kind
+        (`easier_kernels.capture.batch_inputs` / `default_loss`: the output's .loss, else
+        cross-entropy of its logits). example_inputs: a tensor, a tuple of positional inputs or a
+        dict of keyword inputs (default: the first sample of the validation loader, every input).
+    leaf_modules / activations: see `ek.find_sites` (module paths or types not traced into; your
+        own activation modules, {MyAct: "gelu_tanh"}).
     select: which sites a step removes. "entropy" (the method): the `layers_per_step` lowest scores
         and every site scoring exactly 0. "entropy_latency" (ours): the latency gain of linearizing
         each remaining site (or pair that only together forms a chain) is measured first, in

@@ -42,6 +42,17 @@ def test_batch_inputs_and_targets():
         batch_inputs((x.to(torch.uint8), y))
 
 
+def test_batch_encoding_is_keyword_inputs():
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    transformers = pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    ids, labels = torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1])
+    batch = transformers.BatchEncoding({"input_ids": ids, "attention_mask": ids, "labels": labels})
+    args, kwargs = batch_inputs(batch)
+    assert args == () and set(kwargs) == {"input_ids", "attention_mask"} and batch_targets(batch) is labels
+
+
 class _Output(dict):  # a Hugging Face ModelOutput is a dict with attributes
     __getattr__ = dict.get
 

@@ -277,11 +277,17 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)
-            expected = call(model, example_inputs)
+            try:
+                expected = call(model, example_inputs)
+            except Exception as exc:
+                raise TypeError(f"{type(model).__name__} fails on the example inputs ({_first_line(exc)}); pass inputs "
+                                "it runs on (a batch as the loader yields it: float images, int64 token ids)") from exc
             torch.manual_seed(0)
             got = call(gm, example_inputs)
+    except TypeError:
+        raise
     except Exception as exc:
-        return f"it fails with {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return f"it fails with {_first_line(exc)}"
     finally:
         _restore_python_state(kept)
         with torch.no_grad():
@@ -292,9 +298,16 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
     if len(expected) != len(got) or any(not isinstance(g, torch.Tensor) or g.shape != e.shape for e, g in pairs):
         return "other outputs"
     for e, g in pairs:
-        if e.is_floating_point() and not torch.allclose(g, e, rtol=1e-4, atol=1e-5 * float(e.abs().max().clamp_min(1))):
+        finite = e[torch.isfinite(e)] if e.is_floating_point() else e
+        scale = float(finite.abs().max()) if finite.numel() else 1.0
+        if e.is_floating_point() and not torch.allclose(g, e, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
             return "other values"
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 class _Leaves:

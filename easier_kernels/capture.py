@@ -271,6 +271,7 @@ def _restore_python_state(kept: list) -> None:
 def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
     """Why `gm` is not `model` on the example, in the mode the model is in (the same random numbers
     for both; buffers and caches as before after), or None."""
+    example_inputs = _widened(*as_call(example_inputs))  # (a train-mode batch norm needs two samples)
     kept, buffers = _python_state(model), [(b, b.clone()) for b in model.buffers()]
     device = model_device(model)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []

@@ -37,6 +37,11 @@ class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+class LostRank(UsageError):
+    """Another rank died or hangs: printed as one line, then the process ends at once (exit code 2):
+    an orderly shutdown can wait forever on the lost rank's connections."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         self.exit(2, f"{self.prog}: {message}\n")
@@ -55,14 +60,18 @@ def _cmd_prune(args) -> int:
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"cannot join the torchrun process group: {str(exc).strip().splitlines()[0]}") from None
     try:
-        return _prune(args, device)
+        done = _prune(args, device)
     except RuntimeError as exc:
         if not distributed.lost_rank(exc):
             raise
-        raise UsageError(distributed.lost_rank_message(exc, args.dist_timeout)) from None
-    finally:
-        if joined:  # (a group the caller made is the caller's)
+        raise LostRank(distributed.lost_rank_message(exc, args.dist_timeout)) from None  # (no teardown: it waits on the lost rank)
+    except BaseException:
+        if joined:
             torch.distributed.destroy_process_group()
+        raise
+    if joined:  # (a group the caller made is the caller's)
+        torch.distributed.destroy_process_group()
+    return done
 
 
 def _prune(args, device) -> int:
@@ -576,6 +585,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except (UsageError, UnreadableImage) as exc:  # UnreadableImage: an image folder's file, found as it is read
         print(f"easier-kernels {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, LostRank):
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print(f"\neasier-kernels {args.command}: interrupted" + ("; continue with --resume" if args.command == "prune" else ""),

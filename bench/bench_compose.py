@@ -15,6 +15,8 @@ from easier_kernels.fold.algebra import compose_conv, dense_weight
 CASES = {
     "pointwise-then-depthwise-728": (728, 728, 3, 1, False),
     "depthwise-then-pointwise-728": (728, 728, 3, 1, True),
+    # a 3x3 merged from a separable pair, then the next depthwise 3x3 (Xception's middle flow)
+    "dense3x3-then-depthwise-728": (728, 728, 3, 3, False),
 }
 
 

@@ -239,7 +239,7 @@ def capture(model: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     return gm
 
 
-def _fx(model: nn.Module, leaves: "_Leaves", example_inputs) -> tuple[fx.GraphModule | None, str | None]:
+def _fx(model: nn.Module, leaves: _Leaves, example_inputs) -> tuple[fx.GraphModule | None, str | None]:
     """(the torch.fx capture, None), or (None, why not): tracing failed, or the graph does not
     compute what the model computes on the example (a forward that caches values between calls
     records stale ones)."""
@@ -366,7 +366,7 @@ _KEPT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Ba
                nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
 
-def _export(model: nn.Module, example_inputs, leaves: "_Leaves", fx_failure: str) -> fx.GraphModule:
+def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) -> fx.GraphModule:
     args, kwargs = _widened(*as_call(example_inputs))
     try:
         with torch.no_grad(), eval_mode(model), _no_cache(model):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import activations as acts
 
 __all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
-           "model_device", "eval_mode", "batch_inputs", "batch_targets", "logits_of", "default_loss", "CAPTURE_KEY"]
+           "model_device", "eval_mode", "buffers_kept", "batch_inputs", "batch_targets", "logits_of", "default_loss", "CAPTURE_KEY"]
 
 CAPTURE_KEY = "ek_capture"  # gm.meta: how the graph was captured and the declared activations
 
@@ -203,6 +203,18 @@ def eval_mode(model: nn.Module):
             module.training = flag
 
 
+@contextmanager
+def buffers_kept(model: nn.Module):
+    """Buffers (batch-norm running statistics, ...) exactly as they were after the block."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 # ---- capture
 
 
@@ -272,11 +284,11 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
     """Why `gm` is not `model` on the example, in the mode the model is in (the same random numbers
     for both; buffers and caches as before after), or None."""
     example_inputs = _widened(*as_call(example_inputs))  # (a train-mode batch norm needs two samples)
-    kept, buffers = _python_state(model), [(b, b.clone()) for b in model.buffers()]
+    kept = _python_state(model)
     device = model_device(model)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)
             try:
                 expected = call(model, example_inputs)
@@ -291,9 +303,6 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
         return f"it fails with {_first_line(exc)}"
     finally:
         _restore_python_state(kept)
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
     expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
     pairs = [(e, g) for e, g in zip(expected, got) if isinstance(e, torch.Tensor)]
     if len(expected) != len(got) or any(not isinstance(g, torch.Tensor) or g.shape != e.shape for e, g in pairs):
@@ -373,8 +382,7 @@ def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) 
             program = torch.export.export(model, args, kwargs, strict=False,
                                           dynamic_shapes=_dynamic_shapes(model, args, kwargs))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceFailure(f"{fx_failure}; torch.export failed too ({reason})") from exc
+        raise TraceFailure(f"{fx_failure}; torch.export failed too ({_first_line(exc)})") from exc
     exported = program.module()
     graph = copy.deepcopy(exported.graph)
     for node in list(graph.nodes):

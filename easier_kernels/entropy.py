@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import distributed, ops, sites as sites_mod
-from .capture import batch_inputs, capture, model_device, to_device
+from .capture import batch_inputs, buffers_kept, capture, model_device, to_device
 from .ops import _FLOAT_DTYPES, kinds
 from .sites import Site
 
@@ -334,18 +334,6 @@ class EntropyMeter:
         return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
 
 
-@contextmanager
-def _buffers_kept(model: nn.Module):
-    """Buffers (batch-norm running statistics, ...) exactly as they were after the block."""
-    saved = [(b, b.clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
 def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", sites: Iterable[str] | None = None,
                    max_batches: int | None = None, device=None, leaf_modules: Iterable | None = None,
                    activations: Mapping | None = None, inputs_fn=None) -> Scores:
@@ -362,7 +350,7 @@ def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", 
     device = _model_device(model, device)
     meter, batches = None, 0
     try:
-        with torch.no_grad(), _buffers_kept(model):
+        with torch.no_grad(), buffers_kept(model):
             for batch in loader:
                 if max_batches is not None and batches >= max_batches:
                     break

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 from contextlib import contextmanager
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from . import activations as acts
 
 __all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
-           "model_device", "eval_mode", "buffers_kept", "batch_inputs", "batch_targets", "logits_of", "default_loss", "CAPTURE_KEY"]
+           "model_device", "eval_mode", "buffers_kept", "rng_kept", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
+           "logits_of", "default_loss", "CAPTURE_KEY"]
 
 CAPTURE_KEY = "ek_capture"  # gm.meta: how the graph was captured and the declared activations
 
@@ -73,6 +74,35 @@ def positional(gm: nn.Module, inputs) -> tuple:
     if bound.kwargs:
         raise TypeError(f"inputs {', '.join(bound.kwargs)} cannot be passed by position to {type(gm).__name__}")
     return tuple(bound.args)
+
+
+def few_samples(inputs, samples: int = 2) -> tuple[tuple, dict]:
+    """`inputs` as (args, kwargs) cut to `samples` samples (a batch of one repeated up to it).
+    The batch size is the leading dim of the first tensor; every tensor with that leading dim is
+    cut alike, others stay whole. Two samples, not one: a batch norm in train mode needs two, and
+    torch.export specializes dims of size 1."""
+    args, kwargs = as_call(inputs)
+    first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
+    if first is None or first.shape[0] == samples:
+        return args, kwargs
+    batch = first.shape[0]
+
+    def cut(t):
+        if not (isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch):
+            return t
+        return t[:samples] if batch > samples else torch.cat([t] * -(-samples // batch))[:samples]
+    return torch.utils._pytree.tree_map(cut, (args, kwargs))
+
+
+def on_few_samples(run: Callable, inputs):
+    """run(few_samples(inputs)), or run(inputs as given) where that fails: what only needs the
+    model's structure (capturing, its check, shape recording) costs two samples whatever batch the
+    user passed, and an input whose leading dim is not a batch (an unbatched conv1d's [C, L])
+    still works. run takes (args, kwargs)."""
+    try:
+        return run(few_samples(inputs))
+    except Exception:
+        return run(as_call(inputs))
 
 
 def example_spec(inputs) -> dict:
@@ -204,6 +234,16 @@ def eval_mode(model: nn.Module):
 
 
 @contextmanager
+def rng_kept():
+    """Every random stream (CPU, and each CUDA device once CUDA is in use) as it was after the
+    block: capturing and checking a model must not move the caller's random numbers (stochastic
+    depth, dropout draw from them)."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+@contextmanager
 def buffers_kept(model: nn.Module):
     """Buffers (batch-norm running statistics, ...) exactly as they were after the block."""
     saved = [(b, b.clone()) for b in model.buffers()]
@@ -241,11 +281,13 @@ def capture(model: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
         return gm
     table = acts.declared(activations)
     leaves = _Leaves(leaf_modules, table)
-    gm, fx_failure = _fx(model, leaves, example_inputs)
-    if gm is None:
-        if example_inputs is None:
-            raise TraceFailure(f"{fx_failure}; or pass example inputs so that torch.export can capture it")
-        gm = _export(model, example_inputs, leaves, fx_failure)
+    with rng_kept():  # (tracing runs the model's Python, checks run the model)
+        example = on_few_samples(lambda inputs: _runs(model, inputs), example_inputs) if example_inputs is not None else None
+        gm, fx_failure = _fx(model, leaves, example)
+        if gm is None:
+            if example is None:
+                raise TraceFailure(f"{fx_failure}; or pass example inputs so that torch.export can capture it")
+            gm = _export(model, example, leaves, fx_failure)
     gm.meta[CAPTURE_KEY] = {"by": "fx" if fx_failure is None else "export", "activations": table}
     gm.training = model.training  # the flag only: submodules keep their own modes
     return gm
@@ -269,6 +311,20 @@ def _fx(model: nn.Module, leaves: _Leaves, example_inputs) -> tuple[fx.GraphModu
     return gm, None
 
 
+def _runs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The example, once the model ran on it (in its own mode; no state changes)."""
+    kept = _python_state(model)
+    try:
+        with torch.no_grad(), buffers_kept(model):
+            call(model, example)
+    except Exception as exc:
+        raise TypeError(f"{type(model).__name__} fails on the example inputs ({_first_line(exc)}); pass inputs it runs "
+                        "on (a batch as the loader yields it: float images, int64 token ids)") from exc
+    finally:
+        _restore_python_state(kept)
+    return example
+
+
 def _python_state(model: nn.Module) -> list:
     """The containers in the modules' own attributes (caches such as timm's attention-bias cache)."""
     return [(m, k, copy.copy(v)) for m in model.modules() for k, v in vars(m).items()
@@ -282,23 +338,14 @@ def _restore_python_state(kept: list) -> None:
 
 def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
     """Why `gm` is not `model` on the example, in the mode the model is in (the same random numbers
-    for both; buffers and caches as before after), or None."""
-    example_inputs = _widened(*as_call(example_inputs))  # (a train-mode batch norm needs two samples)
+    for both; buffers, caches and random streams as before after), or None."""
     kept = _python_state(model)
-    device = model_device(model)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        with torch.no_grad(), buffers_kept(model), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), buffers_kept(model), rng_kept():
             torch.manual_seed(0)
-            try:
-                expected = call(model, example_inputs)
-            except Exception as exc:
-                raise TypeError(f"{type(model).__name__} fails on the example inputs ({_first_line(exc)}); pass inputs "
-                                "it runs on (a batch as the loader yields it: float images, int64 token ids)") from exc
+            expected = call(model, example_inputs)  # (it runs: `_runs`)
             torch.manual_seed(0)
             got = call(gm, example_inputs)
-    except TypeError:
-        raise
     except Exception as exc:
         return f"it fails with {_first_line(exc)}"
     finally:
@@ -376,7 +423,7 @@ _KEPT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Ba
 
 
 def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) -> fx.GraphModule:
-    args, kwargs = _widened(*as_call(example_inputs))
+    args, kwargs = as_call(example_inputs)
     try:
         with torch.no_grad(), eval_mode(model), _no_cache(model):
             program = torch.export.export(model, args, kwargs, strict=False,
@@ -426,14 +473,6 @@ def _copy_specs(source: nn.Module, target: nn.Module) -> None:
     for name in ("_in_spec", "_out_spec"):
         if hasattr(source, name):
             setattr(target, name, getattr(source, name))
-
-
-def _widened(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A batch of one widened to two: export specializes dims of size 1, and the captured graph
-    must take any batch size."""
-    def widen(t):
-        return torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1 else t
-    return tuple(widen(a) for a in args), {k: widen(v) for k, v in kwargs.items()}
 
 
 def _dynamic_shapes(model, args, kwargs):

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from . import runtimes
 from . import sites as sites_mod
-from .capture import call, capture, logits_of, positional
+from .capture import call, capture, logits_of, on_few_samples, positional, rng_kept
 from .fold.algebra import CONVS, exactly
 from .fold.chains import BATCH_NORMS
 from .fold.planner import plan_chains
@@ -182,8 +182,8 @@ def move_padding(gm: fx.GraphModule) -> list[dict]:
 
 
 def _check_runs(original: nn.Module, gm: fx.GraphModule, example_inputs) -> None:
-    with torch.no_grad(), sites_mod.eval_mode(original), sites_mod.eval_mode(gm):
-        expected, got = call(original, example_inputs), call(gm, example_inputs)
+    with torch.no_grad(), sites_mod.eval_mode(original), sites_mod.eval_mode(gm), rng_kept():
+        expected, got = on_few_samples(lambda inputs: (call(original, inputs), call(gm, inputs)), example_inputs)
     shapes = [tuple(logits_of(t).shape) for t in (expected, got)]
     if len(shapes) == 2 and shapes[0] != shapes[1]:
         raise RuntimeError(f"linearize changed the output shape from {shapes[0]} to {shapes[1]}; please report this model")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import activations as acts
 from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
-from .capture import CAPTURE_KEY, capture, eval_mode, positional
+from .capture import CAPTURE_KEY, capture, eval_mode, on_few_samples, positional, rng_kept
 
 __all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "record_shapes", "select", "instrument", "eval_mode", "linearized",
            "recipe", "declared_activations"]
@@ -279,23 +279,24 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def record_shapes(gm: fx.GraphModule, args: tuple):
-    """Runs `gm` on positional `args` once (eval mode, no gradients), keeping every node's output
-    shape in `node.meta["ek_shape"]` (None for non-tensors; copies of the graph keep it).
-    Returns the outputs."""
-    with torch.no_grad(), eval_mode(gm):
+    """Runs `gm` on positional `args` once (eval mode, no gradients, random streams as before
+    after), keeping every node's output shape in `node.meta["ek_shape"]` (None for non-tensors;
+    copies of the graph keep it). Returns the outputs."""
+    with torch.no_grad(), eval_mode(gm), rng_kept():
         return _ShapeRecorder(gm).run(*args)
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
-    """Runs `gm` once on `example_inputs` (eval mode, no gradients: no state changes), recording
-    every node's output shape (`node.meta["ek_shape"]`, what site channel dims are read from).
-    Returns the input shapes of the activation modules inside leaf modules, by path."""
+    """Runs `gm` once on two samples of `example_inputs` (`capture.on_few_samples`; eval mode, no
+    gradients: no state changes), recording every node's output shape (`node.meta["ek_shape"]`,
+    what site channel dims are read from). Returns the input shapes of the activation modules
+    inside leaf modules, by path."""
     table, leaf_shapes = declared_activations(gm), {}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     handles = [m.register_forward_pre_hook(_record_shape(leaf_shapes, path)) for path, m in gm.named_modules()
                if path not in called and acts.module_kind(m, table) is not None]
     try:
-        record_shapes(gm, positional(gm, example_inputs))
+        on_few_samples(lambda inputs: record_shapes(gm, positional(gm, inputs)), example_inputs)
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import easier_kernels as ek
 from easier_kernels.capture import (TraceFailure, as_call, batch_inputs, batch_targets, capture, default_loss,
-                                    example_from_spec, example_spec, logits_of)
+                                    example_from_spec, example_spec, few_samples, logits_of)
 from helpers import real_batches
 
 
@@ -69,6 +69,19 @@ def test_default_loss_reads_loss_logits_and_token_targets():
     assert logits_of((logits, "aux")) is logits
     with pytest.raises(ValueError, match="loss_fn"):
         default_loss(logits, logits)
+
+
+def test_few_samples_cuts_every_batched_input_alike():
+    x, ids, table = torch.randn(16, 3), torch.ones(16, 5, dtype=torch.long), torch.randn(7, 2)
+    args, kwargs = few_samples(((x, table), {"ids": ids, "flag": True}))
+    assert torch.equal(args[0], x[:2]) and torch.equal(kwargs["ids"], ids[:2])
+    assert args[1] is table and kwargs["flag"] is True  # not batched: left whole
+    (one,), _ = few_samples(x[:1])
+    assert torch.equal(one, torch.cat([x[:1], x[:1]]))  # a batch of one repeated
+    (two,), _ = few_samples(x[:2])
+    assert two is not None and torch.equal(two, x[:2])
+    nested, _ = few_samples(([x, x],))
+    assert [t.shape[0] for t in nested[0]] == [2, 2]
 
 
 def test_example_spec_round_trip():

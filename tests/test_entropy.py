@@ -112,6 +112,78 @@ def test_scoring_changes_no_model_state():
     assert batch_norm.num_batches_tracked.item() == 1
 
 
+def _batch_sizes_seen(module) -> list:
+    """The batch sizes `module` sees, call by call (forward pre-hooks run in the model and in any
+    graph captured from it)."""
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_a_scoring_pass_runs_the_full_batch_only_to_score():
+    """Capture, its check and shape recording run two samples: the user's batch is run only by
+    the pass itself (the regression of issue 26: three extra full-batch forwards per pass)."""
+    model = SmallNet().eval()
+    seen = _batch_sizes_seen(model.conv1)
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    ek.entropy_scores(model, batches)
+    assert seen.count(16) == len(batches) and set(seen) == {2, 16}, seen
+    seen.clear()
+    meter = ek.EntropyMeter(model, example_inputs=batches[0])
+    assert seen and set(seen) == {2}, seen
+    meter.close()
+
+
+class Stochastic(nn.Module):
+    """Dropout, stochastic depth (torchvision's) and noise drawn in the forward: every random stream a
+    training forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        from easier_kernels.compat import import_torchvision
+
+        stochastic_depth = import_torchvision().ops.StochasticDepth
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.drop, self.depth = nn.Dropout(0.3), stochastic_depth(0.5, "row")
+        self.act, self.act2 = nn.ReLU(), nn.GELU()
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        h = h + self.depth(self.conv2(self.drop(h)))
+        return self.act2(h + 0.1 * torch.randn_like(h))
+
+
+@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
+def test_scoring_leaves_the_random_streams_as_the_model_would(mode):
+    """In train mode, scoring draws exactly the random numbers the model's own forwards draw:
+    the same scores as hooks on the model under the same seed, and the caller's stream after
+    it where the model's own forwards leave it."""
+    model = Stochastic().train()
+    batches = [(torch.randn(8, 3, 6, 6), None) for _ in range(3)]
+    torch.manual_seed(0)
+    expected_batch_mean, expected_counts, _ = reference_scores(model, batches)
+    after_model = torch.rand(4)
+    torch.manual_seed(0)
+    scores = ek.entropy_scores(model, batches, mode=mode)
+    assert torch.equal(torch.rand(4), after_model)
+    for site, path in zip(scores, ("act", "act2")):
+        assert torch.equal(scores.counts[site], expected_counts[path])
+        if mode == "batch_mean":
+            assert math.isclose(scores[site], expected_batch_mean[path], rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_capturing_and_finding_sites_draw_no_random_numbers():
+    model = Stochastic().train()
+    x = torch.randn(8, 3, 6, 6)
+    for stage in (lambda: ek.find_sites(model, x), lambda: ek.linearize(model, ["act"], x, plan="none"),
+                  lambda: ek.EntropyMeter(model, example_inputs=x).close()):
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        stage()
+        assert torch.equal(torch.rand(4), expected)
+
+
 def test_batches_as_tensors_tuples_and_max_batches():
     model = ek.models.resnet18(width=0.25).eval()
     batches = real_batches(3, 8)

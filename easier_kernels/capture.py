@@ -282,12 +282,11 @@ def capture(model: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     table = acts.declared(activations)
     leaves = _Leaves(leaf_modules, table)
     with rng_kept():  # (tracing runs the model's Python, checks run the model)
-        example = on_few_samples(lambda inputs: _runs(model, inputs), example_inputs) if example_inputs is not None else None
-        gm, fx_failure = _fx(model, leaves, example)
+        gm, fx_failure = _fx(model, leaves, example_inputs)
         if gm is None:
-            if example is None:
+            if example_inputs is None:
                 raise TraceFailure(f"{fx_failure}; or pass example inputs so that torch.export can capture it")
-            gm = _export(model, example, leaves, fx_failure)
+            gm = _export(model, example_inputs, leaves, fx_failure)
     gm.meta[CAPTURE_KEY] = {"by": "fx" if fx_failure is None else "export", "activations": table}
     gm.training = model.training  # the flag only: submodules keep their own modes
     return gm
@@ -311,18 +310,23 @@ def _fx(model: nn.Module, leaves: _Leaves, example_inputs) -> tuple[fx.GraphModu
     return gm, None
 
 
-def _runs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[tuple, dict]:
-    """The example, once the model ran on it (in its own mode; no state changes)."""
+def _model_outputs(model: nn.Module, example_inputs) -> tuple[object, tuple[tuple, dict]]:
+    """(the model's outputs, the inputs it ran on): two samples of the example where the model
+    runs on them (`on_few_samples`), in its own mode, with random seed 0; no state changes. A
+    model that fails on its own example is a TypeError."""
+    def run(example):
+        torch.manual_seed(0)
+        return call(model, example), example
+
     kept = _python_state(model)
     try:
-        with torch.no_grad(), buffers_kept(model):
-            call(model, example)
+        with torch.no_grad(), buffers_kept(model), rng_kept():
+            return on_few_samples(run, example_inputs)
     except Exception as exc:
         raise TypeError(f"{type(model).__name__} fails on the example inputs ({_first_line(exc)}); pass inputs it runs "
                         "on (a batch as the loader yields it: float images, int64 token ids)") from exc
     finally:
         _restore_python_state(kept)
-    return example
 
 
 def _python_state(model: nn.Module) -> list:
@@ -337,15 +341,14 @@ def _restore_python_state(kept: list) -> None:
 
 
 def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
-    """Why `gm` is not `model` on the example, in the mode the model is in (the same random numbers
-    for both; buffers, caches and random streams as before after), or None."""
+    """Why `gm` is not `model` on (two samples of) the example, in the mode the model is in (the
+    same random numbers for both; buffers, caches and random streams as before after), or None."""
+    expected, example = _model_outputs(model, example_inputs)
     kept = _python_state(model)
     try:
         with torch.no_grad(), buffers_kept(model), rng_kept():
             torch.manual_seed(0)
-            expected = call(model, example_inputs)  # (it runs: `_runs`)
-            torch.manual_seed(0)
-            got = call(gm, example_inputs)
+            got = call(gm, example)
     except Exception as exc:
         return f"it fails with {_first_line(exc)}"
     finally:
@@ -423,7 +426,8 @@ _KEPT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Ba
 
 
 def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) -> fx.GraphModule:
-    args, kwargs = as_call(example_inputs)
+    with eval_mode(model), _no_cache(model):
+        _, (args, kwargs) = _model_outputs(model, example_inputs)
     try:
         with torch.no_grad(), eval_mode(model), _no_cache(model):
             program = torch.export.export(model, args, kwargs, strict=False,
@@ -443,7 +447,7 @@ def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) 
     gm.graph.lint()
     gm.recompile()
     with eval_mode(model), _no_cache(model):  # as it was captured
-        why = _differs(model, gm, example_inputs)
+        why = _differs(model, gm, (args, kwargs))
     if why:
         raise TraceFailure(f"{fx_failure}; the torch.export graph does not compute what the model does either ({why}); "
                            "please report this model")

@@ -227,8 +227,9 @@ class EntropyMeter:
     of sites inside leaf modules (the only change made to `model` itself).
 
     example_inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs, any batch
-    size; needed where torch.fx cannot trace the model): the model runs on them once, in eval mode and without gradients (no state changes), and every site's counts
-    are allocated from the channel counts found there, on the model's device. Then
+    size; needed where torch.fx cannot trace the model): the model runs on two samples of them
+    (`capture.few_samples`), without gradients, state changes or random numbers drawn, and every
+    site's counts are allocated from the channel counts found there, on the model's device. Then
     `torch.compile(meter.model)` compiles the training step exactly once, kept across steps and
     reset() (pausing adds one graph). Without them a site's counts are allocated at its first
     call: under torch.compile that is one extra compilation at the first step, then none.

@@ -308,8 +308,8 @@ def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | Non
     """Every activation call of `model`, in execution order, with its channel count.
 
     example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs (or
-    ((args...), {kwargs})); the model runs once on them, in eval mode and without gradients (no
-    state changes). leaf_modules: module paths or types not to trace into (their activation
+    ((args...), {kwargs})); the model runs on two samples of them (`capture.few_samples`),
+    without gradients, state changes or random numbers drawn. leaf_modules: module paths or types not to trace into (their activation
     modules become one site each). activations: your own activation modules, {MyAct: "gelu_tanh"}
     (see `easier_kernels.activations`).
     """

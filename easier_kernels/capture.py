@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import activations as acts
 
 __all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
-           "model_device", "eval_mode", "buffers_kept", "rng_kept", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
+           "model_device", "eval_mode", "buffers_kept", "rng_kept", "batch_size", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
            "logits_of", "default_loss", "CAPTURE_KEY"]
 
 CAPTURE_KEY = "ek_capture"  # gm.meta: how the graph was captured and the declared activations
@@ -76,16 +76,21 @@ def positional(gm: nn.Module, inputs) -> tuple:
     return tuple(bound.args)
 
 
+def batch_size(inputs) -> int:
+    """The batch of `inputs` (nested tuples, lists, dicts): dim 0 of their first tensor with
+    dimensions; 0 where none has any."""
+    return next((t.shape[0] for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim()), 0)
+
+
 def few_samples(inputs, samples: int = 2) -> tuple[tuple, dict]:
-    """`inputs` as (args, kwargs) cut to `samples` samples (a batch of one repeated up to it).
-    The batch size is the leading dim of the first tensor; every tensor with that leading dim is
-    cut alike, others stay whole. Two samples, not one: a batch norm in train mode needs two, and
-    torch.export specializes dims of size 1."""
+    """`inputs` as (args, kwargs) cut to their first `samples` samples (repeated cyclically where
+    there are fewer). The batch size is `batch_size(inputs)`; every tensor with that leading dim
+    is cut alike, others stay whole. Two samples by default, not one: a batch norm in train mode
+    needs two, and torch.export specializes dims of size 1."""
     args, kwargs = as_call(inputs)
-    first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
-    if first is None or first.shape[0] == samples:
+    batch = batch_size((args, kwargs))
+    if batch in (0, samples):
         return args, kwargs
-    batch = first.shape[0]
 
     def cut(t):
         if not (isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch):

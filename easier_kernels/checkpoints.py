@@ -88,9 +88,11 @@ class CheckpointFolder:
         if saved["fingerprint"] != self.fingerprint:
             raise CheckpointError(f"{self.folder} holds a run of a different model; choose another folder, or pass the model "
                              "that run was started with")
-        differs = {k: (v, self.settings.get(k)) for k, v in saved["settings"].items() if self.settings.get(k) != v}
+        # an option absent on either side was at its default there (`prune._settings`)
+        saved_settings = saved["settings"]
+        differs = [k for k in {**saved_settings, **self.settings} if saved_settings.get(k) != self.settings.get(k)]
         if differs:
-            shown = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items())
+            shown = ", ".join(f"{k}={_shown(saved_settings, k)} (now {_shown(self.settings, k)})" for k in differs)
             raise CheckpointError(f"{self.folder} was started with {shown}; resume with the same options or choose another folder")
 
     def save(self, state: dict, step: int) -> None:
@@ -99,6 +101,10 @@ class CheckpointFolder:
             return
         saved = {"format": FORMAT, "fingerprint": self.fingerprint, "settings": self.settings, "state": state}
         atomic_write(self.folder / f"step_{step:03d}.pt", lambda f: torch.save(saved, f))
+
+
+def _shown(settings: dict, key: str) -> str:
+    return repr(settings[key]) if key in settings else "its default"
 
 
 def _complete(saved: dict, path) -> dict:

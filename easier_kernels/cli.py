@@ -28,7 +28,7 @@ from .runtimes import RUNTIMES
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
-                  "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None}
+                  "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1}
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out", "dist_timeout")
 
@@ -106,7 +106,7 @@ def _prune(args, device) -> int:
                            device=device, seed=args.seed, checkpoint_dir=out / "checkpoints", resume=args.resume,
                            progress=not args.quiet, on_step=save, select=args.select.replace("-", "_"),
                            select_seed=args.select_seed, runtime=args.runtime, plan=args.plan,
-                           latency_target=args.latency_target)
+                           latency_target=args.latency_target, deploy_batch=args.deploy_batch)
     except CheckpointError as exc:  # (a corrupt latest checkpoint is skipped with a warning; none readable ends here)
         raise UsageError(str(exc)) from None
     if main:
@@ -377,7 +377,8 @@ def _folded(args, what: str):
 
     path, settings, result = _load_run(args.path, what)
     device = _device(args.device)
-    shape = (args.batch_size, *result.example_shape[1:])
+    batch = result.deploy_batch if args.batch_size is None else args.batch_size  # the batch its plans were timed at
+    shape = (batch, *result.example_shape[1:])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     original = _build_model(settings["model"], settings["num_classes"], settings["in_channels"], settings["width"]).to(device)
     try:
@@ -498,6 +499,8 @@ def _parser() -> argparse.ArgumentParser:
                        "in this fraction of the original's latency (e.g. 0.7)")
     prune.add_argument("--plan", default=d["plan"], choices=list(PLAN),
                        help="measure (plan each chain by timing it), merge (prepare every chain to merge), none")
+    prune.add_argument("--deploy-batch", type=int, default=d["deploy_batch"], help="the batch size the pruned model "
+                       "will serve at (1: per-request latency): plans, gains and latencies are timed at it")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation (random flip and "
                        "4-pixel shift; imagefolder: random resized crop and flip)")
     prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
@@ -537,7 +540,8 @@ def _parser() -> argparse.ArgumentParser:
                              help="measure (follow the run's plans, time the rest, keep the fastest), merge (merge "
                                   "every chain), separate (fold batch norms only)")
         command.add_argument("--allow-inexact", action="store_true", help="allow merges that differ at image borders")
-        command.add_argument("--batch-size", type=int, default=1, help="the batch size to time and optimize for")
+        command.add_argument("--batch-size", type=int, help="the batch size to time and optimize for (default: the "
+                             "run's --deploy-batch, which its plans were timed at)")
         command.add_argument("--device", default="auto")
     fold.add_argument("--runtime", default="eager", choices=list(RUNTIMES), help="where the folded model will run")
     fold.add_argument("--portable", action="store_true", help="standard torch modules only (no fused kernels)")
@@ -560,7 +564,7 @@ def _check(args) -> None:
     if getattr(args, "max_drop", 0) < 0:
         raise UsageError(f"--max-drop must be >= 0 accuracy points, not {args.max_drop}")
     for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size", "val_size",
-                 "num_classes", "image_size"):
+                 "num_classes", "image_size", "deploy_batch"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")

@@ -35,7 +35,8 @@ import torch.nn as nn
 
 from . import checkpoints, distributed, payoff, recipe_entry, runtimes, train as training
 from .activations import declared
-from .capture import as_call, batch_inputs, example_from_spec, example_spec, model_device, positional, to_device
+from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
+                      positional, to_device)
 from .entropy import MODES, EntropyMeter, entropy_scores
 from .export import folded_from_recipe
 from .files import atomic_write, read_weights
@@ -89,8 +90,9 @@ class PruneResult:
     leaf_modules: list = dataclasses.field(default_factory=list)
     activations: dict = dataclasses.field(default_factory=dict)  # declared activation modules, by class name
     example: dict | None = None          # the example's tensors' shapes and dtypes (`capture.example_spec`)
+    deploy_batch: int = 1                # the batch the plans, gains and payoff were timed at
     settings: dict = dataclasses.field(default_factory=dict)
-    # the original (BN-folded): runtime, device, example_shape, latency_ms, macs, params; and the
+    # the original (BN-folded): runtime, device, example_shape, latency_ms, macs, params (at deploy_batch); and the
     # latency_ratio of the unpruned network folded (its own linear chains may merge already)
     baseline_payoff: dict | None = None
     payoff: dict | None = None           # the result folded: latency_ratio, latency_ms, baseline_ms, macs, params
@@ -192,8 +194,9 @@ class Pruner:
                  example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None,
                  loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
-                 latency_target: float | None = None):
-        _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target)
+                 latency_target: float | None = None, deploy_batch: int = 1):
+        _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target,
+                       deploy_batch)
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
             raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -205,8 +208,13 @@ class Pruner:
             distributed.broadcast_module(model)  # rank 0's weights, as DistributedDataParallel starts from
         self.model = model
         self.inputs_fn, self.loss_fn = inputs_fn, loss_fn
-        example = _example(example_inputs, val_loader if val_loader is not None else train_loader, inputs_fn)
-        self.example = to_device(example, self.device)
+        self.deploy_batch = deploy_batch
+        deployed = _samples(example_inputs, val_loader if val_loader is not None else train_loader, inputs_fn,
+                            deploy_batch)
+        # what is timed (plans, gains, payoff) runs at the deploy batch; capture and scoring need one sample
+        self.deploy_example = to_device(deployed, self.device)
+        self.example = to_device(as_call(example_inputs) if example_inputs is not None else _one_sample(deployed),
+                                 self.device)
         self.leaf_paths = _leaf_paths(model, leaf_modules)
         self.activations = declared(activations)
         self.capture = {"leaf_modules": self.leaf_paths, "activations": self.activations}
@@ -228,7 +236,7 @@ class Pruner:
                                   mode=mode, scoring=scoring, exclude=sorted(self.exclude), seed=seed,
                                   finetune="default" if finetune is None else "user", lr=lr, weight_decay=weight_decay,
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
-                                  latency_target=latency_target)
+                                  latency_target=latency_target, deploy_batch=deploy_batch)
         self.fingerprint = checkpoints.fingerprint(model, self.site_names)
         self.state: dict | None = None
         self.current: nn.Module | None = None
@@ -247,11 +255,11 @@ class Pruner:
         self.state = {"baseline": baseline, "baseline_test": self._accuracy(self.model, self.test_loader, "test"),
                       "linearized": [], "history": [], "done": False, "stopped": "",
                       "scores": dict(scores if scores is not None else self._scoring_pass(self.model))}
-        self.current = linearize(self.model, [], self.example, plan="none", **self.capture)
+        self.current = linearize(self.model, [], self.deploy_example, plan="none", **self.capture)
         unpruned = self._measure(self.current)
         self.state["baseline_payoff"] = {"runtime": self.runtime, "device": str(self.device),
-                                         "example_shape": _first_shape(self.example), "latency_ms": unpruned["baseline_ms"],
-                                         **payoff.counts(self.model, self.example),
+                                         "example_shape": _first_shape(self.deploy_example), "latency_ms": unpruned["baseline_ms"],
+                                         **payoff.counts(self.model, self.deploy_example),
                                          "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
         self.state["payoff"] = unpruned
         self.state["gains"] = self._gains(self.current, self.state["scores"])
@@ -314,7 +322,7 @@ class Pruner:
             baseline_test_accuracy=state["baseline_test"],
             test_accuracy=last.test_accuracy if last else state["baseline_test"], example_shape=tuple(_first_shape(self.example)),
             leaf_modules=self.leaf_paths, activations=self.activations, example=example_spec(self.example),
-            settings=dict(self.settings), baseline_payoff=state.get("baseline_payoff"),
+            deploy_batch=self.deploy_batch, settings=dict(self.settings), baseline_payoff=state.get("baseline_payoff"),
             payoff=state.get("payoff"), world_size=distributed.world_size())
 
     # ---- checkpoints
@@ -334,7 +342,7 @@ class Pruner:
         state = dict(state)
         weights, done, rng = state.pop("state_dict"), state.pop("recipe", None), state.pop("rng")
         saved_world = state.pop("world_size", 1)
-        self.current = _rebuild(self.model, done, state["history"], self.example, self.leaf_paths, self.activations)
+        self.current = _rebuild(self.model, done, state["history"], self.deploy_example, self.leaf_paths, self.activations)
         self.current.load_state_dict(weights)
         self.state = state
         rngs = rng if isinstance(rng, list) else [rng]  # (one dict: checkpoints of single-process runs)
@@ -357,11 +365,11 @@ class Pruner:
         shared = distributed.active() and self.plan == "measure"
         net = None
         if not shared or distributed.is_main():
-            net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime, **self.capture)
+            net = linearize(self.current, chosen, self.deploy_example, plan=self.plan, runtime=self.runtime, **self.capture)
         if shared:
             plans = distributed.from_main(lambda: recipe(net).get("plans", []))
             if net is None:
-                net = linearize(self.current, chosen, self.example, plan=self.plan, runtime=self.runtime,
+                net = linearize(self.current, chosen, self.deploy_example, plan=self.plan, runtime=self.runtime,
                                 plans=plans, **self.capture)
         return net
 
@@ -407,15 +415,15 @@ class Pruner:
 
     def _measure(self, net: nn.Module) -> dict:
         """The payoff of `net`: folded for the runtime and timed against the original (on rank 0)."""
-        return distributed.from_main(lambda: payoff.measure(net, self.model, self.example, runtime=self.runtime,
+        return distributed.from_main(lambda: payoff.measure(net, self.model, self.deploy_example, runtime=self.runtime,
                                                             leaf_modules=self.leaf_paths))
 
     def _gains(self, net: nn.Module, scores: dict) -> list | None:
         """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""
         if self.select != "entropy_latency" or not (names := list(_candidates(scores, self.exclude))):
             return None
-        return distributed.from_main(lambda: site_gains(net, names, positional(net, self.example), runtime=self.runtime,
-                                                        leaf_modules=self.leaf_paths))
+        return distributed.from_main(lambda: site_gains(net, names, positional(net, self.deploy_example),
+                                                        runtime=self.runtime, leaf_modules=self.leaf_paths))
 
 
 def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, epochs_per_step: int = 1,
@@ -425,7 +433,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None, loss_fn=None,
           device=None, seed: int | None = 0, checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
-          latency_target: float | None = None, on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
+          latency_target: float | None = None, deploy_batch: int = 1,
+          on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
     max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
@@ -442,7 +451,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         style); inputs_fn(batch) -> (args, kwargs) and loss_fn(output, batch) read any other kind
         (`easier_kernels.capture.batch_inputs` / `default_loss`: the output's .loss, else
         cross-entropy of its logits). example_inputs: a tensor, a tuple of positional inputs or a
-        dict of keyword inputs (default: the first sample of the validation loader, every input).
+        dict of keyword inputs, what the network is captured with (default: the first sample of the
+        validation loader, every input); when given, also what the deploy batch is drawn from.
     leaf_modules / activations: see `ek.find_sites` (module paths or types not traced into; your
         own activation modules, {MyAct: "gelu_tanh"}).
     select: which sites a step removes. "entropy" (the method): the `layers_per_step` lowest scores
@@ -454,12 +464,17 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         order from the input / output end, "random" in an order drawn once from `select_seed`
         (default `seed`), an RNG of its own, so training sees the same random numbers under every rule.
     runtime / plan: how each step's linearization plans its chains (see `ek.linearize`): timed in
-        the runtime the pruned model will run in ("eager", "inductor", "onnxruntime"), on
-        `example_inputs` (pass a batch of the size you will deploy with; by default one sample of
-        the validation loader), padding moved only where a plan merges. Plans come from measurements, so two runs can differ in them;
-        plan="merge" (every chain's padding moved) or "none" makes a run independent of timing.
-        Every step also records its payoff: the network folded for `runtime`, timed against the
-        original with batch norms folded (`latency_ratio`), its MACs and parameters.
+        the runtime the pruned model will run in ("eager", "inductor", "onnxruntime"), at
+        `deploy_batch`, padding moved only where a plan merges. Plans come from measurements, so two
+        runs can differ in them; plan="merge" (every chain's padding moved) or "none" makes a run
+        independent of timing. Every step also records its payoff: the network folded for
+        `runtime`, timed against the original with batch norms folded (`latency_ratio`), its MACs
+        and parameters.
+    deploy_batch: the batch size the pruned model will serve at (1: per-request latency). Plans,
+        gains and payoff are timed on that many samples: the first `deploy_batch` of the validation
+        loader (the training loader's without one; of `example_inputs` when given), repeated
+        cyclically where it holds fewer (timings depend on shapes, not values). A plan is only as
+        good as the batch it was timed at: a merge that pays at batch 1 can be slower at 16.
     latency_target: also stop, successfully, once an accepted step's latency_ratio is at most this
         (e.g. 0.7: 70% of the original's latency).
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there
@@ -510,12 +525,14 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target) -> None:
+def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target,
+                   deploy_batch) -> None:
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
         raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
-    for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, not {value}")
+    for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step),
+                        ("deploy_batch", deploy_batch)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
     if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 0):
         raise ValueError(f"max_steps must be an integer >= 0 or None, not {max_steps}")
     if mode not in MODES:
@@ -528,13 +545,14 @@ def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, 
         raise ValueError(f"latency_target must be a fraction of the original's latency in (0, 1], not {latency_target}")
 
 
-def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, **always) -> dict:
+def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
             **({"select_seed": select_seed} if select == "random" else {}),
             **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
-            **({"latency_target": latency_target} if latency_target is not None else {})}
+            **({"latency_target": latency_target} if latency_target is not None else {}),
+            **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:
@@ -554,17 +572,53 @@ def _meter_scores(meter: EntropyMeter):
                          "in place, or pass scoring='pass'") from exc
 
 
-def _example(example_inputs, loader, inputs_fn=None) -> tuple[tuple, dict]:
-    """The model's inputs for one sample, as (args, kwargs): `example_inputs` as given, else the
-    first sample of the loader's first batch."""
-    if example_inputs is not None:
-        return as_call(example_inputs)
-    batch = next(iter(loader), None)
-    if batch is None:
+def _samples(example_inputs, loader, inputs_fn, count: int) -> tuple[tuple, dict]:
+    """The model's inputs for `count` samples, as (args, kwargs): the first `count` samples of
+    `example_inputs` when given, else of the loader (as many batches as it takes), repeated
+    cyclically where there are fewer (what is timed depends on their shapes, not their values)."""
+    batches = [as_call(example_inputs)] if example_inputs is not None else _first_batches(loader, inputs_fn, count)
+    return _copied(few_samples(_concatenated(batches), count))
+
+
+def _first_batches(loader, inputs_fn, count: int) -> list:
+    """The loader's first batches, as (args, kwargs) on the CPU, until they hold `count` samples or it ends."""
+    batches, held = [], 0
+    for batch in loader:
+        batches.append(batch_inputs(batch, "cpu", inputs_fn))
+        held += batch_size(batches[-1])
+        if held >= count:
+            break
+    if not batches:
         raise ValueError("the loader yielded no batches; check the dataset is not empty")
-    args, kwargs = batch_inputs(batch, "cpu", inputs_fn)
-    first = torch.utils._pytree.tree_map(lambda t: t[:1].clone() if isinstance(t, torch.Tensor) and t.dim() else t, (args, kwargs))
-    return tuple(first[0]), dict(first[1])
+    return batches
+
+
+def _batched(value) -> bool:
+    """Whether an input has a batch dimension (dim 0); anything else is passed as it is."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0
+
+
+def _concatenated(batches: list) -> tuple[tuple, dict]:
+    """The batches' inputs as one batch (every batched input concatenated along dim 0)."""
+    def cat(first, *rest):
+        if not _batched(first) or not rest:
+            return first
+        other = next((t for t in rest if t.shape[1:] != first.shape[1:]), None)
+        if other is not None:  # (batches padded to their longest sequence)
+            raise ValueError(f"deploy_batch needs samples of one shape, but the loader's batches hold "
+                             f"{list(first.shape[1:])} and {list(other.shape[1:])}; use a validation loader whose "
+                             "first batch holds deploy_batch samples")
+        return torch.cat([first, *rest])
+    return torch.utils._pytree.tree_map(cat, batches[0], *batches[1:])
+
+
+def _copied(inputs: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The tensors of `inputs` copied out of the batch they view (which is then freed)."""
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
+
+
+def _one_sample(inputs) -> tuple[tuple, dict]:
+    return _copied(few_samples(inputs, 1))
 
 
 def _first_shape(example) -> list:

@@ -10,7 +10,8 @@ The run dict (accuracies in percent): baseline_accuracy, baseline_test_accuracy?
 accuracy, test_accuracy?, sites (execution order), linearized, stopped, mode, settings?, and
 steps: [{step, removed, entropy (site -> bits, for the sites active before the step),
 val_accuracy, test_accuracy?, accepted, seconds, latency_ratio?, latency_ms?, macs?, params?}],
-baseline_payoff? {runtime, device, example_shape, latency_ms, macs, params} and payoff? (the result's).
+deploy_batch? (the batch plans and latencies were timed at), baseline_payoff? {runtime, device,
+example_shape (at the deploy batch), latency_ms, macs, params} and payoff? (the result's).
 
 matplotlib is imported only when a plot is drawn, and only as a Figure on the Agg canvas, so
 no GUI backend is chosen and pyplot's global figure list is never touched.
@@ -197,7 +198,9 @@ def payoff_lines(before: dict | None, after: dict | None) -> list[str]:
     baseline_ms, macs, params} (both latencies from the same paired timing; none: no latency line)."""
     if not before or not after:
         return []
-    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}, input {before.get('example_shape')}"
+    shape = before.get("example_shape")
+    batch = f" at batch {shape[0]}" if shape else ""  # (dim 0 of the first input: the batch it was timed at)
+    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}, input {shape}"
     ratio = lambda a, b: f" ({a / b:.3f}x)" if b else ""  # noqa: E731
     lines = [f"latency ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
              f"{after['latency_ratio']:.3f}x the original with batch norms folded"] if after.get("latency_ratio") else []

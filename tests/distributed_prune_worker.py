@@ -34,7 +34,9 @@ def error_of(run) -> str:
 def default_loop() -> dict:
     train, val = loaders()
     # select="first": the second site (layer1_0_relu1) makes a conv chain, whose plan is timed on rank 0
-    result = ek.prune(small_model(), train, val, max_drop=100.0, max_steps=2, select="first", progress=False)
+    # (at a deploy batch of 4, which every rank's network is then built with)
+    result = ek.prune(small_model(), train, val, max_drop=100.0, max_steps=2, select="first", progress=False,
+                      deploy_batch=4)
     checksum = sum(float(p.detach().double().sum()) for p in result.model.parameters())
     return {"removed": result.linearized, "world_size": result.world_size, "accuracy": result.accuracy,
             "checksum": checksum, "recipe": ek.recipe(result.model)}

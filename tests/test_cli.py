@@ -27,6 +27,7 @@ def test_bad_shape_is_a_one_line_error_with_exit_code_2():
 
 # ---- prune and score
 
+import importlib  # noqa: E402
 import json  # noqa: E402
 
 import pytest  # noqa: E402
@@ -89,10 +90,48 @@ def test_prune_latency_aware_to_a_latency_target_prints_what_the_run_bought(tmp_
         assert ratios[-1] <= 0.97 and all(r > 0.97 for r in ratios[:-1])
     else:
         assert report["stopped"] == "reached max_steps=3" and all(r > 0.97 for r in ratios)
-    assert "latency (eager on cpu, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
+    assert "latency (eager on cpu at batch 1, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
     assert f"= {report['payoff']['latency_ratio']:.3f}x the original" in printed
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](latency.png)" in (out / "report.md").read_text()
+
+
+def test_a_run_at_a_deploy_batch_plans_reports_and_folds_at_it(tmp_path, capsys, monkeypatch):
+    planner = importlib.import_module("easier_kernels.fold.planner")
+    timed, seconds = [], planner._seconds
+
+    def recorded(module, args, runtime):  # the real timing, its input shapes recorded
+        timed.append(list(args[0].shape))
+        return seconds(module, args, runtime)
+
+    monkeypatch.setattr(planner, "_seconds", recorded)
+    out = tmp_path / "batch8"
+    # untrained, on few images; select first, two per step: the stem's relu and layer1_0_relu1, whose conv chain is planned
+    argv = ["prune", *QUICK, "--epochs", "0", "--train-size", "64", "--val-size", "32", "--max-steps", "1",
+            "--layers-per-step", "2", "--select", "first", "--out", str(out)]
+    assert cli.main([*argv, "--deploy-batch", "8"]) == 0
+    assert "latency (eager on cpu at batch 8, input [8, 1, 28, 28]): " in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["deploy_batch"] == 8 and report["settings"]["deploy_batch"] == 8
+    assert report["baseline_payoff"]["example_shape"] == [8, 1, 28, 28]
+    plans = report["recipe"]["plans"]
+    assert plans and all(p["batch"] == 8 for p in plans)
+    assert timed and all(shape[0] == 8 for shape in timed)
+    assert "at batch 8, input [8, 1, 28, 28]" in (out / "report.md").read_text()
+
+    # fold defaults to the run's deploy batch and follows the plans timed at it
+    timed.clear()
+    assert cli.main(["fold", str(out), "--device", "cpu"]) == 0
+    assert "with a batch of [8, 1, 28, 28]" in capsys.readouterr().out
+    fold = ek.recipe(ek.load_folded(out / "folded.pt", lambda: ek.models.build("resnet18", num_classes=10, in_channels=1,
+                                                                            width=0.125)))["fold"]
+    rows, fell_back = {tuple(r["layers"]): r for r in fold["decisions"]}, fold["latency"]["fallbacks"]
+    for plan in plans:
+        row = rows[tuple(plan["layers"])]
+        assert row["chain"] in fell_back or (row["choice"], row["why"]) == (plan["plan"], "planned by linearize (eager, batch 8)")
+    assert timed == []  # nothing planned again
+
+    _one_line_error(capsys, [*argv, "--deploy-batch", "4", "--resume"], "--deploy-batch 8 (now 4)")
 
 
 def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
@@ -215,6 +254,8 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--epochs-per-step", "0"], "--epochs-per-step must be >= 1"),
     (["--val-size", "0"], "--val-size must be >= 1"),
     (["--latency-target", "0"], "--latency-target must be a fraction of the original's latency in (0, 1]"),
+    (["--deploy-batch", "0"], "--deploy-batch must be >= 1, not 0"),
+    (["--deploy-batch", "-1"], "--deploy-batch must be >= 1, not -1"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--num-classes", "5"], "--num-classes 5 is fewer than the 10 classes of fashion-mnist-mini; pass at least 10"),
     (["--num-classes", "0"], "--num-classes must be >= 1"),
@@ -225,6 +266,13 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):
     _one_line_error(capsys, ["prune", *argv, "--out", str(tmp_path / "out")], match)
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_an_option_that_is_not_a_number_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:  # (argparse's own error, made one line)
+        cli.main(["prune", "--deploy-batch", "16.5", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and err.count("\n") == 0 and "argument --deploy-batch: invalid int value: '16.5'" in err
 
 
 def test_missing_empty_or_unreadable_data_is_one_line(tmp_path, capsys):

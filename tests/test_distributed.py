@@ -204,6 +204,7 @@ def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
     got = ranks[0]
     assert got["default"]["world_size"] == 2 and len(got["default"]["removed"]) == 2
     assert got["default"]["recipe"]["plans"], "no chain was planned: the plans broadcast from rank 0 went untested"
+    assert all(plan["batch"] == 4 for plan in got["default"]["recipe"]["plans"])  # timed at the deploy batch
     assert "the accuracy evaluate returned differs between ranks (rank 0: 50.0, rank 1: 51.0)" in got["evaluate"]
     assert "the ranks trained apart; wrap the model in torch.nn.parallel.DistributedDataParallel" in got["finetune"]
     # [2, 4, 6, 6] activations per rank: the conv's site counted on both ranks, the gated one on rank 0 only

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
 import easier_kernels as ek
-from easier_kernels import payoff
-from easier_kernels.prune import read_record
+from easier_kernels import checkpoints, payoff, report
+from easier_kernels.prune import Pruner, read_record
 from easier_kernels.select import choose_by_latency
 
 
@@ -188,6 +189,8 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
         ek.prune(small_model(width=0.25), train, val, max_steps=1, resume=True, **options)
     with pytest.raises(ValueError, match=r"started with max_drop=100.0 \(now 2.0\)"):
         ek.prune(small_model(), train, val, max_steps=1, resume=True, **dict(options, max_drop=2.0))
+    with pytest.raises(ValueError, match=r"started with deploy_batch=its default \(now 16\)"):  # (not recorded at 1)
+        ek.prune(small_model(), train, val, max_steps=1, resume=True, deploy_batch=16, **options)
     (tmp_path / ".step_002.pt.999.deadbeef.tmp").write_bytes(b"half a checkpoint")  # a write killed midway
     # a larger max_steps goes on from where the run stopped; the baseline is not evaluated again
     more = ek.prune(small_model(), train, val, max_steps=3, resume=True, evaluate=scripted([68.0, 67.0]), **options)
@@ -208,11 +211,15 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
     ({"select": "worst"}, "select must be one of entropy, entropy_latency, random, first, last"),
     ({"latency_target": 1.5}, r"latency_target must be a fraction of the original's latency in \(0, 1\]"),
     ({"select": "random", "seed": None}, "select='random' needs a seed or select_seed"),
+    ({"deploy_batch": 0}, "deploy_batch must be an integer >= 1, not 0"),
+    ({"deploy_batch": -1}, "deploy_batch must be an integer >= 1, not -1"),
+    ({"deploy_batch": 2.5}, "deploy_batch must be an integer >= 1, not 2.5"),
 ])
 def test_bad_options_are_clear_errors(loaders, options, message):
     train, val = loaders
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as raised:
         ek.prune(small_model(), train, val, progress=False, **options)
+    assert "\n" not in str(raised.value)
 
 
 # ---- latency-aware selection and the payoff of every step
@@ -284,3 +291,82 @@ def test_a_resumed_latency_aware_run_chooses_from_the_gains_in_its_checkpoint(lo
     assert second.removed == choose_by_latency(second.entropy, second.gains, 1) != ["layer3_0_relu1"]
     # ... and step 3 from a measurement of this process
     assert third.removed == ["layer3_0_relu1"]
+
+
+# ---- the deploy batch: plans, gains and payoff timed at the batch the model will serve at
+
+
+class Mlp(nn.Module):
+    """Three linears: linearizing an activation makes a chain whose merge the planner can choose."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(784, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.fc3(self.act2(self.fc2(self.act1(self.fc1(x.flatten(1))))))
+
+
+def layers_as_seconds(timed: list):
+    """A planner timing stand-in: a segment takes one second per layer (so a merge always wins,
+    without a clock), and the input shape of every timing is recorded in `timed`."""
+    def seconds(module, args, runtime):
+        timed.append(list(args[0].shape))
+        return float(sum(isinstance(m, nn.Linear) for m in module.modules()))
+    return seconds
+
+
+def test_plans_are_timed_at_the_deploy_batch_and_fold_follows_them(loaders, tmp_path, monkeypatch):
+    planner = importlib.import_module("easier_kernels.fold.planner")
+    timed = []
+    monkeypatch.setattr(planner, "_seconds", layers_as_seconds(timed))
+    train, val = loaders
+    options = dict(max_drop=100.0, scoring="pass", finetune=lambda net, step: None, evaluate=lambda net: 50.0,
+                   progress=False, checkpoint_dir=tmp_path)
+    result = ek.prune(Mlp(), train, val, max_steps=1, deploy_batch=16, **options)
+    plans = ek.recipe(result.model)["plans"]
+    assert plans and all(p["batch"] == 16 and p["plan"].startswith("merge") for p in plans)
+    assert timed and all(shape[0] == 16 for shape in timed)  # every plan timing at the deploy batch
+    assert result.deploy_batch == 16 and result.settings["deploy_batch"] == 16
+    assert result.baseline_payoff["example_shape"] == [16, 1, 28, 28]
+    assert result.example_shape == (1, 1, 28, 28)  # captured with one sample
+    # the report and the summary say at which batch the latency was measured
+    record = result.to_dict()
+    assert record["deploy_batch"] == 16 and record["baseline_payoff"]["example_shape"] == [16, 1, 28, 28]
+    assert "latency (eager on cpu at batch 16, input [16, 1, 28, 28]): " in report.summary(record)
+
+    # folding at the deploy batch follows the recorded plans, timing none again
+    x = next(iter(val))[0][:16]
+    timed.clear()
+    folded = ek.fold(result.model, x, check=False)
+    rows = ek.recipe(folded)["fold"]["decisions"]
+    assert {tuple(r["layers"]): r["choice"] for r in rows} == {tuple(p["layers"]): p["plan"] for p in plans}
+    assert all(r["why"] == "planned by linearize (eager, batch 16)" and r["input"][0] == 16 for r in rows)
+    assert timed == []
+
+    # a resume with another deploy batch is refused; with the same one it goes on at that batch
+    for other, shown in ((4, "deploy_batch=16 (now 4)"), (1, "deploy_batch=16 (now its default)")):
+        with pytest.raises(ValueError, match=re.escape(f"started with {shown}")):
+            ek.prune(Mlp(), train, val, max_steps=2, deploy_batch=other, resume=True, **options)
+    rebuilt = Pruner(Mlp(), train, val, deploy_batch=16, **{k: v for k, v in options.items() if k != "checkpoint_dir"})
+    rebuilt.load_state_dict(checkpoints.read(tmp_path / "step_001.pt")["state"])
+    assert ek.recipe(rebuilt.current) == ek.recipe(result.model)  # the recorded plans, nothing timed again
+    assert timed == []
+    more = ek.prune(Mlp(), train, val, max_steps=2, deploy_batch=16, resume=True, **options)
+    assert more.history[0] == result.history[0] and len(more.history) == 2
+    assert all(p["batch"] == 16 for p in ek.recipe(more.model)["plans"]) and timed
+    assert all(shape[0] == 16 for shape in timed)
+
+
+def test_the_deploy_batch_is_the_first_samples_of_the_validation_loader(splits):
+    images = torch.stack([splits.val[i][0] for i in range(20)])
+    train = DataLoader(Subset(splits.train, range(64)), batch_size=64)
+    small_batches = DataLoader(Subset(splits.val, range(20)), batch_size=6)  # 16 samples take three batches
+    loop = Pruner(Mlp(), train, small_batches, deploy_batch=16)
+    assert torch.equal(loop.deploy_example[0][0], images[:16]) and torch.equal(loop.example[0][0], images[:1])
+    few = DataLoader(Subset(splits.val, range(5)), batch_size=4)  # fewer samples than the batch: repeated
+    assert torch.equal(Pruner(Mlp(), train, few, deploy_batch=12).deploy_example[0][0], images[torch.arange(12) % 5])
+    given = Pruner(Mlp(), train, few, deploy_batch=3, example_inputs=images[7:9])  # or drawn from example_inputs
+    assert torch.equal(given.deploy_example[0][0], images[[7, 8, 7]]) and torch.equal(given.example[0][0], images[7:9])

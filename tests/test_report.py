@@ -121,8 +121,8 @@ def test_summary_says_what_the_run_bought():
     assert lines[0] == ("removed 5 of 17 activation layers; validation accuracy 90.40% (baseline 91.30%, drop 0.90 "
                         "points); test 89.90% (baseline 90.80%)")
     assert lines[1] == "stopped: validation accuracy 89.9 < 90.3 (baseline 91.3 - max_drop 1.0); one process"
-    assert lines[2] == ("latency (eager on cpu, input [1, 3, 32, 32]): 2.000 ms -> 1.200 ms = 0.600x the original with "
-                        "batch norms folded")
+    assert lines[2] == ("latency (eager on cpu at batch 1, input [1, 3, 32, 32]): 2.000 ms -> 1.200 ms = 0.600x the "
+                        "original with batch norms folded")
     assert lines[3].startswith("MACs: 5.00M -> 4.60M")
     old = make_run()
     del old["baseline_payoff"], old["payoff"]  # a report of a run from before the payoff was measured

@@ -154,7 +154,7 @@ def _decide(gm, chain: Chain, values: dict, decide, planned: dict, runtime: str,
                "(dilation, padding mode, or more than twice the work)" if not whole
                else "decide='merge', but merging is not exact here (allow_inexact=False)")
     elif plan is not None and _fits(plan["plan"], options, n, allowed):
-        choice, why = plan["plan"], f"planned by linearize ({runtime})"
+        choice, why = plan["plan"], f"planned by linearize ({runtime}{_at_batch(plan)})"
         times = {k: v / 1e3 for k, v in plan["candidates_ms"].items()}
     else:
         choice, times = best_plan(gm, chain, options, values, runtime, allowed)
@@ -189,6 +189,11 @@ def _cannot_fold(gm: fx.GraphModule) -> list[dict]:
                      "input": list(shape_of(node) or ()), "candidates_ms": {}, "border_error": {}, "choice": CANNOT_FOLD,
                      "why": why})
     return rows
+
+
+def _at_batch(plan: dict) -> str:
+    """", batch N" for a plan that records the batch it was timed at (plans before that do not)."""
+    return f", batch {plan['batch']}" if "batch" in plan else ""
 
 
 def _fits(label: str, options: dict, n: int, allowed) -> bool:

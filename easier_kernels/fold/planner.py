@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import runtimes
+from ..capture import batch_size
 from ..timing import median_seconds
 from .blocks import fused_pattern
 from .chains import Chain, act_spec, find_chains, fold_batch_norms
@@ -158,7 +159,8 @@ def chain_values(gm: fx.GraphModule, chains: list[Chain], args: tuple) -> dict:
 def plan_chains(gm: fx.GraphModule, args: tuple, *, runtime: str, known: list[dict]) -> list[dict]:
     """One plan record per chain of the trainable network `gm` (its batch norms are folded in an
     eval copy first): chains in `known` (same layers) keep their record; the others get the
-    fastest plan (`best_plan`), each merge timed in the padding layout it needs."""
+    fastest plan (`best_plan`), each merge timed in the padding layout it needs, on `args` (the
+    record says at which batch)."""
     net = copy.deepcopy(gm).eval()
     net.requires_grad_(False)
     fold_batch_norms(net, args)
@@ -174,6 +176,6 @@ def plan_chains(gm: fx.GraphModule, args: tuple, *, runtime: str, known: list[di
         options = segment_options(net, chain, layers, values, fused=not runtimes.standard_only(runtime), move=True)
         with torch.no_grad():
             choice, times = best_plan(net, chain, options, values, runtime)
-        records.append({"layers": chain.targets, "plan": choice, "runtime": runtime,
+        records.append({"layers": chain.targets, "plan": choice, "runtime": runtime, "batch": batch_size(args),
                         "candidates_ms": {k: round(v * 1e3, 4) for k, v in times.items()}})
     return records

@@ -6,6 +6,9 @@ a device copy (`y.copy_(x)`, its GB/s counting the bytes it reads: numel * items
 
 On CUDA the real-network shapes (33-154 MB) partly fit in an H100's 50 MB L2 cache when the same
 tensor is read back to back; the 256 MiB case does not, so it is the one to read for bandwidth.
+On the CPU the same holds for the 32 MiB L3 of the machine in bench/RESULTS.md: `test_count_on_dram`
+(128 MiB) is the case that streams from DRAM (target >= 0.9x torch.sum), timed on every
+instruction set the CPU has (`ops.use_cpu_isa`), so an AVX-512 machine also reports the AVX2 path.
 EK_BENCH_QUICK=1 keeps four of the shapes.
 """
 
@@ -20,6 +23,7 @@ from easier_kernels.benchmark import SHAPES, gbps, make_input, reduce_dims
 QUICK = os.environ.get("EK_BENCH_QUICK", "0") == "1"
 QUICK_SHAPES = ("resnet18-cifar-s1", "resnet18-cifar-s1-cl", "mobilenetv2-224-expand112", "vit-b16-mlp")
 BANDWIDTH_SHAPE = (64, 256, 64, 64)  # 2^26 float32 elements: 256 MiB
+DRAM_SHAPE = (128, 256, 32, 32)  # 2^25 float32 elements: 128 MiB
 
 
 def counter(x, cdim, device, impl):
@@ -60,6 +64,39 @@ def test_count_on(measure, shape, device, impl):
     if device == "cuda":  # the copy's read bandwidth: it reads x's bytes once (and writes as many)
         row["bandwidth / copy read's"] = times["copy"] / times["self"]
     measure.record(row)
+
+
+def on_isa(fn, isa):
+    """fn with the cpp kernels forced to one instruction set."""
+
+    def run():
+        with ops.use_cpu_isa(isa):
+            return fn()
+
+    return run
+
+
+def test_count_on_dram(measure, device, impl):
+    """The CPU's DRAM case: one float32 tensor of 128 MiB, 4x this machine's L3; the cpp backend
+    also on each instruction set the CPU has."""
+    if device != "cpu":
+        pytest.skip("the GPU's case is test_count_on_bandwidth")
+    x = torch.randn(DRAM_SHAPE, generator=torch.Generator().manual_seed(0))
+    fn = counter(x, 1, device, impl)
+    isas = ops.cpu_isas() if impl == "cpp" else []
+    others = {"sum": lambda: x.sum(), **{isa: on_isa(fn, isa) for isa in isas}}
+    times = measure(fn, device, group=f"count_on 128 MiB {device}", name=impl, others=others)
+    if times is None:
+        return
+    measure.record({
+        "device": device,
+        "shape": f"{tuple(x.shape)} float32, {x.numel() * x.element_size() / 2**20:.0f} MiB",
+        "ms": times["self"] * 1e3,
+        "GB/s": gbps(x, times["self"]),
+        "torch.sum GB/s": gbps(x, times["sum"]),
+        "bandwidth / torch.sum's": times["sum"] / times["self"],
+        "per ISA, bandwidth / torch.sum's": ", ".join(f"{isa} {times['sum'] / times[isa]:.2f}" for isa in isas) or "-",
+    })
 
 
 @pytest.mark.gpu

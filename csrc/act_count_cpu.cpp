@@ -39,8 +39,10 @@ template <typename T, int KIND>
 void apply_special_rule(const T* x, T* y, int64_t n, double param) {
   using E = Elem<T>;
   using compute_t = typename E::compute_t;
+  const Raw<T>* xs = raw(x);
+  Raw<T>* ys = raw(y);
   for (int64_t i = 0; i < n; ++i) {
-    if (E::special(x[i])) y[i] = E::store(activation<KIND>(E::load(x[i]), static_cast<compute_t>(param)));
+    if (E::special(xs[i])) ys[i] = E::store(activation<KIND>(E::load(xs[i]), static_cast<compute_t>(param)));
   }
 }
 

@@ -6,7 +6,8 @@ conv_block.py): ops registered natively (schemas and C++/CUDA kernels in csrc/, 
 
 Both read x once. NaN is neither on nor off: pass `nan_counts=` (an int64 [C] tensor) to
 accumulate NaNs per channel without a device sync; without it a NaN raises ValueError.
-The backend (reference / cpp / triton / cuda) is chosen in `backends.py`.
+The backend (reference / cpp / triton / cuda), and the cpp kernels' instruction set
+(`use_cpu_isa`), are chosen in `backends.py`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import kinds
-from .backends import BACKENDS, available_backends, kernels_for, use_backend
+from .backends import BACKENDS, available_backends, cpu_isa, cpu_isas, kernels_for, use_backend, use_cpu_isa
 
-__all__ = ["count_on", "act_count", "act_count_resolved", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS"]
+__all__ = ["count_on", "act_count", "act_count_resolved", "conv_block", "available_backends", "use_backend", "BACKENDS", "KINDS",
+           "cpu_isas", "cpu_isa", "use_cpu_isa"]
 
 KINDS = kinds.KINDS
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -3,6 +3,10 @@
 Order of precedence: `use_backend(name)` (a context manager), then the environment variable
 EASIER_KERNELS_BACKEND (read once, when easier_kernels is imported), then the fastest available
 for the tensor's device.
+
+The cpp backend's counting kernels (count_on, act_count) are compiled for several instruction
+sets and run the best this CPU has; `use_cpu_isa(name)` or EASIER_KERNELS_CPU_ISA (read once, by
+the extension) forces one, e.g. to check that each gives the same counts.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 ENV_VAR = "EASIER_KERNELS_BACKEND"
+CPU_ISAS = ("default", "avx2", "avx512")  # baseline first; avx512 means AVX-512 F, BW, DQ and VL
+CPU_ISA_ENV_VAR = "EASIER_KERNELS_CPU_ISA"
 
 # Fastest first, per device type; anything not listed for a device falls back to `reference`.
 # CUDA: no GPU has measured triton against cuda yet (bench/RESULTS.md), so the default is the one
@@ -82,6 +88,41 @@ def use_backend(name: str):
         yield
     finally:
         _forced = previous
+
+
+def cpu_isas() -> list[str]:
+    """Instruction sets the cpp counting kernels can run with on this CPU, baseline first, e.g.
+    ['default', 'avx2', 'avx512']; empty without the native extension."""
+    ext = native_extension()
+    return list(ext.cpu_isas()) if ext is not None else []
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the cpp counting kernels run with now (None without the extension)."""
+    ext = native_extension()
+    return ext.cpu_isa() if ext is not None else None
+
+
+_forced_isa: str | None = None
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """Run the cpp counting kernels with one instruction set inside a `with` block:
+    `with ek.ops.use_cpu_isa("avx2"): ...`. Process-wide; the counts are the same on every ISA."""
+    global _forced_isa
+    if name not in CPU_ISAS:
+        raise ValueError(f"unknown CPU ISA {name!r}; use one of {', '.join(CPU_ISAS)}")
+    if name not in cpu_isas():
+        raise ValueError(f"CPU ISA {name!r} is not available here; available: {cpu_isas()}")
+    ext = native_extension()
+    previous, _forced_isa = _forced_isa, name
+    ext.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _forced_isa = previous
+        ext.set_cpu_isa(previous or "")
 
 
 def backend_name(device: torch.device) -> str:

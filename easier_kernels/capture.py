@@ -34,9 +34,10 @@ from . import activations as acts
 
 __all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
            "model_device", "eval_mode", "buffers_kept", "rng_kept", "batch_size", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
-           "logits_of", "default_loss", "CAPTURE_KEY"]
+           "logits_of", "default_loss", "record_shapes", "shapes_recorded", "CAPTURE_KEY"]
 
 CAPTURE_KEY = "ek_capture"  # gm.meta: how the graph was captured and the declared activations
+SHAPES_KEY = "ek_shapes_of"  # gm.meta: the inputs (`example_spec`) node.meta["ek_shape"] were recorded on
 
 
 # ---- inputs
@@ -281,6 +282,7 @@ def capture(model: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     if isinstance(model, fx.GraphModule):
         gm = fx.GraphModule(model, copy.deepcopy(model.graph), model.__class__.__name__)
         gm.meta.update(copy.deepcopy(model.meta))
+        gm.meta.pop(SHAPES_KEY, None)  # (the graph may have been edited since: shapes are recorded again)
         _copy_specs(model, gm)
         gm.training = model.training
         return gm
@@ -315,23 +317,30 @@ def _fx(model: nn.Module, leaves: _Leaves, example_inputs) -> tuple[fx.GraphModu
     return gm, None
 
 
+@contextmanager
+def _untouched(model: nn.Module):
+    """No gradients; the model's buffers, Python caches and every random stream as before after the block."""
+    kept = _python_state(model)
+    try:
+        with torch.no_grad(), buffers_kept(model), rng_kept():
+            yield
+    finally:
+        _restore_python_state(kept)
+
+
 def _model_outputs(model: nn.Module, example_inputs) -> tuple[object, tuple[tuple, dict]]:
     """(the model's outputs, the inputs it ran on): two samples of the example where the model
-    runs on them (`on_few_samples`), in its own mode, with random seed 0; no state changes. A
-    model that fails on its own example is a TypeError."""
+    runs on them (`on_few_samples`), in its own mode, with random seed 0. A model that fails on
+    its own example is a TypeError."""
     def run(example):
         torch.manual_seed(0)
         return call(model, example), example
 
-    kept = _python_state(model)
     try:
-        with torch.no_grad(), buffers_kept(model), rng_kept():
-            return on_few_samples(run, example_inputs)
+        return on_few_samples(run, example_inputs)
     except Exception as exc:
         raise TypeError(f"{type(model).__name__} fails on the example inputs ({_first_line(exc)}); pass inputs it runs "
                         "on (a batch as the loader yields it: float images, int64 token ids)") from exc
-    finally:
-        _restore_python_state(kept)
 
 
 def _python_state(model: nn.Module) -> list:
@@ -347,17 +356,15 @@ def _restore_python_state(kept: list) -> None:
 
 def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None:
     """Why `gm` is not `model` on (two samples of) the example, in the mode the model is in (the
-    same random numbers for both; buffers, caches and random streams as before after), or None."""
-    expected, example = _model_outputs(model, example_inputs)
-    kept = _python_state(model)
-    try:
-        with torch.no_grad(), buffers_kept(model), rng_kept():
-            torch.manual_seed(0)
-            got = call(gm, example)
-    except Exception as exc:
-        return f"it fails with {_first_line(exc)}"
-    finally:
-        _restore_python_state(kept)
+    same random numbers for both; buffers, caches and random streams as before after), or None.
+    The graph's run records its node shapes (`record_shapes`): one run serves both."""
+    with _untouched(model):
+        expected, example = _model_outputs(model, example_inputs)
+        torch.manual_seed(0)
+        try:
+            got = _recorded_run(gm, example)
+        except Exception as exc:
+            return f"it fails with {_first_line(exc)}"
     expected, got = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
     pairs = [(e, g) for e, g in zip(expected, got) if isinstance(e, torch.Tensor)]
     if len(expected) != len(got) or any(not isinstance(g, torch.Tensor) or g.shape != e.shape for e, g in pairs):
@@ -368,6 +375,40 @@ def _differs(model: nn.Module, gm: fx.GraphModule, example_inputs) -> str | None
         if e.is_floating_point() and not torch.allclose(g, e, rtol=1e-4, atol=1e-5 * max(scale, 1.0), equal_nan=True):
             return "other values"
     return None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n):
+        out = super().run_node(n)
+        n.meta["ek_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        return out
+
+
+def _recorded_run(gm: fx.GraphModule, inputs):
+    """gm's outputs on `inputs`, every node's output shape kept in `node.meta["ek_shape"]` (None
+    for non-tensors; copies of the graph keep it) and the inputs they came from in the graph's
+    meta (`shapes_recorded`). A graph whose inputs cannot all be passed by position just runs."""
+    try:
+        args = positional(gm, inputs)
+    except TypeError:
+        return call(gm, inputs)
+    out = _ShapeRecorder(gm).run(*args)
+    gm.meta[SHAPES_KEY] = example_spec(args)
+    return out
+
+
+def record_shapes(gm: fx.GraphModule, args: tuple):
+    """Runs `gm` on positional `args` once (eval mode, no gradients, random streams as before
+    after), keeping every node's output shape in `node.meta["ek_shape"]`. Returns the outputs."""
+    with torch.no_grad(), eval_mode(gm), rng_kept():
+        return _recorded_run(gm, args)
+
+
+def shapes_recorded(gm: fx.GraphModule, args: tuple) -> bool:
+    """Whether every node of `gm` holds its shape on inputs of the shapes of positional `args`
+    (recorded by `record_shapes` or by the capture check, on this very graph)."""
+    return (gm.meta.get(SHAPES_KEY) == example_spec(args)
+            and all("ek_shape" in n.meta for n in gm.graph.nodes if n.op != "output"))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -431,7 +472,7 @@ _KEPT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Ba
 
 
 def _export(model: nn.Module, example_inputs, leaves: _Leaves, fx_failure: str) -> fx.GraphModule:
-    with eval_mode(model), _no_cache(model):
+    with eval_mode(model), _no_cache(model), _untouched(model):
         _, (args, kwargs) = _model_outputs(model, example_inputs)
     try:
         with torch.no_grad(), eval_mode(model), _no_cache(model):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import activations as acts
 from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
-from .capture import CAPTURE_KEY, capture, eval_mode, on_few_samples, positional, rng_kept
+from .capture import CAPTURE_KEY, capture, eval_mode, few_samples, on_few_samples, positional, record_shapes, shapes_recorded
 
 __all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "record_shapes", "select", "instrument", "eval_mode", "linearized",
            "recipe", "declared_activations"]
@@ -271,21 +271,6 @@ def sites_of(gm: fx.GraphModule, require: bool = False) -> list[Site]:
     return sites
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def run_node(self, n):
-        out = super().run_node(n)
-        n.meta["ek_shape"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-        return out
-
-
-def record_shapes(gm: fx.GraphModule, args: tuple):
-    """Runs `gm` on positional `args` once (eval mode, no gradients, random streams as before
-    after), keeping every node's output shape in `node.meta["ek_shape"]` (None for non-tensors;
-    copies of the graph keep it). Returns the outputs."""
-    with torch.no_grad(), eval_mode(gm), rng_kept():
-        return _ShapeRecorder(gm).run(*args)
-
-
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
     """Runs `gm` once on two samples of `example_inputs` (`capture.on_few_samples`; eval mode, no
     gradients: no state changes), recording every node's output shape (`node.meta["ek_shape"]`,
@@ -293,14 +278,23 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
     inside leaf modules, by path."""
     table, leaf_shapes = declared_activations(gm), {}
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    handles = [m.register_forward_pre_hook(_record_shape(leaf_shapes, path)) for path, m in gm.named_modules()
-               if path not in called and acts.module_kind(m, table) is not None]
+    leaf_activations = [(path, m) for path, m in gm.named_modules() if path not in called and acts.module_kind(m, table) is not None]
+    if not leaf_activations and _recorded(gm, example_inputs):
+        return leaf_shapes  # (capture's check ran this graph on these inputs)
+    handles = [m.register_forward_pre_hook(_record_shape(leaf_shapes, path)) for path, m in leaf_activations]
     try:
         on_few_samples(lambda inputs: record_shapes(gm, positional(gm, inputs)), example_inputs)
     finally:
         for h in handles:
             h.remove()
     return leaf_shapes
+
+
+def _recorded(gm: fx.GraphModule, example_inputs) -> bool:
+    try:
+        return shapes_recorded(gm, positional(gm, few_samples(example_inputs)))
+    except TypeError:
+        return False
 
 
 def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | None = None,

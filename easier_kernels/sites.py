@@ -291,6 +291,7 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> dict[str, tuple]:
 
 
 def _recorded(gm: fx.GraphModule, example_inputs) -> bool:
+    """Whether `gm` holds its shapes on two samples of `example_inputs` already."""
     try:
         return shapes_recorded(gm, positional(gm, few_samples(example_inputs)))
     except TypeError:
@@ -303,9 +304,9 @@ def find_sites(model: nn.Module, example_inputs, *, leaf_modules: Iterable | Non
 
     example_inputs: a tensor, a tuple of positional inputs, a dict of keyword inputs (or
     ((args...), {kwargs})); the model runs on two samples of them (`capture.few_samples`),
-    without gradients, state changes or random numbers drawn. leaf_modules: module paths or types not to trace into (their activation
-    modules become one site each). activations: your own activation modules, {MyAct: "gelu_tanh"}
-    (see `easier_kernels.activations`).
+    without gradients, state changes or random numbers drawn. leaf_modules: module paths or types
+    not to trace into (their activation modules become one site each). activations: your own
+    activation modules, {MyAct: "gelu_tanh"} (see `easier_kernels.activations`).
     """
     gm = capture(model, example_inputs, leaf_modules=leaf_modules, activations=activations)
     return measured_sites(gm, example_inputs, require=True)

@@ -89,6 +89,22 @@ def test_a_lone_nan_and_inf_are_counted_wherever_they_sit(isa):
             assert int(nans.sum()) == 1
 
 
+def test_tensors_past_the_cache_size_take_the_prefetching_path_exactly(isa):
+    """A tensor over 16 MiB (counting_cpu.h's kCachedBytes) is counted with prefetches ahead of
+    the runs: the same counts, NaNs and relu y as the reference, specials near both ends."""
+    x = torch.randn(2, 33, 256, 260, generator=torch.Generator().manual_seed(5))  # 17.4 MB float32
+    memory = x.view(-1)
+    memory[[0, 1000, memory.numel() // 2, memory.numel() - 1]] = torch.tensor([float("nan"), -0.0, float("inf"), float("nan")])
+    assert x.numel() * x.element_size() > 16 << 20
+    counts, nans = counts_with("cpp", x, 1)
+    expected, expected_nans = counts_with("reference", x, 1)
+    assert torch.equal(counts, expected) and torch.equal(nans, expected_nans) and int(nans.sum()) == 2
+    y, counts, nans = act_count_with("cpp", x, 1, "relu", {})
+    y_ref, counts_ref, nans_ref = act_count_with("reference", x, 1, "relu", {})
+    assert torch.equal(counts, counts_ref) and torch.equal(nans, nans_ref)
+    assert_bitwise_equal(y, y_ref)
+
+
 # The kinds computed inside the counting loop (exact against the reference) and gelu, whose y
 # comes from ATen chunk by chunk after counting (its counts and special-value patch are ours).
 EXACT_KINDS = [("relu", {}), ("relu6", {}), ("leaky_relu", {"negative_slope": 0.1})]

@@ -66,6 +66,18 @@ def test_count_on(measure, shape, device, impl):
     measure.record(row)
 
 
+def large_tensor_row(device, x, times) -> dict:
+    """What the one-large-tensor cases report: GB/s of ours and of torch.sum, and their ratio."""
+    return {
+        "device": device,
+        "shape": f"{tuple(x.shape)} float32, {x.numel() * x.element_size() / 2**20:.0f} MiB",
+        "ms": times["self"] * 1e3,
+        "GB/s": gbps(x, times["self"]),
+        "torch.sum GB/s": gbps(x, times["sum"]),
+        "bandwidth / torch.sum's": times["sum"] / times["self"],
+    }
+
+
 def on_isa(fn, isa):
     """fn with the cpp kernels forced to one instruction set."""
 
@@ -89,12 +101,7 @@ def test_count_on_dram(measure, device, impl):
     if times is None:
         return
     measure.record({
-        "device": device,
-        "shape": f"{tuple(x.shape)} float32, {x.numel() * x.element_size() / 2**20:.0f} MiB",
-        "ms": times["self"] * 1e3,
-        "GB/s": gbps(x, times["self"]),
-        "torch.sum GB/s": gbps(x, times["sum"]),
-        "bandwidth / torch.sum's": times["sum"] / times["self"],
+        **large_tensor_row(device, x, times),
         "per ISA, bandwidth / torch.sum's": ", ".join(f"{isa} {times['sum'] / times[isa]:.2f}" for isa in isas) or "-",
     })
 
@@ -111,12 +118,7 @@ def test_count_on_bandwidth(measure, device, impl):
     if times is None:
         return
     measure.record({
-        "device": device,
-        "shape": f"{tuple(x.shape)} float32, {x.numel() * x.element_size() / 2**20:.0f} MiB",
-        "ms": times["self"] * 1e3,
-        "GB/s": gbps(x, times["self"]),
-        "torch.sum GB/s": gbps(x, times["sum"]),
+        **large_tensor_row(device, x, times),
         "copy read GB/s": gbps(x, times["copy"]),
-        "bandwidth / torch.sum's": times["sum"] / times["self"],
         "bandwidth / copy read's": times["copy"] / times["self"],
     })

@@ -161,7 +161,7 @@ def main(argv=None) -> int:
         if limit is not None and ratio > limit:
             q1, ratio, q3 = measure(name, rounds_factor=2)  # a second look, longer, before failing
         verdict = "recorded" if args.record else "new" if limit is None else "ok" if ratio <= limit else "FAIL"
-        measured[name] = {"ratio": round(ratio, 3), "what": PATHS[name].__doc__.split("\n\n")[0].replace("\n", " ").strip()}
+        measured[name] = {"ratio": round(ratio, 3), "what": " ".join(PATHS[name].__doc__.split())}
         shown = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         print(f"{name:<22} {ratio:.3f} ({q1:.2f}-{q3:.2f}){'':<10} {shown(recorded.get(name, {}).get('ratio')):>9} "
               f"{shown(limit):>7}  {verdict}", flush=True)

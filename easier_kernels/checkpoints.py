@@ -70,12 +70,13 @@ class CheckpointFolder:
             raise CheckpointError(f"{self.folder} already holds a run ({checkpoints[-1].name}); pass resume=True to continue "
                              "it, or choose another folder")
         unreadable = []
-        for path in reversed(checkpoints):
+        for left, path in reversed(list(enumerate(checkpoints))):  # left: how many earlier ones remain
             try:
                 saved = _complete(read(path), path)
             except ValueError as exc:
                 unreadable.append(path.name)
-                warnings.warn(f"skipping unreadable checkpoint {path} ({exc}); resuming from an earlier one", stacklevel=4)
+                then = "trying the one before it" if left else "no earlier checkpoint is left"
+                warnings.warn(f"skipping unreadable checkpoint {path} ({exc}); {then}", stacklevel=4)
                 continue
             self._check_matches(saved)
             return saved["state"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -21,7 +22,7 @@ import torch
 
 from .distributed import DEFAULT_TIMEOUT
 from .export import FORMATS
-from .files import atomic_write
+from .files import atomic_write, unwritable
 from .linearize import PLAN
 from .runtimes import RUNTIMES
 
@@ -29,6 +30,9 @@ PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width":
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
                   "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1}
+# what `prune --out` writes: fold and export never replace these (nor anything in checkpoints/)
+RUN_FILES = ("run.json", "baseline.pt", "pruned.pt", "report.json", "report.md", "entropy.png", "accuracy.png",
+             "latency.png")
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out", "dist_timeout")
 
@@ -40,6 +44,17 @@ class UsageError(Exception):
 class LostRank(UsageError):
     """Another rank died or hangs: printed as one line, then the process ends at once (exit code 2):
     an orderly shutdown can wait forever on the lost rank's connections."""
+
+
+def _finite(text: str) -> float:
+    """argparse type of every float option: nan and inf are not values any option takes."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_finite.__name__ = "finite number"  # (what argparse names in "invalid finite number value: 'nan'")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,13 +91,32 @@ def _cmd_prune(args) -> int:
 
 def _prune(args, device) -> int:
     from . import distributed, report
-    from .checkpoints import CheckpointError
-    from .prune import prune as run_prune
 
     settings = {k: v for k, v in vars(args).items() if k not in RESUMABLE and k not in ("func", "command")}
     out = Path(args.out)
     main = distributed.is_main()
+    existed = out.exists()
     resuming = distributed.from_main(lambda: _check_out(out, settings, args.resume))
+    try:
+        result = _run(args, device, out, settings, resuming)
+    except Exception:  # (not an interrupt: what it leaves, --resume continues)
+        if main and not resuming:
+            _undo_start(out, existed)
+        raise
+    if main:
+        print("\n" + report.summary(result.to_dict()))
+        print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
+              "checkpoints/")
+    return 0
+
+
+def _run(args, device, out: Path, settings: dict, resuming: bool):
+    """The run in `out`: data, model, baseline, the loop; its files written on rank 0."""
+    from . import distributed, report
+    from .checkpoints import CheckpointError
+    from .prune import prune as run_prune
+
+    main = distributed.is_main()
     splits, model, trained = _data_and_model(args)
     if not resuming and main:
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
@@ -109,11 +143,21 @@ def _prune(args, device) -> int:
                            latency_target=args.latency_target, deploy_batch=args.deploy_batch)
     except CheckpointError as exc:  # (a corrupt latest checkpoint is skipped with a warning; none readable ends here)
         raise UsageError(str(exc)) from None
-    if main:
-        print("\n" + report.summary(result.to_dict()))
-        print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
-              "checkpoints/")
-    return 0
+    return result
+
+
+def _undo_start(out: Path, existed: bool) -> None:
+    """A fresh run failed before its first checkpoint: its run.json (and the folder it made) go,
+    so that a corrected rerun starts there. A trained baseline stays, with the run.json it belongs
+    to: `--resume` continues from it."""
+    if (out / "baseline.pt").exists() or any((out / "checkpoints").glob("step_*.pt")):
+        return
+    (out / "run.json").unlink(missing_ok=True)
+    for folder in (out / "checkpoints", *(() if existed else (out,))):
+        try:
+            folder.rmdir()  # (only where empty)
+        except OSError:
+            pass
 
 
 def _check_out(out: Path, settings: dict, resume: bool) -> bool:
@@ -122,6 +166,13 @@ def _check_out(out: Path, settings: dict, resume: bool) -> bool:
     record = out / "run.json"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder")
+    if resume and not record.exists():
+        raise UsageError(f"--resume: {out} holds no run to continue (no {record.name} there); check --out, or leave out "
+                         "--resume to start a run")
+    for folder in (out, out / "checkpoints"):
+        if (denied := unwritable(folder)) is not None:
+            raise UsageError(f"--out {out}: cannot write in {denied} (permission denied or read-only); choose a folder "
+                             "you can write to")
     if record.exists():
         try:
             previous = json.loads(record.read_text())["settings"]
@@ -316,12 +367,17 @@ def _read_baseline(path: Path) -> dict | None:
 
 # ---- score
 
+def _source(path_arg: str) -> Path:
+    """The pruned.pt that `score`, `fold` and `export` read: a run folder's, or the file given."""
+    path = Path(path_arg)
+    return path / "pruned.pt" if path.is_dir() else path
+
+
 def _load_run(path_arg: str, what: str):
     """(pruned.pt path, the run's CLI settings, its PruneResult) from a run folder or its pruned.pt."""
     from .prune import load, read_record
 
-    path = Path(path_arg)
-    path = path / "pruned.pt" if path.is_dir() else path
+    path = _source(path_arg)
     try:
         settings = read_record(path).get("settings", {})
     except (ValueError, FileNotFoundError) as exc:
@@ -401,11 +457,38 @@ def _folded(args, what: str):
     return path, settings, folded, example
 
 
+def _output(args, default: str) -> Path:
+    """Where `fold` / `export` write, checked before any work: never a run's own file or the file
+    read, an existing file only with --force, in a folder this process can write in."""
+    source = _source(args.path)
+    out = Path(args.out) if args.out else source.with_name(default)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; pass the path of the file to write")
+    if out.resolve() == source.resolve() or _run_file(out):
+        raise UsageError(f"{out} is a run folder's own file (prune wrote it; never replaced, even with --force); pass --out "
+                         "another path")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to replace it, or --out another path")
+    if (denied := unwritable(out)) is not None:
+        raise UsageError(f"cannot write {out}: {denied} is not writable (permission denied or read-only); pass --out "
+                         "a path you can write to")
+    return out
+
+
+def _run_file(path: Path) -> bool:
+    """Whether `path` is a file `prune --out` wrote (or would write) in a run folder."""
+    path = path.resolve()
+    folder = path.parent
+    if folder.name == "checkpoints" and (folder.parent / "run.json").exists():
+        return True
+    return (folder / "run.json").exists() and path.name in RUN_FILES
+
+
 def _cmd_fold(args) -> int:
     from .export import save_folded
 
-    path, settings, folded, _ = _folded(args, "fold")
-    out = Path(args.out) if args.out else path.with_name("folded.pt")
+    out = _output(args, "folded.pt")
+    _, settings, folded, _ = _folded(args, "fold")
     save_folded(folded, out)
     print(f"saved {out} (load it with ek.load_folded(path, model_fn), model_fn building the unpruned {settings['model']})")
     return 0
@@ -416,8 +499,8 @@ def _cmd_export(args) -> int:
 
     args.runtime = args.runtime or ("onnxruntime" if args.format == "onnx" else "eager")
     args.portable = True
-    path, _, folded, example = _folded(args, "export")
-    out = Path(args.out) if args.out else path.with_name(f"model.{args.format}")
+    out = _output(args, f"model.{args.format}")
+    _, _, folded, example = _folded(args, "export")
     try:
         written = export(folded, example, out, format=args.format)
     except ImportError as exc:
@@ -478,12 +561,12 @@ def _parser() -> argparse.ArgumentParser:
                        "trained for --epochs)")
     prune.add_argument("--num-classes", type=int, help="the model's classes (default: the dataset's)")
     prune.add_argument("--image-size", type=int, help="imagefolder: the side of the square crops (default 224)")
-    prune.add_argument("--width", type=float, default=d["width"], help="channel width multiplier of the paper models")
+    prune.add_argument("--width", type=_finite, default=d["width"], help="channel width multiplier of the paper models")
     prune.add_argument("--epochs", type=int, default=d["epochs"], help="baseline training epochs (none with "
                        "--weights, unless its head was replaced)")
     prune.add_argument("--epochs-per-step", type=int, default=d["epochs_per_step"], help="fine-tuning epochs per step")
     prune.add_argument("--max-steps", type=int, help="stop after this many steps (default: until the accuracy drops)")
-    prune.add_argument("--max-drop", type=float, default=d["max_drop"], help="accuracy points allowed below the baseline")
+    prune.add_argument("--max-drop", type=_finite, default=d["max_drop"], help="accuracy points allowed below the baseline")
     prune.add_argument("--layers-per-step", type=int, default=d["layers_per_step"], help="sites linearized per step")
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
@@ -495,7 +578,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--select-seed", type=int, help="seed of --select random's order (default: --seed)")
     prune.add_argument("--runtime", default=d["runtime"], choices=list(RUNTIMES),
                        help="where the pruned model will run: each chain's fold is planned (timed) there")
-    prune.add_argument("--latency-target", type=float, help="also stop, successfully, once the folded network runs "
+    prune.add_argument("--latency-target", type=_finite, help="also stop, successfully, once the folded network runs "
                        "in this fraction of the original's latency (e.g. 0.7)")
     prune.add_argument("--plan", default=d["plan"], choices=list(PLAN),
                        help="measure (plan each chain by timing it), merge (prepare every chain to merge), none")
@@ -503,8 +586,8 @@ def _parser() -> argparse.ArgumentParser:
                        "will serve at (1: per-request latency): plans, gains and latencies are timed at it")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation (random flip and "
                        "4-pixel shift; imagefolder: random resized crop and flip)")
-    prune.add_argument("--lr", type=float, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
-    prune.add_argument("--train-lr", type=float, default=d["train_lr"], help="baseline training learning rate")
+    prune.add_argument("--lr", type=_finite, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
+    prune.add_argument("--train-lr", type=_finite, default=d["train_lr"], help="baseline training learning rate")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
     prune.add_argument("--train-size", type=int, help="train on the first N images of the training split only")
     prune.add_argument("--val-size", type=int, help="validate on the first N images of the validation split only")
@@ -517,7 +600,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default="easier-run", help="folder for report, plots, checkpoints (default ./easier-run)")
     prune.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     prune.add_argument("--quiet", action="store_true", help="no progress bars or per-step rows")
-    prune.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT, help="under torchrun: seconds a rank waits for the "
+    prune.add_argument("--dist-timeout", type=_finite, default=DEFAULT_TIMEOUT, help="under torchrun: seconds a rank waits for the "
                        "others before it fails (a rank died or hangs); longer than any step's rank-0-only work")
     prune.set_defaults(func=_cmd_prune)
 
@@ -543,6 +626,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--batch-size", type=int, help="the batch size to time and optimize for (default: the "
                              "run's --deploy-batch, which its plans were timed at)")
         command.add_argument("--device", default="auto")
+        command.add_argument("--force", action="store_true", help="replace --out where it exists (never the run's "
+                             "own files)")
     fold.add_argument("--runtime", default="eager", choices=list(RUNTIMES), help="where the folded model will run")
     fold.add_argument("--portable", action="store_true", help="standard torch modules only (no fused kernels)")
     fold.add_argument("--out", help="where to save the folded model (default: folded.pt beside pruned.pt)")
@@ -561,22 +646,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    if getattr(args, "max_drop", 0) < 0:
-        raise UsageError(f"--max-drop must be >= 0 accuracy points, not {args.max_drop}")
-    for name in ("epochs_per_step", "layers_per_step", "batch_size", "max_batches", "train_size", "val_size",
-                 "num_classes", "image_size", "deploy_batch"):
+    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
     if getattr(args, "dist_timeout", 1) <= 0:
         raise UsageError(f"--dist-timeout must be > 0 seconds, not {args.dist_timeout}")
-    target = getattr(args, "latency_target", None)
-    if target is not None and not 0 < target <= 1:
-        raise UsageError(f"--latency-target must be a fraction of the original's latency in (0, 1], not {target}")
     for name in ("epochs", "max_steps", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, not {value}")
+    if args.command == "prune":
+        _check_prune_options(args)
+
+
+def _check_prune_options(args) -> None:
+    """The options `ek.prune` takes, by its own checks, before anything is read, written or trained."""
+    from .prune import check_options
+    from .train import check_rate
+
+    try:
+        check_options(max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
+                      layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
+                      scoring=args.scoring, select=args.select.replace("-", "_"), latency_target=args.latency_target,
+                      deploy_batch=args.deploy_batch, lr=args.lr)
+        check_rate("train_lr", args.train_lr)
+    except ValueError as exc:  # "max_drop must be ..." -> "--max-drop must be ..."
+        name, rest = str(exc).split(" ", 1)
+        raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
 
 
 def main(argv=None) -> int:

@@ -387,6 +387,9 @@ def _imagefolder(root, download, size: int, val_fraction: float, seed: int, augm
     else:
         train_dir, test_dir = root, None
     samples, classes = _list_image_folder(train_dir)
+    if len(classes) < 2:  # (every prediction would be right: accuracy says nothing, and nothing can be pruned by it)
+        raise ValueError(f"{train_dir} holds one class folder ({classes[0]}); a classifier needs at least two: "
+                         f"put each class's images in a folder of its own under {train_dir}")
     test = None
     if test_dir is not None:
         test_samples, test_classes = _list_image_folder(test_dir)

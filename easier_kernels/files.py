@@ -4,13 +4,15 @@ the fold's saved modules and the CLI."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["atomic_write", "load_file", "read_weights"]
+__all__ = ["atomic_write", "load_file", "read_weights", "why_unreadable", "unwritable"]
 
 
 def atomic_write(path, write: Callable) -> None:
@@ -49,4 +51,39 @@ def read_weights(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable easier_kernels file ({type(exc).__name__}); was it fully written?") from exc
+        raise ValueError(f"{path} is not a readable easier_kernels file: {why_unreadable(path, exc)}") from exc
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*m")  # (torch colours some of its messages)
+
+
+def why_unreadable(path, exc: Exception) -> str:
+    """Why torch.load(path, weights_only=True) raised `exc`, in words that say what the file is."""
+    message = _ESCAPES.sub("", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in message.lower():
+        found = re.search(r"GLOBAL (\S+)", message)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds pickled Python objects{what}, not only tensors; they are never loaded, as loading them "
+                "can run code: save tensors only, e.g. torch.save(model.state_dict(), path)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as error:
+        return f"it cannot be opened ({error.strerror})"
+    if not head:
+        return "it is empty; was it fully written?"
+    if head == b"PK\x03\x04" or head[0] == 0x80:  # a zip archive (torch.save since 1.6), or a pickle (before)
+        return "it is truncated or damaged; was it fully written?"
+    return "it is not a file torch.save wrote"
+
+
+def unwritable(path) -> Path | None:
+    """The folder that keeps `path` from being written (created, or replaced by a rename beside
+    it): its nearest existing ancestor (itself for a folder), where this process may not create
+    files; None where it may."""
+    folder = Path(path).absolute()
+    while not folder.is_dir():  # a file's folder, or the folder a missing path would be created in
+        if folder.parent == folder:
+            return folder
+        folder = folder.parent
+    return None if os.access(folder, os.W_OK | os.X_OK) else folder

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import why_unreadable
+
 __all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model", "build", "torchvision_names",
            "read_weights", "load_weights", "classifier_name"]
 
@@ -348,9 +350,9 @@ def read_weights(path) -> dict:
     except ImportError:
         raise
     except Exception as exc:  # pickled code (weights_only refuses it), not a torch file, truncated
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ValueError(f"cannot read {path} as a state_dict ({reason}); save one with "
-                         "torch.save(model.state_dict(), path)") from None
+        reason = f"it is not a safetensors file ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})" \
+            if path.suffix == ".safetensors" else why_unreadable(path, exc)
+        raise ValueError(f"cannot read {path} as a state_dict: {reason}") from None
     if isinstance(state, dict):
         state = next((state[key] for key in CHECKPOINT_KEYS if isinstance(state.get(key), dict)), state)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -46,7 +46,7 @@ from .recipe_entry import RECIPE_ENTRY, leaf_paths as _leaf_paths
 from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
 
-__all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record"]
+__all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record", "check_options"]
 
 SCORING = ("ride_along", "pass")
 
@@ -195,8 +195,9 @@ class Pruner:
                  loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
                  latency_target: float | None = None, deploy_batch: int = 1):
-        _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target,
-                       deploy_batch)
+        check_options(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
+                      max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
+                      deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay)
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
             raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -525,10 +526,16 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def _check_options(max_drop, epochs_per_step, layers_per_step, max_steps, mode, scoring, select, latency_target,
-                   deploy_batch) -> None:
+def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
+                  scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
+                  weight_decay=1e-4) -> None:
+    """`prune`'s options checked (the CLI checks its flags with it before anything is written or
+    trained); a ValueError whose message starts with the option's name."""
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
         raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
+    training.check_rate("lr", lr)
+    if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < float("inf")):
+        raise ValueError(f"weight_decay must be a finite number >= 0, not {weight_decay}")
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step),
                         ("deploy_batch", deploy_batch)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):

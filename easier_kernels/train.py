@@ -27,7 +27,7 @@ import torch.nn as nn
 from . import distributed
 from .capture import batch_inputs, batch_targets, default_loss, logits_of, model_device, to_device
 
-__all__ = ["fit", "accuracy", "progress_bar"]
+__all__ = ["fit", "accuracy", "progress_bar", "check_rate"]
 
 
 def progress_bar(iterable, progress: bool, desc: str):
@@ -59,6 +59,12 @@ def _autocast(device: torch.device, amp: bool | None):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
+def check_rate(name: str, lr) -> None:
+    """A learning rate is a finite number > 0 (SGD would refuse a negative one only once it starts)."""
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ValueError(f"{name} must be a finite learning rate > 0, not {lr}")
+
+
 def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
         meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train",
         first_epoch: int = 0, inputs_fn=None, loss_fn=None) -> float:
@@ -68,6 +74,7 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
     for the first epoch (a DistributedSampler draws each epoch's order from it)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
+    check_rate("lr", lr)
     device = torch.device(device) if device is not None else model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -29,6 +29,11 @@ def test_bad_shape_is_a_one_line_error_with_exit_code_2():
 
 import importlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -223,10 +228,13 @@ def test_resume_skips_a_corrupt_latest_checkpoint_and_stops_with_one_line_when_n
     assert [s["removed"] for s in after["steps"]] == [s["removed"] for s in before["steps"]]
     for path in (out / "checkpoints").glob("step_*.pt"):
         path.write_bytes(b"")
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning) as caught:
         _one_line_error(capsys, ["prune", *QUICK, "--max-steps", "2", "--out", str(out), "--resume"],
                         "holds no readable checkpoint (step_000.pt, step_001.pt, step_002.pt could not be read); start "
                         "afresh in another folder")
+    warned = {Path(str(w.message).split()[3]).name: str(w.message) for w in caught if "skipping" in str(w.message)}
+    assert warned["step_002.pt"].endswith("it is empty; was it fully written?); trying the one before it")
+    assert warned["step_000.pt"].endswith("no earlier checkpoint is left")  # (not "resuming from an earlier one")
 
 
 def _one_line_error(capsys, argv, match):
@@ -250,12 +258,18 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--dataset", "cifar10-subset"], "needs --data-root"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--model", "resnet9000"], "unknown model 'resnet9000'"),
-    (["--max-drop", "-1"], "--max-drop must be >= 0"),
-    (["--epochs-per-step", "0"], "--epochs-per-step must be >= 1"),
+    (["--max-drop", "-1"], "--max-drop must be accuracy points in [0, 100], not -1.0"),
+    (["--max-drop", "101"], "--max-drop must be accuracy points in [0, 100], not 101.0"),
+    (["--lr", "-1"], "--lr must be a finite learning rate > 0, not -1.0"),
+    (["--lr", "0"], "--lr must be a finite learning rate > 0, not 0.0"),
+    (["--train-lr", "-5"], "--train-lr must be a finite learning rate > 0, not -5.0"),
+    (["--width", "0"], "width must be a finite number > 0"),
+    (["--resume"], "holds no run to continue (no run.json there); check --out, or leave out --resume to start a run"),
+    (["--epochs-per-step", "0"], "--epochs-per-step must be an integer >= 1, not 0"),
     (["--val-size", "0"], "--val-size must be >= 1"),
     (["--latency-target", "0"], "--latency-target must be a fraction of the original's latency in (0, 1]"),
-    (["--deploy-batch", "0"], "--deploy-batch must be >= 1, not 0"),
-    (["--deploy-batch", "-1"], "--deploy-batch must be >= 1, not -1"),
+    (["--deploy-batch", "0"], "--deploy-batch must be an integer >= 1, not 0"),
+    (["--deploy-batch", "-1"], "--deploy-batch must be an integer >= 1, not -1"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--num-classes", "5"], "--num-classes 5 is fewer than the 10 classes of fashion-mnist-mini; pass at least 10"),
     (["--num-classes", "0"], "--num-classes must be >= 1"),
@@ -268,11 +282,20 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys, argv, match):
     assert not (tmp_path / "out").exists()  # nothing was written
 
 
-def test_an_option_that_is_not_a_number_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("argv, match", [
+    (["--deploy-batch", "16.5"], "argument --deploy-batch: invalid int value: '16.5'"),
+    (["--max-drop", "nan"], "argument --max-drop: invalid finite number value: 'nan'"),
+    (["--max-drop", "inf"], "argument --max-drop: invalid finite number value: 'inf'"),
+    (["--lr=-inf"], "argument --lr: invalid finite number value: '-inf'"),
+    (["--latency-target", "nan"], "argument --latency-target: invalid finite number value: 'nan'"),
+    (["--dist-timeout", "inf"], "argument --dist-timeout: invalid finite number value: 'inf'"),
+])
+def test_an_option_that_is_not_a_finite_number_is_one_line(tmp_path, capsys, argv, match):
     with pytest.raises(SystemExit) as exited:  # (argparse's own error, made one line)
-        cli.main(["prune", "--deploy-batch", "16.5", "--out", str(tmp_path / "out")])
+        cli.main(["prune", *argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert exited.value.code == 2 and err.count("\n") == 0 and "argument --deploy-batch: invalid int value: '16.5'" in err
+    assert exited.value.code == 2 and err.count("\n") == 0 and match in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_empty_or_unreadable_data_is_one_line(tmp_path, capsys):
@@ -436,3 +459,122 @@ def test_workers_default_to_none_in_memory_and_a_few_for_image_folders():
 
     assert cli._workers(None, "fashion-mnist-mini") == 0 and cli._workers(3, "fashion-mnist-mini") == 3
     assert cli._workers(None, "imagefolder") == min(4, os.cpu_count()) and cli._workers(0, "imagefolder") == 0
+
+
+# ---- overwrite nothing, fail fast, say what to do (a bad-input sweep's defects)
+
+def _cli(*argv, unprivileged: bool = False) -> subprocess.CompletedProcess:
+    """`easier-kernels ...` as a user types it; `unprivileged`: without the power to write where
+    file modes forbid it (root's CAP_DAC_OVERRIDE dropped with setpriv)."""
+    return subprocess.run([*(_UNPRIVILEGED if unprivileged else []), sys.executable, "-m", "easier_kernels.cli",
+                           *map(str, argv)], capture_output=True, text=True)
+
+
+# (as root: no override of file modes, in this process and what it runs; as anyone else, modes apply already)
+_UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"] \
+    if os.geteuid() == 0 else []
+
+
+def _refused(done: subprocess.CompletedProcess, match: str) -> str:
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0 and "Traceback" not in err and match in err, done.stderr
+    return err
+
+
+def _files(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_fold_and_export_replace_an_existing_file_only_with_force_and_never_a_run_s_own(run_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's notes")
+    before = _files(run_dir)
+    for command in (["fold", run_dir], ["export", run_dir, "--format", "pt2"]):
+        _refused(_cli(*command, "--out", notes), f"{notes} exists; pass --force to replace it, or --out another path")
+        for own in ("pruned.pt", "run.json", "report.md", "checkpoints/step_000.pt"):
+            _refused(_cli(*command, "--out", run_dir / own, "--force"), "is a run folder's own file (prune wrote it; "
+                     "never replaced, even with --force)")
+        _refused(_cli(*command, "--out", tmp_path), f"--out {tmp_path} is a folder")
+    _refused(_cli("fold", run_dir / "pruned.pt", "--out", run_dir / "pruned.pt", "--force"), "own file")
+    assert notes.read_text() == "a user's notes" and _files(run_dir) == before
+    done = _cli("fold", run_dir, "--out", notes, "--force")
+    assert done.returncode == 0, done.stderr
+    assert ek.load_folded(notes, ek.models.build("resnet18", num_classes=10, in_channels=1, width=0.125)) is not None
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """make(path): the folder made read-only to `_cli(..., unprivileged=True)`; skips where this
+    machine cannot take that right away (no setpriv as root, or writes still pass)."""
+    made = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() == 0 and shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no way to make a folder unwritable to this test")
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        made.append(folder)
+        done = subprocess.run([*_UNPRIVILEGED, "touch", str(folder / "probe")], capture_output=True, text=True)
+        if done.returncode == 0 or "Permission denied" not in done.stderr:
+            pytest.skip(f"cannot make a folder unwritable here ({done.stderr.strip() or 'it stays writable'})")
+        return folder
+
+    yield make
+    for folder in made:
+        folder.chmod(0o755)
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(run_dir, tmp_path, read_only):
+    parent = read_only(tmp_path / "locked")
+    _refused(_cli("prune", *QUICK, "--out", parent / "run", unprivileged=True),
+             f"--out {parent / 'run'}: cannot write in {parent} (permission denied or read-only)")
+    empty = read_only(tmp_path / "empty")
+    _refused(_cli("prune", *QUICK, "--out", empty, unprivileged=True), f"cannot write in {empty}")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    before = _files(run)
+    read_only(run / "checkpoints")
+    _refused(_cli("prune", *QUICK, "--max-steps", "3", "--out", run, "--resume", unprivileged=True),
+             f"cannot write in {run / 'checkpoints'}")  # (before a step is trained, not after)
+    read_only(run)
+    _refused(_cli("fold", run, unprivileged=True), f"cannot write {run / 'folded.pt'}: {run} is not writable")
+    assert _files(run) == before and not (parent / "run").exists()
+
+
+def test_a_start_that_fails_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "images", per_class=4)
+    broken = {path: path.read_bytes() for path in (folder / "train").glob("*/*.png")}  # (met in baseline training)
+    for path in broken:
+        path.write_bytes(b"not a png")
+    argv = ["prune", "--width", "0.125", "--epochs", "1", "--quiet", "--dataset", "imagefolder", "--data-root",
+            str(folder), "--image-size", "16", "--max-steps", "0", "--out", str(tmp_path / "out")]
+    _one_line_error(capsys, argv, f"cannot read the image {folder / 'train'}")
+    assert not (tmp_path / "out").exists()  # (its run.json is gone with the folder it made)
+    for path, good in broken.items():
+        path.write_bytes(good)
+    with pytest.warns(UserWarning, match="baseline accuracy"):  # (a handful of images, a barely trained model)
+        assert cli.main(argv) == 0
+
+
+def test_pickled_code_and_other_files_given_as_weights_say_what_they_are(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"conv1.weight": Payload()}, tmp_path / "code.pth")
+    (tmp_path / "notweights.txt").write_text("hello")
+    err = _refused(_cli("prune", "--weights", tmp_path / "code.pth", "--out", tmp_path / "a"),
+                   f"--weights: cannot read {tmp_path / 'code.pth'} as a state_dict: it holds pickled Python objects "
+                   "(posix.system), not only tensors; they are never loaded, as loading them can run code: save tensors "
+                   "only, e.g. torch.save(model.state_dict(), path)")
+    assert "\x1b" not in err and not marker.exists()
+    _refused(_cli("prune", "--weights", tmp_path / "notweights.txt", "--out", tmp_path / "b"),
+             "it is not a file torch.save wrote")
+
+
+def test_an_image_folder_of_one_class_is_one_line(tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "images", per_class=2, classes=1)
+    _one_line_error(capsys, ["prune", "--dataset", "imagefolder", "--data-root", str(folder), "--out",
+                             str(tmp_path / "out")], "holds one class folder (T-shirt-top); a classifier needs at least two")

@@ -214,6 +214,11 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
     ({"deploy_batch": 0}, "deploy_batch must be an integer >= 1, not 0"),
     ({"deploy_batch": -1}, "deploy_batch must be an integer >= 1, not -1"),
     ({"deploy_batch": 2.5}, "deploy_batch must be an integer >= 1, not 2.5"),
+    ({"max_drop": float("nan")}, r"max_drop must be accuracy points in \[0, 100\], not nan"),
+    ({"max_drop": 101}, r"max_drop must be accuracy points in \[0, 100\], not 101"),
+    ({"lr": -1}, "lr must be a finite learning rate > 0, not -1"),
+    ({"lr": float("inf")}, "lr must be a finite learning rate > 0, not inf"),
+    ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, not -0.1"),
 ])
 def test_bad_options_are_clear_errors(loaders, options, message):
     train, val = loaders

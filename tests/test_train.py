@@ -54,3 +54,13 @@ def test_divergence_and_empty_loaders_are_errors(loader):
         train.accuracy(model(), [])
     with pytest.raises(TypeError, match="float tensors"):
         train.fit(model(), [(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))], 1)
+
+
+@pytest.mark.parametrize("lr", [0, -5, float("nan"), float("inf")])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused_before_a_step(lr):
+    model = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    with pytest.raises(ValueError, match=f"lr must be a finite learning rate > 0, not {lr}"):
+        ek.train.fit(model, loader, 1, lr=lr)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from .files import atomic_write, load_file
+from .files import atomic_write, load_file, unwritable
 from .recipe_entry import RECIPE_ENTRY
 
 __all__ = ["CheckpointFolder", "CheckpointError", "fingerprint", "rng_state", "set_rng_state", "seed_everything", "FORMAT"]
@@ -63,6 +63,9 @@ class CheckpointFolder:
     def _start(self, resume: bool) -> dict | None:
         if self.folder.exists() and not self.folder.is_dir():
             raise CheckpointError(f"checkpoint_dir {self.folder} is a file; pass a folder")
+        if (denied := unwritable(self.folder)) is not None:  # (found now, not after the first step has trained)
+            raise CheckpointError(f"checkpoint_dir {self.folder}: cannot write in {denied} (permission denied or "
+                                  "read-only); pass a folder you can write to")
         checkpoints = self.checkpoints() if self.folder.is_dir() else []
         for stale in self.folder.glob(".step_*.tmp") if self.folder.is_dir() else ():  # left by a killed write
             stale.unlink(missing_ok=True)

@@ -81,3 +81,14 @@ def test_no_readable_checkpoint_is_one_clear_error(loaders, tmp_path):
         ek.prune(small_model(), *loaders, checkpoint_dir=tmp_path, resume=True, **OPTIONS)
     assert str(error.value) == (f"{tmp_path} holds no readable checkpoint (step_000.pt, step_001.pt could not be "
                                 "read); start afresh in another folder")
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_the_baseline_is_evaluated(loaders, tmp_path, monkeypatch):
+    from easier_kernels import checkpoints
+
+    evaluated = []
+    monkeypatch.setattr(checkpoints, "unwritable", lambda path: tmp_path)  # (as a read-only folder answers)
+    with pytest.raises(CheckpointError, match=f"checkpoint_dir {tmp_path / 'run'}: cannot write in {tmp_path} "):
+        ek.prune(small_model(), *loaders, checkpoint_dir=tmp_path / "run", evaluate=lambda net: evaluated.append(1),
+                 **OPTIONS)
+    assert not evaluated

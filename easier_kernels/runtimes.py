@@ -34,7 +34,8 @@ def check_runtime(runtime: str) -> str:
 
 def standard_only(runtime: str) -> bool:
     """Must a module for this runtime hold standard torch operators only? Our fused op is opaque
-    to inductor (it cannot fuse around it) and has no ONNX form, so only eager runs it."""
+    to inductor (it cannot fuse around it), and ONNX gets it as its two convolutions (ops/onnx.py),
+    so only eager gains from it."""
     return runtime != "eager"
 
 

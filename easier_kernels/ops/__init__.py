@@ -141,3 +141,6 @@ def act_count_resolved(x: torch.Tensor, counts: torch.Tensor, nan_counts: torch.
 
 
 from .conv_block import conv_block  # noqa: E402  (it adds to the op namespace defined above)
+from . import onnx as _onnx  # noqa: E402  (torch.onnx.export's forms of conv_block; torch only)
+
+_onnx.register()

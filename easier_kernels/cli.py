@@ -461,6 +461,8 @@ def _output(args, default: str) -> Path:
     """Where `fold` / `export` write, checked before any work: never a run's own file or the file
     read, an existing file only with --force, in a folder this process can write in."""
     source = _source(args.path)
+    if not source.is_file():  # (what is read is named first)
+        raise UsageError(f"{source}: no such file")
     out = Path(args.out) if args.out else source.with_name(default)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; pass the path of the file to write")

@@ -377,11 +377,11 @@ def test_imagefolder_evaluation_resizes_the_shorter_side_to_size_over_0_875_then
     from PIL import Image
 
     pixels = np.random.default_rng(0).integers(0, 256, (24, 60, 3), dtype=np.uint8)  # H 24, W 60
-    for name in ("x", "y"):
-        (tmp_path / "test" / "only").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "train" / "only").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(tmp_path / "test" / "only" / f"{name}.png")
-        Image.fromarray(pixels).save(tmp_path / "train" / "only" / f"{name}.png")
+    for split in ("train", "test"):
+        for label in ("a", "b"):  # (one class is refused)
+            (tmp_path / split / label).mkdir(parents=True)
+            for name in ("x", "y"):
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{name}.png")
     # size 12: shorter side round(12 / 0.875) = 14, so 24x60 -> 14x35; the centre 12x12 starts at row 1, column 12
     resized = np.asarray(Image.fromarray(pixels).resize((35, 14), Image.BILINEAR))[1:13, 12:24]
     expected = (torch.from_numpy(resized.copy()).permute(2, 0, 1) / 255 - torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)) \
@@ -397,9 +397,10 @@ def test_imagefolder_training_is_a_random_resized_crop_and_flip_replayed_from_to
     tv = import_torchvision()
     T = tv.transforms
     pixels = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    for name in ("x", "y"):
-        (tmp_path / "only").mkdir(exist_ok=True)
-        Image.fromarray(pixels).save(tmp_path / "only" / f"{name}.png")
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for name in ("x", "y"):
+            Image.fromarray(pixels).save(tmp_path / label / f"{name}.png")
     train = data.load("imagefolder", tmp_path, image_size=16).train
     recipe = T.Compose([T.RandomResizedCrop(16), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
@@ -440,6 +441,12 @@ def test_imagefolder_errors(tmp_path):
         data.load("imagefolder", tmp_path / "c")
     (tmp_path / "one" / "cat").mkdir(parents=True)
     write_png(tmp_path / "one" / "cat" / "a.png", (4, 4), 0, mode="L")
+    write_png(tmp_path / "one" / "cat" / "b.png", (4, 4), 0, mode="L")
+    with pytest.raises(ValueError, match=r"one holds one class folder \(cat\); a classifier needs at least two: put "
+                                         r"each class's images in a folder of its own"):
+        data.load("imagefolder", tmp_path / "one")  # (every answer would be right: 100% accuracy that says nothing)
+    (tmp_path / "one" / "cat" / "b.png").unlink()
+    (tmp_path / "one" / "dog").mkdir()
     with pytest.raises(ValueError, match="imagefolder: the training set holds 1 image"):
         data.load("imagefolder", tmp_path / "one")
     with pytest.raises(ValueError, match="imagefolder cannot be downloaded"):

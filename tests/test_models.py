@@ -253,7 +253,8 @@ def test_read_weights_takes_state_dicts_checkpoints_and_safetensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth: no such file"):
         models.read_weights(tmp_path / "nothing.pth")
     torch.save(resnet18(10, width=0.125), tmp_path / "module.pth")  # a pickled module, not a state_dict
-    with pytest.raises(ValueError, match=r"cannot read .*module.pth as a state_dict .*torch.save\(model.state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"cannot read .*module.pth as a state_dict: it holds pickled Python objects "
+                       r"\(easier_kernels.models.ResNet18\), not only tensors.*torch.save\(model.state_dict\(\)"):
         models.read_weights(tmp_path / "module.pth")
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="empty.pth holds no state_dict"):

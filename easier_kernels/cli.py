@@ -450,9 +450,7 @@ def _folded(args, what: str):
     print(format_decisions(record["decisions"], record["latency"]))
     print(f"relative error of the outputs: {record['relative_error']:.1e}")
     before = {"runtime": args.runtime, "device": str(device), "example_shape": list(shape), **payoff.counts(original, example)}
-    latency = record["latency"] or {}
-    after = {**payoff.counts(folded, example), "latency_ratio": latency.get("ratio"), "latency_ms": latency.get("ms"),
-             "baseline_ms": latency.get("baseline_ms")}
+    after = {**payoff.counts(folded, example), **payoff.latency_fields(record["latency"])}
     print("\n".join(report.payoff_lines(before, after)))
     return path, settings, folded, example
 

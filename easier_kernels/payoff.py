@@ -3,11 +3,13 @@ against the original with batch norms folded, in the runtime the user deploys wi
 
     before = ek.payoff.counts(model, example)                  # {"macs", "params"} of the BN-folded original
     after = ek.payoff.measure(net, model, example, runtime="eager")
-    # {"latency_ratio": 0.71, "latency_ms": 1.2, "baseline_ms": 1.7, "macs": ..., "params": ...}
+    # {"latency_ratio": 0.71, "latency_ms": 1.2, "baseline_ms": 1.7, "latency_q1": 0.69, "latency_q3": 0.72,
+    #  "noisy": False, "noisy_why": "", "macs": ..., "params": ...}
 
 The latency is `ek.fold`'s whole-network check (paired rounds against the original, in the
-runtime, on the example's device and batch); MACs count the multiply-adds of every conv and
-linear call on the example; parameters count the folded module's (what it stores).
+runtime, on the example's device and batch; `noisy` where the machine was too busy to trust it,
+`noisy_why` says how); MACs count the multiply-adds of every conv and linear call on the example;
+parameters count the folded module's (what it stores).
 """
 
 from __future__ import annotations
@@ -22,18 +24,50 @@ from .fold import fold, lower_fused
 from .capture import call
 from .sites import recipe
 
-__all__ = ["measure", "counts"]
+__all__ = ["measure", "counts", "latency_fields", "against_start", "noise", "DRIFT"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# How far apart two timings of the same original may be and both be trusted. On a 2-vCPU AMD EPYC,
+# idle, ResNet-18 at width 1/8 (batch 1) ran 0.44-0.48 ms in some minutes and 0.74-0.77 ms in others
+# (1.7x; the ratio moved by 0.13 with it); under load from other processes, 1.8x to 1000x (0.46 ->
+# 480 ms; at width 1, batch 8: 23 -> 41-1700 ms; below 2x the spread was wide: `timing.steady`
+# flags those). A reported run had 307.9 ms at the start against 1.121 ms later.
+DRIFT = 2.0
 
 
 def measure(net: nn.Module, original: nn.Module, example_inputs, *, runtime: str = "eager", leaf_modules=None) -> dict:
     """`net` folded for `runtime` and timed against `original` (BN-folded): the latency ratio and
     both latencies in ms, with the folded network's MACs and parameters."""
     folded = fold(net, example_inputs, runtime=runtime, original=original, leaf_modules=leaf_modules)
-    latency = recipe(folded)["fold"]["latency"]
-    return {"latency_ratio": latency["ratio"], "latency_ms": latency["ms"], "baseline_ms": latency["baseline_ms"],
-            **counts(folded, example_inputs)}
+    return {**latency_fields(recipe(folded)["fold"]["latency"]), **counts(folded, example_inputs)}
+
+
+def latency_fields(latency: dict | None) -> dict:
+    """A fold's whole-network latency record (`ek.recipe(folded)["fold"]["latency"]`) as a payoff's
+    latency keys (None where it was not timed)."""
+    latency = latency or {}
+    return {"latency_ratio": latency.get("ratio"), "latency_ms": latency.get("ms"),
+            "baseline_ms": latency.get("baseline_ms"), "latency_q1": latency.get("q1"), "latency_q3": latency.get("q3"),
+            "noisy": latency.get("noisy", False), "noisy_why": latency.get("noisy_why", "")}
+
+
+def against_start(paid: dict, start_ms: float | None) -> dict:
+    """`paid` (from `measure`), marked noisy where its timing of the original (`baseline_ms`) and
+    `start_ms` (the original's latency when the run started) are more than DRIFT apart: the
+    machine's load changed between them, and its paired spread cannot show a load that lasts."""
+    ms = paid.get("baseline_ms")
+    if not start_ms or not ms or max(ms / start_ms, start_ms / ms) <= DRIFT:
+        return paid
+    why = (f"the original ran {ms:.3f} ms in this timing but {start_ms:.3f} ms at the start, "
+           f"{max(ms / start_ms, start_ms / ms):.1f}x apart: the machine's load changed")
+    return {**paid, "noisy": True, "noisy_why": "; ".join(filter(None, [paid.get("noisy_why"), why]))}
+
+
+def noise(paid: dict) -> dict:
+    """How far a payoff's latency can be trusted: latency_q1 and latency_q3 (the ratio's quartiles),
+    noisy and noisy_why; None, False and "" where `paid` lacks them (a stand-in, an older record)."""
+    return {"latency_q1": paid.get("latency_q1"), "latency_q3": paid.get("latency_q3"), "noisy": paid.get("noisy", False),
+            "noisy_why": paid.get("noisy_why", "")}
 
 
 def counts(model: nn.Module, example_inputs) -> dict:

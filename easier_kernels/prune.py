@@ -57,7 +57,9 @@ class Step:
     before the step), the validation (and test) accuracy after fine-tuning, and whether it passed;
     the payoff of the network after it (folded, in the run's runtime: latency over the original's
     with batch norms folded, MACs and parameters); under select="entropy_latency" the measured
-    gains the sites were chosen by (`fold.gains.site_gains`)."""
+    gains the sites were chosen by (`fold.gains.site_gains`). The latency's timing: the original's
+    latency in it (`baseline_ms`), the ratio's quartiles, and whether it is `noisy` (the machine too
+    busy to trust it; `noisy_why` says how). Steps of older runs lack them: None, False, ""."""
 
     step: int
     removed: list
@@ -71,6 +73,11 @@ class Step:
     macs: int | None = None
     params: int | None = None
     gains: list | None = None
+    baseline_ms: float | None = None
+    latency_q1: float | None = None
+    latency_q3: float | None = None
+    noisy: bool = False
+    noisy_why: str = ""
 
 
 @dataclasses.dataclass
@@ -261,7 +268,8 @@ class Pruner:
         self.state["baseline_payoff"] = {"runtime": self.runtime, "device": str(self.device),
                                          "example_shape": _first_shape(self.deploy_example), "latency_ms": unpruned["baseline_ms"],
                                          **payoff.counts(self.model, self.deploy_example),
-                                         "latency_ratio": unpruned["latency_ratio"]}  # the unpruned network, folded
+                                         "latency_ratio": unpruned["latency_ratio"],  # the unpruned network, folded
+                                         **payoff.noise(unpruned)}
         self.state["payoff"] = unpruned
         self.state["gains"] = self._gains(self.current, self.state["scores"])
 
@@ -297,7 +305,8 @@ class Pruner:
         threshold = state["baseline"] - self.max_drop
         record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
                       time.perf_counter() - started, self._accuracy(net, self.test_loader, "test"), paid["latency_ratio"],
-                      paid["latency_ms"], paid["macs"], paid["params"], gains)
+                      paid["latency_ms"], paid["macs"], paid["params"], gains, baseline_ms=paid.get("baseline_ms"),
+                      **payoff.noise(paid))
         state["history"].append(dataclasses.asdict(record))
         if record.accepted:
             self.current = net
@@ -415,9 +424,12 @@ class Pruner:
             net.train(was_training)
 
     def _measure(self, net: nn.Module) -> dict:
-        """The payoff of `net`: folded for the runtime and timed against the original (on rank 0)."""
-        return distributed.from_main(lambda: payoff.measure(net, self.model, self.deploy_example, runtime=self.runtime,
+        """The payoff of `net`: folded for the runtime and timed against the original (on rank 0);
+        noisy too where the original's latency in it is far from the run's start's."""
+        paid = distributed.from_main(lambda: payoff.measure(net, self.model, self.deploy_example, runtime=self.runtime,
                                                             leaf_modules=self.leaf_paths))
+        start = (self.state or {}).get("baseline_payoff") or {}  # (none while begin measures the start)
+        return payoff.against_start(paid, start.get("latency_ms"))
 
     def _gains(self, net: nn.Module, scores: dict) -> list | None:
         """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""

@@ -9,9 +9,13 @@
 The run dict (accuracies in percent): baseline_accuracy, baseline_test_accuracy?, max_drop,
 accuracy, test_accuracy?, sites (execution order), linearized, stopped, mode, settings?, and
 steps: [{step, removed, entropy (site -> bits, for the sites active before the step),
-val_accuracy, test_accuracy?, accepted, seconds, latency_ratio?, latency_ms?, macs?, params?}],
-deploy_batch? (the batch plans and latencies were timed at), baseline_payoff? {runtime, device,
-example_shape (at the deploy batch), latency_ms, macs, params} and payoff? (the result's).
+val_accuracy, test_accuracy?, accepted, seconds, latency_ratio?, latency_ms?, macs?, params?,
+baseline_ms?, latency_q1?, latency_q3?, noisy?, noisy_why?}], deploy_batch? (the batch plans and
+latencies were timed at), baseline_payoff? {runtime, device, example_shape (at the deploy batch),
+latency_ms (the original's, at the start), macs, params, latency_q1?, latency_q3?, noisy?,
+noisy_why?} and payoff? (the result's: latency_ratio, latency_ms, baseline_ms, macs, params and the
+same noise keys). A noisy latency (the machine too busy to trust the timing) shows as "0.700x?"
+with a "noisy: q1-q3 ..." note, wherever it is printed.
 
 matplotlib is imported only when a plot is drawn, and only as a Figure on the Agg canvas, so
 no GUI backend is chosen and pyplot's global figure list is never touched.
@@ -78,9 +82,24 @@ def _cells(run: dict, step: dict) -> list:
     drop = None if val is None else round(run["baseline_accuracy"] - val, 2) + 0.0  # no "-0.00"
     ratio = step.get("latency_ratio")
     return [str(step.get("step", "")), removed, [_num(entropy.get(s), ".3f") for s in removed], _num(val),
-            _num(drop), _num(step.get("test_accuracy")), "-" if ratio is None else f"{ratio:.3f}x",
+            _num(drop), _num(step.get("test_accuracy")), _ratio(ratio, step),
             _count(step.get("macs")), _count(step.get("params")), "yes" if step.get("accepted") else "rejected",
             _num(step.get("seconds"), ".1f")]
+
+
+def _ratio(ratio, record: dict) -> str:
+    """A latency ratio cell: "0.700x", "0.700x?" when its timing is noisy, "-" when missing."""
+    return "-" if ratio is None else f"{ratio:.3f}x" + ("?" if record.get("noisy") else "")
+
+
+def _noisy_note(record: dict) -> str:
+    """"noisy: q1-q3 0.800-1.300x (why)" for a step or payoff whose latency timing is noisy, else ""."""
+    if not record.get("noisy"):
+        return ""
+    q1, q3 = record.get("latency_q1"), record.get("latency_q3")
+    quartiles = f"q1-q3 {q1:.3f}-{q3:.3f}x" if q1 is not None and q3 is not None else ""
+    why = record.get("noisy_why") or ""
+    return "noisy: " + (f"{quartiles} ({why})" if quartiles and why else quartiles or why or "yes")
 
 
 def _count(n) -> str:
@@ -118,6 +137,8 @@ def step_row(run: dict, step: dict) -> str:
     cells, widths = _cells(run, step), _widths(run)
     removed, entropy = cells[1] or ["-"], cells[2] or ["-"]
     lines = [_line([cells[0], removed[0], entropy[0], *cells[3:]], widths)]
+    if note := _noisy_note(step):  # after the last column: the fixed widths stay
+        lines[0] += "  " + note
     lines += [_line(["", r, e] + [""] * (len(COLUMNS) - 3), widths) for r, e in zip(removed[1:], entropy[1:])]
     return "\n".join(lines)
 
@@ -160,12 +181,14 @@ def markdown(run: dict) -> str:
             cells = _cells(run, step)
             cells[1] = ", ".join(f"`{s}`" for s in cells[1])
             cells[2] = ", ".join(cells[2])
+            cells[6] = " ".join(filter(None, [cells[6], _noisy_note(step)]))
             lines.append(_md_row(cells))
     else:
         lines.append("No step was attempted; the model is the unpruned baseline.")
     lines += ["", "drop = baseline validation accuracy - step validation accuracy (points); "
               "entropy = layer entropy of the removed site(s) when they were chosen; latency = the step's network "
-              "folded, over the original with batch norms folded (paired timing in the run's runtime); MACs and "
+              "folded, over the original with batch norms folded (paired timing in the run's runtime; "
+              "\"x?\": noisy, the machine was too busy to trust it, with the quartiles of the ratio and why); MACs and "
               "params of the folded network.", "",
               "## Plots", "", "![Layer entropy per step](entropy.png)", "",
               "![Accuracy against layers removed](accuracy.png)", "",
@@ -194,19 +217,34 @@ def _processes(world_size: int) -> str:
 
 def payoff_lines(before: dict | None, after: dict | None) -> list[str]:
     """Latency, MACs and parameters of the original (batch norms folded) and of the result folded:
-    `before` {runtime, device, example_shape, macs, params}, `after` {latency_ratio, latency_ms,
-    baseline_ms, macs, params} (both latencies from the same paired timing; none: no latency line)."""
+    `before` {runtime, device, example_shape, macs, params, latency_ms? (the original's at the start),
+    noise keys?}, `after` {latency_ratio, latency_ms, baseline_ms, macs, params, noise keys?} (both
+    latencies from the same paired timing; none: no latency line). Every ms figure printed is one of
+    these; a noisy timing says so, with its quartiles."""
     if not before or not after:
         return []
     shape = before.get("example_shape")
     batch = f" at batch {shape[0]}" if shape else ""  # (dim 0 of the first input: the batch it was timed at)
     where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}, input {shape}"
     ratio = lambda a, b: f" ({a / b:.3f}x)" if b else ""  # noqa: E731
-    lines = [f"latency ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
-             f"{after['latency_ratio']:.3f}x the original with batch norms folded"] if after.get("latency_ratio") else []
+    lines = [_latency_line(where, before, after)] if after.get("latency_ratio") else []
+    if before.get("noisy") and after.get("latency_ratio"):
+        lines.append(f"the original's latency at the start ({before['latency_ms']:.3f} ms) is {_noisy_note(before)}")
     return lines + [f"MACs: {_count(before['macs'])} -> {_count(after['macs'])}{ratio(after['macs'], before['macs'])}; "
                     f"parameters: {_count(before['params'])} -> {_count(after['params'])}"
                     f"{ratio(after['params'], before['params'])}"]
+
+
+def _latency_line(where: str, before: dict, after: dict) -> str:
+    """The latency line; where the original ran another time at the start of the run than in the
+    result's timing, both (a machine whose load changed makes them disagree)."""
+    start = before.get("latency_ms")
+    at_start = f"; the original ran {start:.3f} ms at the start" if start is not None and \
+        f"{start:.3f}" != f"{after['baseline_ms']:.3f}" else ""
+    note = _noisy_note(after)
+    return (f"latency ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
+            f"{_ratio(after['latency_ratio'], after)} the original with batch norms folded{at_start}"
+            + (f"; {note}" if note else ""))
 
 
 # ---- Plot data (pure)
@@ -260,6 +298,12 @@ def _save_png(fig, path) -> Path:
     path = Path(path)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
+
+
+def _legend_below(fig) -> None:
+    """The figure's legend under the axes (the constrained layout makes room): inside them, "best"
+    still covered points, the step-0 one among them."""
+    fig.legend(loc="outside lower center", ncols=3, fontsize=8, frameon=False)
 
 
 def entropy_heatmap(run: dict, path) -> Path:
@@ -352,7 +396,7 @@ def accuracy_plot(run: dict, path) -> Path:
     ax.set_title(f"Accuracy while pruning: {len(run.get('linearized', []))} of {sites} sites removed", fontsize=10)
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.35)
-    ax.legend(fontsize=8, loc="best")
+    _legend_below(fig)
     return _save_png(fig, path)
 
 
@@ -391,6 +435,6 @@ def latency_plot(run: dict, path) -> Path:
     ax.set_title("Accuracy against latency while pruning" + ("" if points else "\n(no latency measured)"), fontsize=10)
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.35)
-    ax.legend(fontsize=8, loc="best")
+    _legend_below(fig)
     return _save_png(fig, path)
 

@@ -5,6 +5,7 @@ older runs), NaN entropy, rejected last step)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from easier_kernels import report
+from easier_kernels.prune import Step
 
 SITES = ["conv1_relu"] + [f"layer{l}_{b}_relu{r}" for l in range(1, 5) for b in range(2) for r in (1, 2)]
 # (removed, val, test, accepted); step 3 removes two sites at once, the last step is rejected
@@ -221,3 +223,89 @@ def test_matplotlib_lazy_and_pyplot_free(tmp_path):
             "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path)
     assert (tmp_path / "entropy.png").is_file()
+
+
+# ---- a latency the machine was too busy to trust is said to be, and no figure disagrees with report.json
+
+BUSY = "interquartile range / median at best 57% for the paired ratio, 3% for the baseline's own times over 3 timings"
+LOAD_CHANGED = ("the original ran 1.121 ms in this timing but 307.900 ms at the start, 274.7x apart: the machine's load "
+                "changed")
+
+
+def noisy_run():
+    """The reported run: the original timed at 307.9 ms at the start (under load), 1.121 ms at the end;
+    step 3's own timing too wide to trust."""
+    run = make_run()
+    run["steps"][2].update(baseline_ms=2.0, latency_q1=0.55, latency_q3=0.95, noisy=True, noisy_why=BUSY)
+    run["baseline_payoff"]["latency_ms"] = 307.9
+    run["payoff"].update(baseline_ms=1.121, latency_ms=0.673, latency_q1=0.58, latency_q3=0.62, noisy=True,
+                         noisy_why=LOAD_CHANGED)
+    return run
+
+
+def numbers(x) -> set:
+    """Every number in a JSON document, to 3 decimals (as the reports print ms)."""
+    if isinstance(x, dict):
+        return set().union(*map(numbers, x.values()))
+    if isinstance(x, list):
+        return set().union(*map(numbers, x))
+    return {round(x, 3)} if isinstance(x, (int, float)) and not isinstance(x, bool) else \
+        {round(float(n), 3) for n in re.findall(r"\d+\.\d+", x)} if isinstance(x, str) else set()
+
+
+def test_a_noisy_latency_is_marked_in_the_row_the_table_and_the_summary(tmp_path):
+    run = noisy_run()
+    header = report.step_header(run).splitlines()[0]
+    row = report.step_row(run, run["steps"][2]).splitlines()[0]
+    end = header.index("latency") + len("latency")
+    assert row[:end].endswith(" 0.700x?") and row[end:len(header)] == report.step_row(make_run(), make_run()["steps"][2])[end:len(header)]
+    assert row.endswith(f"  noisy: q1-q3 0.550-0.950x ({BUSY})")  # after the last column: the widths hold
+    assert "noisy" not in report.step_row(run, run["steps"][1])
+
+    text = report.write_report(run, tmp_path)["markdown"].read_text()
+    cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| 3 |")][0]
+    assert cells[6] == f"0.700x? noisy: q1-q3 0.550-0.950x ({BUSY})"
+
+    lines = report.summary(run).splitlines()
+    assert lines[2] == ("latency (eager on cpu at batch 1, input [1, 3, 32, 32]): 1.121 ms -> 0.673 ms = 0.600x? the "
+                        "original with batch norms folded; the original ran 307.900 ms at the start; noisy: q1-q3 "
+                        f"0.580-0.620x ({LOAD_CHANGED})")
+    assert f"- {lines[2]}" in text  # report.md says the same
+    saved = json.loads((tmp_path / "report.json").read_text())
+    printed = {float(ms) for ms in re.findall(r"(\d+\.\d+) ms", report.summary(run) + text)}
+    assert printed == {1.121, 0.673, 307.9}
+    assert printed <= numbers(saved)  # every ms figure printed is one report.json holds
+    assert saved["payoff"]["baseline_ms"] == 1.121 and saved["baseline_payoff"]["latency_ms"] == 307.9
+
+
+def test_a_noisy_start_is_said_and_agreeing_figures_are_printed_once():
+    run = make_run()
+    run["baseline_payoff"].update(latency_q1=0.9, latency_q3=1.2, noisy=True, noisy_why=BUSY)
+    lines = report.summary(run).splitlines()
+    assert lines[2].endswith("2.000 ms -> 1.200 ms = 0.600x the original with batch norms folded")  # one 2.000 ms
+    assert lines[3] == f"the original's latency at the start (2.000 ms) is noisy: q1-q3 0.900-1.200x ({BUSY})"
+
+
+def test_records_from_before_the_noise_was_judged_still_load_and_render():
+    old = make_run()
+    steps = [Step(**s) for s in old["steps"]]  # (a checkpoint's or report.json's steps, without the new keys)
+    assert [(s.noisy, s.noisy_why, s.latency_q1, s.baseline_ms) for s in steps] == [(False, "", None, None)] * 5
+    assert "noisy:" not in report.markdown(old) + report.summary(old) and "?" not in report.step_row(old, old["steps"][0])
+
+
+def test_the_accuracy_legend_covers_no_data(tmp_path, monkeypatch):
+    """The legend sits outside the axes: no point (the step-0 one was hidden) can be under it."""
+    figures = []
+    save = report._save_png
+    monkeypatch.setattr(report, "_save_png", lambda fig, path: figures.append(fig) or save(fig, path))
+    for plot in (report.accuracy_plot, report.latency_plot):
+        plot(make_run(), tmp_path / "plot.png")
+    for fig in figures:
+        fig.canvas.draw()
+        (ax,) = fig.axes
+        legends = fig.legends + ([ax.get_legend()] if ax.get_legend() else [])
+        assert legends
+        area = ax.get_window_extent()
+        for legend in legends:
+            box = legend.get_window_extent()
+            assert not box.overlaps(area) and box.y1 <= area.y0

@@ -14,7 +14,7 @@ from .. import runtimes
 from .. import sites as sites_mod
 from ..capture import capture, model_device, positional, to_device
 from ..recipe_entry import track
-from ..timing import compare
+from ..timing import compare, steady
 from .blocks import lower_fused
 from .chains import (Chain, act_spec, drop_identities, find_chains, fold_batch_norms, gated_sites, module_of, origin,
                      passthrough, set_module, shape_of)
@@ -77,7 +77,8 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     With decide="measure", check=True then times the whole folded network against `original`
     (the unpruned model; by default `model` itself) with batch norms folded, in `runtime`, in
     paired rounds, and puts chains back to "separate" one by one (least expected gain first)
-    while it is slower.
+    while it is slower. A timing whose spread is too wide to trust (a busy machine) is repeated,
+    longer, and recorded `noisy` (with `noisy_why`) if it stays so.
     portable=True (implied by runtime="inductor"/"onnxruntime") uses standard torch modules only,
     so the result exports (`ek.export`) and runs without this package.
 
@@ -305,8 +306,7 @@ def _never_slower(folded, baseline, bn_folded, rows: list[dict], args: tuple, ru
     base_run = runtimes.runner(baseline, args, runtime)
     tried, fallbacks = [], []
     while True:
-        timed = compare({"baseline": base_run, "folded": runtimes.runner(folded, args, runtime)}, "baseline", args[0].device,
-                        seconds=1.0)
+        timed = _timed({"baseline": base_run, "folded": runtimes.runner(folded, args, runtime)}, args[0].device)
         tried.append((timed["folded"]["ratio"], folded, [r["choice"] for r in rows], list(fallbacks), timed))
         changed = [r for r in rows if r["choice"] != "separate"]
         if timed["folded"]["ratio"] <= 1.0 or not changed:
@@ -321,9 +321,17 @@ def _never_slower(folded, baseline, bn_folded, rows: list[dict], args: tuple, ru
             row["choice"], row["why"] = choice, "kept: no fallback made the whole network faster"
     latency = {"runtime": runtime, "baseline": "original" if baseline is not bn_folded else "input",
                "baseline_ms": round(timed["baseline"]["ms"], 4), "ratio": round(ratio, 4), "rounds": timed["folded"]["rounds"],
-               "q1": round(timed["folded"]["q1"], 4), "q3": round(timed["folded"]["q3"], 4), "fallbacks": fallbacks}
+               "q1": round(timed["folded"]["q1"], 4), "q3": round(timed["folded"]["q3"], 4), "fallbacks": fallbacks,
+               "tries": timed["folded"]["tries"], "noisy": timed["folded"]["noisy"], "noisy_why": timed["folded"]["noisy_why"]}
     latency["ms"] = round(latency["baseline_ms"] * ratio, 4)
     return folded, latency
+
+
+def _timed(calls: dict, device) -> dict:
+    """`compare` in paired rounds for 1 s, timed again for 2 s, then 4 s (with as many more rounds)
+    while the machine is too busy for the spread to be trusted (`timing.steady`)."""
+    return steady(lambda k: compare(calls, "baseline", device, seconds=2.0 ** k, max_rounds=60 * 2 ** k), "folded",
+                  "baseline")
 
 
 def _outputs(out) -> list:
@@ -369,7 +377,9 @@ def format_decisions(rows: list[dict], latency: dict | None = None) -> str:
                      f"{row['choice']:<16} {cands or row['why']}")
     if latency:
         fell = f"; fell back to separate: {', '.join(latency['fallbacks'])}" if latency["fallbacks"] else ""
+        noisy = f"; noisy: {latency['noisy_why']}" if latency.get("noisy") else ""  # (records before it was judged: not)
         lines.append(f"whole network ({latency['runtime']}): {latency['ms']:.3f} ms vs {latency['baseline_ms']:.3f} ms for the "
                      f"{'original' if latency['baseline'] == 'original' else 'unfolded network'} with batch norms folded = "
-                     f"{latency['ratio']:.3f}x (quartiles {latency['q1']:.3f}-{latency['q3']:.3f}){fell}")
+                     f"{latency['ratio']:.3f}x{'?' if noisy else ''} (quartiles {latency['q1']:.3f}-{latency['q3']:.3f})"
+                     f"{fell}{noisy}")
     return "\n".join(lines)

@@ -181,3 +181,18 @@ def randomize_batch_norms(model, seed=0):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.5)
     return model.eval()
+
+
+def fused_everywhere(net, x) -> dict:
+    """`ek.fold(net, x, decide=...)`'s decisions that run every chain a fused block can as one."""
+    import easier_kernels as ek
+    from easier_kernels.fold import find_chains, fold_batch_norms
+    from easier_kernels.fold.plans import plan_label, plans
+
+    gm = ek.capture.capture(net).eval()
+    fold_batch_norms(gm, (x,))
+    replay = {}
+    for chain in find_chains(gm):
+        labels = [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in chain.layers])]
+        replay[chain.name] = next((label for label in labels if "fused" in label), "separate")
+    return replay

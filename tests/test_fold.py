@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from helpers import TORCHVISION_MODELS, paper_or_torchvision, randomize_batch_norms
+from helpers import TORCHVISION_MODELS, fused_everywhere, paper_or_torchvision, randomize_batch_norms
 
 import easier_kernels as ek
 from easier_kernels.fold import add_identity, compose_conv, compose_linear, decisions, dense_weight
@@ -318,15 +318,7 @@ def test_fold_bad_input_is_a_clear_error():
 def fused_mobilenet():
     """A small MobileNetV2 whose every pointwise/depthwise pair runs the fused kernel."""
     net, x = linearized_model("paper-mobilenet_v2", fraction=0.5, seed=3)
-    from easier_kernels.fold import find_chains, fold_batch_norms
-    from easier_kernels.fold.plans import plan_label, plans
-
-    gm = ek.capture.capture(net).eval()
-    fold_batch_norms(gm, (x,))
-    replay = {}
-    for chain in find_chains(gm):
-        labels = [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in chain.layers])]
-        replay[chain.name] = next((label for label in labels if "fused" in label), "separate")
+    replay = fused_everywhere(net, x)
     assert any("fused" in label for label in replay.values())
     return net, x, ek.fold(net, x, decide=replay)
 

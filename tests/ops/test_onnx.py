@@ -11,12 +11,11 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import randomize_batch_norms
+from helpers import fused_everywhere, randomize_batch_norms
 
 import easier_kernels as ek
-from easier_kernels.fold import FusedConvBlock, find_chains, fold_batch_norms
+from easier_kernels.fold import FusedConvBlock
 from easier_kernels.fold.graph import relative_error
-from easier_kernels.fold.plans import plan_label, plans
 from easier_kernels.ops import onnx as ek_onnx
 from easier_kernels.ops import reference
 
@@ -169,13 +168,7 @@ def fused_fold():
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     sites = [s.name for s in ek.find_sites(model, x)]
     net = ek.linearize(model, sites[::2], x, plan="merge").eval()
-    gm = ek.capture.capture(net).eval()
-    fold_batch_norms(gm, (x,))
-    replay = {}
-    for chain in find_chains(gm):
-        labels = [plan_label(p) for p in plans([gm.get_submodule(n.target) for n in chain.layers])]
-        replay[chain.name] = next((label for label in labels if "fused" in label), "separate")
-    return ek.fold(net, x, decide=replay), x
+    return ek.fold(net, x, decide=fused_everywhere(net, x)), x
 
 
 @pytest.fixture(scope="module")

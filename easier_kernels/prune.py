@@ -103,6 +103,7 @@ class PruneResult:
     # latency_ratio of the unpruned network folded (its own linear chains may merge already)
     baseline_payoff: dict | None = None
     payoff: dict | None = None           # the result folded: latency_ratio, latency_ms, baseline_ms, macs, params
+    # (both also latency_q1, latency_q3, noisy, noisy_why: how far the timing can be trusted, `payoff.noise`)
     world_size: int = 1                  # processes the run (its last part, when resumed) ran on
 
     def to_dict(self) -> dict:

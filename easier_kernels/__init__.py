@@ -12,7 +12,7 @@
     counts = ek.ops.count_on(x)                        # per-channel on-counts, int64
 """
 
-from . import activations, capture, data, models, ops, payoff, train
+from . import activations, capture, data, models, ops, payoff, recovery, train
 from .entropy import EntropyMeter, Scores, entropy_scores
 from .export import export, load_folded, save_folded
 from .fold import InexactFold, fold, format_decisions
@@ -21,7 +21,7 @@ from .prune import Pruner, PruneResult, Step, load, prune
 from .sites import Site, find_sites
 
 __version__ = "0.1.0"
-__all__ = ["ops", "models", "data", "payoff", "capture", "activations", "Site", "find_sites", "Scores", "entropy_scores",
+__all__ = ["ops", "models", "data", "payoff", "recovery", "capture", "activations", "Site", "find_sites", "Scores", "entropy_scores",
            "EntropyMeter", "linearize", "recipe", "train", "prune", "Pruner", "PruneResult", "Step", "load", "fold",
            "format_decisions", "InexactFold", "export", "save_folded", "load_folded",
            "__version__"]

@@ -29,7 +29,8 @@ from .runtimes import RUNTIMES
 PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width": 0.25, "epochs": 4, "epochs_per_step": 1,
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
-                  "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1}
+                  "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1,
+                  "distill": None, "distill_temperature": 4.0, "patience": 0}
 # what `prune --out` writes: fold and export never replace these (nor anything in checkpoints/)
 RUN_FILES = ("run.json", "baseline.pt", "pruned.pt", "report.json", "report.md", "entropy.png", "accuracy.png",
              "latency.png")
@@ -140,7 +141,8 @@ def _run(args, device, out: Path, settings: dict, resuming: bool):
                            device=device, seed=args.seed, checkpoint_dir=out / "checkpoints", resume=args.resume,
                            progress=not args.quiet, on_step=save, select=args.select.replace("-", "_"),
                            select_seed=args.select_seed, runtime=args.runtime, plan=args.plan,
-                           latency_target=args.latency_target, deploy_batch=args.deploy_batch)
+                           latency_target=args.latency_target, deploy_batch=args.deploy_batch, distill=args.distill,
+                           distill_temperature=args.distill_temperature, patience=args.patience)
     except CheckpointError as exc:  # (a corrupt latest checkpoint is skipped with a warning; none readable ends here)
         raise UsageError(str(exc)) from None
     return result
@@ -568,6 +570,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--max-steps", type=int, help="stop after this many steps (default: until the accuracy drops)")
     prune.add_argument("--max-drop", type=_finite, default=d["max_drop"], help="accuracy points allowed below the baseline")
     prune.add_argument("--layers-per-step", type=int, default=d["layers_per_step"], help="sites linearized per step")
+    prune.add_argument("--patience", type=int, default=d["patience"], metavar="N",
+                       help="retry on rejection: a step that drops the accuracy past --max-drop is undone and the "
+                            "next move tried, until N+1 steps in a row were rejected (a rejected site is never tried "
+                            "again; with --layers-per-step > 1, first half as many sites); 0, the paper: stop at the "
+                            "first rejected step")
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
                        help="count during the last fine-tuning epoch, or in a separate pass")
@@ -586,6 +593,11 @@ def _parser() -> argparse.ArgumentParser:
                        "will serve at (1: per-request latency): plans, gains and latencies are timed at it")
     prune.add_argument("--no-augment", dest="augment", action="store_false", help="no training augmentation (random flip and "
                        "4-pixel shift; imagefolder: random resized crop and flip)")
+    prune.add_argument("--distill", type=_finite, nargs="?", const=0.5, default=d["distill"], metavar="WEIGHT",
+                       help="fine-tune with knowledge distillation from the unpruned network: WEIGHT (default 0.5) "
+                            "is the teacher's share of the loss, the task's 1 - WEIGHT")
+    prune.add_argument("--distill-temperature", type=_finite, default=d["distill_temperature"],
+                       help="the softmax temperature of --distill (default 4)")
     prune.add_argument("--lr", type=_finite, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
     prune.add_argument("--train-lr", type=_finite, default=d["train_lr"], help="baseline training learning rate")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
@@ -669,7 +681,8 @@ def _check_prune_options(args) -> None:
         check_options(max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
                       layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                       scoring=args.scoring, select=args.select.replace("-", "_"), latency_target=args.latency_target,
-                      deploy_batch=args.deploy_batch, lr=args.lr)
+                      deploy_batch=args.deploy_batch, lr=args.lr, distill=args.distill,
+                      distill_temperature=args.distill_temperature, patience=args.patience)
         check_rate("train_lr", args.train_lr)
     except ValueError as exc:  # "max_drop must be ..." -> "--max-drop must be ..."
         name, rest = str(exc).split(" ", 1)

@@ -8,7 +8,8 @@
 
 Per step (DESIGN.md, "The method"): the lowest-entropy site goes (`layers_per_step` of them, and
 every site scoring exactly 0), the network is fine-tuned and evaluated; the loop stops when the
-validation accuracy falls below `baseline - max_drop` and returns the last network that passed.
+validation accuracy falls below `baseline - max_drop` (with `patience`, after that many retries
+of other moves) and returns the last network that passed.
 Scores come from the last fine-tuning epoch (ride-along, as the paper counts them) or from a
 separate pass over `train_loader` in train mode (`scoring="pass"`, and always for the first step).
 
@@ -33,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import checkpoints, distributed, payoff, recipe_entry, runtimes, train as training
+from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, train as training
 from .activations import declared
 from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
                       positional, to_device)
@@ -202,10 +203,15 @@ class Pruner:
                  example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None,
                  loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
-                 latency_target: float | None = None, deploy_batch: int = 1):
+                 latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
+                 distill_temperature: float = 4.0, patience: int = 0):
         check_options(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
                       max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
-                      deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay)
+                      deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay, distill=distill,
+                      distill_temperature=distill_temperature, patience=patience)
+        if distill is not None and finetune is not None:
+            raise ValueError("distill applies to the default fine-tuner; with your own finetune, add "
+                             "ek.recovery.Distillation(model) to its loss yourself")
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
             raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -236,7 +242,7 @@ class Pruner:
         self.val_loader = distributed.shard(val_loader, train=False)
         self.test_loader = distributed.shard(test_loader, train=False)
         self.max_drop, self.epochs_per_step, self.layers_per_step = max_drop, epochs_per_step, layers_per_step
-        self.max_steps = max_steps
+        self.max_steps, self.patience = max_steps, patience
         self.mode, self.scoring, self.select, self.runtime, self.plan = mode, scoring, select, runtime, plan
         self.lr, self.weight_decay, self.amp, self.seed, self.latency_target = lr, weight_decay, amp, seed, latency_target
         self.finetune, self.evaluate = finetune, evaluate
@@ -245,7 +251,10 @@ class Pruner:
                                   mode=mode, scoring=scoring, exclude=sorted(self.exclude), seed=seed,
                                   finetune="default" if finetune is None else "user", lr=lr, weight_decay=weight_decay,
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
-                                  latency_target=latency_target, deploy_batch=deploy_batch)
+                                  latency_target=latency_target, deploy_batch=deploy_batch, distill=distill,
+                                  distill_temperature=distill_temperature, patience=patience)
+        self.distill, self.distill_temperature = distill, distill_temperature
+        self._teacher = None  # built from the unpruned network when first needed (`_recovery`)
         self.fingerprint = checkpoints.fingerprint(model, self.site_names)
         self.state: dict | None = None
         self.current: nn.Module | None = None
@@ -279,8 +288,9 @@ class Pruner:
         return self.state["done"]
 
     def step(self) -> Step | None:
-        """One step: choose, linearize, fine-tune (counting), evaluate, accept or stop. None when
-        there is nothing to do: the loop is done, or max_steps steps were attempted."""
+        """One step: choose, linearize, fine-tune (counting), evaluate, accept, or reject (and stop,
+        or with `patience` left try again: `_reject`). None when there is nothing to do: the loop is
+        done, or max_steps steps were attempted (rejected tries count)."""
         state = self.state
         if state["done"]:
             return None
@@ -288,17 +298,19 @@ class Pruner:
             state["stopped"] = f"reached max_steps={self.max_steps}"  # not done: a resume with more steps goes on
             return None
         scores = state["scores"]
-        candidates = _candidates(scores, self.exclude)
+        candidates = self._open(scores)
         if not candidates:
-            state.update(done=True, stopped="no site left to linearize")
+            rejected = len(state.get("rejected", []))
+            left = "no site left to linearize" + (f" ({rejected} rejected)" if rejected else "")
+            state.update(done=True, stopped=left)
             return None
         started = time.perf_counter()
         step = len(state["history"]) + 1
         if self.select == "entropy_latency":
             gains = state.get("gains") or self._gains(self.current, scores)
-            chosen = choose_by_latency(candidates, gains, self.layers_per_step)
+            chosen = choose_by_latency(candidates, gains, state.get("width", self.layers_per_step))
         else:
-            gains, chosen = None, choose(candidates, self.layers_per_step, self.order)
+            gains, chosen = None, choose(candidates, state.get("width", self.layers_per_step), self.order)
         net = self._linearize(chosen)
         new_scores = self._finetune(net, step, counting=len(scores) > len(chosen))
         val = self._accuracy(net, self.val_loader, "val")
@@ -312,14 +324,41 @@ class Pruner:
         if record.accepted:
             self.current = net
             state.update(linearized=state["linearized"] + chosen, scores=dict(new_scores), payoff=paid)
+            if self.patience:
+                state.update(tries=0, width=self.layers_per_step)
             if self.latency_target is not None and paid["latency_ratio"] <= self.latency_target:
                 state.update(done=True, stopped=_reached(paid["latency_ratio"], self.latency_target))
             else:
                 state["gains"] = self._gains(net, state["scores"])
         else:
-            state.update(done=True, stopped=f"validation accuracy {val:.2f} < {threshold:.2f} "
-                                            f"(baseline {state['baseline']:.2f} - max_drop {self.max_drop})")
+            self._reject(chosen, f"validation accuracy {val:.2f} < {threshold:.2f} "
+                                 f"(baseline {state['baseline']:.2f} - max_drop {self.max_drop})")
         return record
+
+    # ---- retry on rejection (patience)
+
+    def _open(self, scores: dict) -> dict:
+        """The sites the next step may remove: scored, not excluded, not rejected earlier in the run."""
+        return _candidates(scores, self.exclude | set(self.state.get("rejected", [])))
+
+    def _reject(self, chosen: list, why: str) -> None:
+        """After a rejected step (its network dropped: the current network, scores, gains and
+        payoff stay the last accepted step's): the loop ends, or, while at most `patience` steps
+        in a row were rejected, the next step tries again. A rejected step of several sites
+        at a width above 1 is retried at half the width (the normal rule on the same candidates);
+        one of a single site, or at width 1, has its sites marked rejected: never candidates again."""
+        state = self.state
+        tries = state.get("tries", 0) + 1
+        if tries > self.patience:
+            state.update(done=True, stopped=why + (f" in {tries} tries in a row (patience {self.patience})"
+                                                   if self.patience else ""))
+            return
+        width = state.get("width", self.layers_per_step)
+        if width > 1 and len(chosen) > 1:
+            state["width"] = max(1, width // 2)
+        else:
+            state["rejected"] = state.get("rejected", []) + list(chosen)
+        state["tries"] = tries
 
     def result(self) -> PruneResult:
         """The run so far: the last network that passed, its accuracy and payoff, every step."""
@@ -394,7 +433,7 @@ class Pruner:
                 training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
                              meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
                              first_epoch=(step - 1) * self.epochs_per_step, inputs_fn=self.inputs_fn,
-                             loss_fn=self.loss_fn)
+                             loss_fn=self.loss_fn, recovery=self._recovery())
             else:
                 self.finetune(meter.model if meter is not None else net, step)
             distributed.sync_module(net)
@@ -404,6 +443,15 @@ class Pruner:
         finally:
             if meter is not None:
                 meter.close()
+
+    def _recovery(self) -> list:
+        """The recovery terms of the default fine-tuner: the teacher, a frozen copy of the unpruned
+        network this Pruner was built with (on resume too: never the network being pruned)."""
+        if self.distill is None:
+            return []
+        if self._teacher is None:
+            self._teacher = recovery.Distillation(self.model, self.distill, self.distill_temperature)
+        return [self._teacher]
 
     def _accuracy(self, net: nn.Module, loader, split: str) -> float | None:
         """Validation (or test) accuracy in percent, the same on every rank (checked for a user's
@@ -434,7 +482,7 @@ class Pruner:
 
     def _gains(self, net: nn.Module, scores: dict) -> list | None:
         """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""
-        if self.select != "entropy_latency" or not (names := list(_candidates(scores, self.exclude))):
+        if self.select != "entropy_latency" or not (names := list(self._open(scores))):
             return None
         return distributed.from_main(lambda: site_gains(net, names, positional(net, self.deploy_example),
                                                         runtime=self.runtime, leaf_modules=self.leaf_paths))
@@ -447,7 +495,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           example_inputs=None, leaf_modules: Iterable | None = None, activations=None, inputs_fn=None, loss_fn=None,
           device=None, seed: int | None = 0, checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
-          latency_target: float | None = None, deploy_batch: int = 1,
+          latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
+          distill_temperature: float = 4.0, patience: int = 0,
           on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
@@ -491,6 +540,21 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         good as the batch it was timed at: a merge that pays at batch 1 can be slower at 16.
     latency_target: also stop, successfully, once an accepted step's latency_ratio is at most this
         (e.g. 0.7: 70% of the original's latency).
+    distill / distill_temperature: recovery by knowledge distillation (Hinton et al.; DepthShrinker
+        fine-tunes so): the default fine-tuner's loss becomes (1 - distill) * task loss + distill *
+        T^2 KL(teacher || student) at temperature T, the teacher a frozen copy of `model` (the
+        unpruned network) in eval mode, run on the same batch (`easier_kernels.recovery`). It adds a
+        teacher forward to every training batch. None: plain fine-tuning, as the paper.
+    patience: retry on rejection (ours, DESIGN.md "Beyond the paper: recovery"). 0, the paper: the
+        loop ends at the first rejected step. N: a rejected step is undone (the run goes on from the
+        last accepted network, its scores and gains) and the next move is tried; the loop ends when
+        N + 1 steps in a row were rejected (an accepted step starts the count again). With
+        layers_per_step > 1 a rejected step of several sites is first retried with half as many
+        (chosen by the same rule from the same candidates), halving again on each further rejection,
+        back to layers_per_step after an accepted step. A rejected step of one site (or at width 1)
+        marks its sites rejected: never candidates again in the run, since a site that failed once
+        is the likeliest to fail again, and it bounds the compute (each site is tried alone at most
+        once). Every try is a step of the history (accepted=False) and counts against max_steps.
     checkpoint_dir / resume: a checkpoint per step; resume=True continues the run found there
         (from the newest readable checkpoint: an unreadable one is skipped with a warning).
     on_step(result): called after every step and at the end with the result so far.
@@ -541,7 +605,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
                   scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
-                  weight_decay=1e-4) -> None:
+                  weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0) -> None:
     """`prune`'s options checked (the CLI checks its flags with it before anything is written or
     trained); a ValueError whose message starts with the option's name."""
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
@@ -549,6 +613,8 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
     training.check_rate("lr", lr)
     if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < float("inf")):
         raise ValueError(f"weight_decay must be a finite number >= 0, not {weight_decay}")
+    if distill is not None:
+        recovery.check_distillation(distill, distill_temperature)
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step),
                         ("deploy_batch", deploy_batch)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -563,16 +629,21 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
         raise ValueError(f"select must be one of {', '.join(SELECT)}, not {select!r}")
     if latency_target is not None and not (isinstance(latency_target, (int, float)) and 0 < latency_target <= 1):
         raise ValueError(f"latency_target must be a fraction of the original's latency in (0, 1], not {latency_target}")
+    if not (isinstance(patience, int) and not isinstance(patience, bool) and patience >= 0):
+        raise ValueError(f"patience must be an integer >= 0, not {patience!r}")
 
 
-def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, **always) -> dict:
+def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, distill,
+              distill_temperature, patience: int = 0, **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
             **({"select_seed": select_seed} if select == "random" else {}),
             **({"runtime": runtime} if runtime != "eager" else {}), **({"plan": plan} if plan != "measure" else {}),
             **({"latency_target": latency_target} if latency_target is not None else {}),
-            **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {})}
+            **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {}),
+            **({"distill": distill, "distill_temperature": distill_temperature} if distill is not None else {}),
+            **({"patience": patience} if patience else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

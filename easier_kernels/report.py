@@ -32,7 +32,7 @@ import numpy as np
 from .files import atomic_write
 
 __all__ = ["write_report", "markdown", "entropy_heatmap", "accuracy_plot", "latency_plot", "entropy_matrix",
-           "accuracy_series", "step_header", "step_row", "summary", "payoff_lines", "COLUMNS"]
+           "accuracy_series", "step_header", "step_row", "summary", "payoff_lines", "recovery", "COLUMNS"]
 
 COLUMNS = ("step", "removed", "entropy (bits)", "val acc", "drop", "test acc", "latency", "MACs", "params", "kept",
            "seconds")
@@ -165,9 +165,10 @@ def markdown(run: dict) -> str:
              f"- **Final accuracy**: validation {_pct(final)}{test('test_accuracy')} "
              f"(drop {base - final:.2f} points, {max_drop:.2f} allowed)",
              f"- **Layers removed**: {len(removed)} of {len(sites)}{names}",
-             f"- **Stopped**: {run.get('stopped') or '-'}",
+             f"- **Stopped**: {run.get('stopped') or '-'}{_retries(run, '; ')}",
              f"- **Processes**: {_processes(run.get('world_size', 1))}",
              f"- **Scoring mode**: {run.get('mode') or '-'}",
+             f"- **Recovery**: {recovery(run.get('settings') or {}) or 'plain fine-tuning'}",
              *[f"- {line}" for line in payoff_lines(run.get("baseline_payoff"), run.get("payoff"))], ""]
     if run.get("settings"):
         lines += ["## Settings", "", _md_row(["setting", "value"]), _md_row(["---", "---"])]
@@ -207,8 +208,27 @@ def summary(run: dict) -> str:
         f"; test {run['test_accuracy']:.2f}% (baseline {run['baseline_test_accuracy']:.2f}%)"
     lines = [f"removed {len(run.get('linearized') or [])} of {len(run.get('sites') or [])} activation layers; validation "
              f"accuracy {final:.2f}% (baseline {base:.2f}%, drop {base - final:.2f} points){test}",
-             f"stopped: {run.get('stopped') or '-'}; {_processes(run.get('world_size', 1))}"]
+             f"stopped: {run.get('stopped') or '-'}{_retries(run, '; ')}; {_processes(run.get('world_size', 1))}"]
+    lines += [f"recovery: {r}" for r in [recovery(run.get("settings") or {})] if r]
     return "\n".join(lines + payoff_lines(run.get("baseline_payoff"), run.get("payoff")))
+
+
+def recovery(settings: dict) -> str:
+    """The recovery options a run fine-tuned with, in words ("" for plain fine-tuning)."""
+    if settings.get("distill") is None:
+        return ""
+    return (f"distillation from the unpruned network (teacher's share of the loss {settings['distill']:g}, temperature "
+            f"{settings.get('distill_temperature', 4.0):g})")
+
+
+def _retries(run: dict, before: str = "") -> str:
+    """With retry on rejection (settings' patience > 0): "3 tries rejected in all (patience 2)", after
+    `before`; "" for a run that stops at its first rejected step."""
+    patience = (run.get("settings") or {}).get("patience") or 0
+    if not patience:
+        return ""
+    rejected = sum(not step.get("accepted") for step in run.get("steps", []))
+    return f"{before}{rejected} {'try' if rejected == 1 else 'tries'} rejected in all (patience {patience})"
 
 
 def _processes(world_size: int) -> str:

@@ -67,11 +67,12 @@ def check_rate(name: str, lr) -> None:
 
 def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
         meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train",
-        first_epoch: int = 0, inputs_fn=None, loss_fn=None) -> float:
+        first_epoch: int = 0, inputs_fn=None, loss_fn=None, recovery=()) -> float:
     """Trains `model` in place for `epochs` epochs with SGD and a cosine learning rate (per batch,
     from `lr` to 0). Returns the mean loss of the last epoch (over every rank's batches); a
     non-finite loss raises. `first_epoch`: the number the loader's sampler gets from `set_epoch`
-    for the first epoch (a DistributedSampler draws each epoch's order from it)."""
+    for the first epoch (a DistributedSampler draws each epoch's order from it). `recovery`:
+    terms that change each batch's loss (`easier_kernels.recovery`, e.g. distillation)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
     check_rate("lr", lr)
@@ -97,7 +98,10 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
                 for batch in progress_bar(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
                     batch, (args, kwargs) = _on_device(batch, device, inputs_fn)
                     with autocast():
-                        loss = (loss_fn or default_loss)(forward(*args, **kwargs), batch)
+                        output = forward(*args, **kwargs)
+                        loss = (loss_fn or default_loss)(output, batch)
+                        for term in recovery:
+                            loss = term.loss(loss, output, args, kwargs)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is None:
                         loss.backward()

@@ -265,6 +265,9 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--train-lr", "-5"], "--train-lr must be a finite learning rate > 0, not -5.0"),
     (["--width", "0"], "width must be a finite number > 0"),
     (["--resume"], "holds no run to continue (no run.json there); check --out, or leave out --resume to start a run"),
+    (["--distill", "0"], "--distill must be the teacher's share of the loss in (0, 1], not 0.0"),
+    (["--distill", "1.5"], "--distill must be the teacher's share of the loss in (0, 1], not 1.5"),
+    (["--distill-temperature", "0", "--distill"], "--distill-temperature must be a finite number > 0, not 0.0"),
     (["--epochs-per-step", "0"], "--epochs-per-step must be an integer >= 1, not 0"),
     (["--val-size", "0"], "--val-size must be >= 1"),
     (["--latency-target", "0"], "--latency-target must be a fraction of the original's latency in (0, 1]"),
@@ -578,3 +581,30 @@ def test_an_image_folder_of_one_class_is_one_line(tmp_path, capsys):
     folder = write_image_folder(tmp_path / "images", per_class=2, classes=1)
     _one_line_error(capsys, ["prune", "--dataset", "imagefolder", "--data-root", str(folder), "--out",
                              str(tmp_path / "out")], "holds one class folder (T-shirt-top); a classifier needs at least two")
+
+
+def test_prune_with_distillation_records_and_says_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--max-steps", "1", "--distill", "--out", str(out)]) == 0
+    assert "recovery: distillation from the unpruned network (teacher's share of the loss 0.5, temperature 4)" in \
+        capsys.readouterr().out
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["distill"] == 0.5 and settings["distill_temperature"] == 4.0
+    _one_line_error(capsys, ["prune", *QUICK, "--max-steps", "2", "--out", str(out), "--resume"],
+                    "--distill 0.5 (now None)")
+
+
+def test_prune_with_patience_records_and_says_it_and_a_bad_value_is_one_line(tmp_path, capsys):
+    _one_line_error(capsys, ["prune", "--patience", "-1", "--out", str(tmp_path / "bad")],
+                    "--patience must be an integer >= 0, not -1")
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    assert cli.main(["prune", *QUICK, "--max-steps", "1", "--patience", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rejected = sum(not s["accepted"] for s in report["steps"])
+    said = f"{rejected} {'try' if rejected == 1 else 'tries'} rejected in all (patience 2)"
+    assert said in capsys.readouterr().out and said in (out / "report.md").read_text()
+    assert report["settings"]["patience"] == 2
+    assert json.loads((out / "run.json").read_text())["settings"]["patience"] == 2
+    _one_line_error(capsys, ["prune", *QUICK, "--max-steps", "2", "--patience", "1", "--out", str(out), "--resume"],
+                    "--patience 2 (now 1)")

@@ -375,3 +375,107 @@ def test_the_deploy_batch_is_the_first_samples_of_the_validation_loader(splits):
     assert torch.equal(Pruner(Mlp(), train, few, deploy_batch=12).deploy_example[0][0], images[torch.arange(12) % 5])
     given = Pruner(Mlp(), train, few, deploy_batch=3, example_inputs=images[7:9])  # or drawn from example_inputs
     assert torch.equal(given.deploy_example[0][0], images[[7, 8, 7]]) and torch.equal(given.example[0][0], images[7:9])
+
+
+# ---- retry on rejection (patience)
+
+
+def test_patience_tries_the_next_move_and_never_the_rejected_site_again(loaders):
+    train, val = loaders
+    options = dict(max_drop=1.0, scoring="pass", finetune=lambda net, step: None, progress=False)
+    result = ek.prune(small_model(), train, val, patience=1, evaluate=scripted([90.0, 89.5, 80.0, 89.4, 80.0, 80.0]),
+                      **options)
+    steps = result.history
+    assert [s.accepted for s in steps] == [True, False, True, False, False]  # two rejected in a row end it
+    assert result.stopped == ("validation accuracy 80.00 < 89.00 (baseline 90.00 - max_drop 1.0) in 2 tries in a row "
+                              "(patience 1)")
+    assert result.linearized == steps[0].removed + steps[2].removed == linearized_sites(result.model)
+    assert result.accuracy == 89.4 and result.settings["patience"] == 1
+    rejected = steps[1].removed[0]
+    # the retry chose from the last accepted step's scores (the rejected network's are dropped), without the rejected site
+    assert steps[2].entropy == steps[1].entropy
+    assert steps[2].removed == [min((n for n in steps[1].entropy if n != rejected), key=steps[1].entropy.get)]
+    assert all(rejected not in s.removed for s in steps[2:]) and steps[3].removed != steps[4].removed
+    # every try is a row of the report, where the rejected ones sit counted from the last accepted step
+    run = result.to_dict()
+    accepted, missed = report.accuracy_series(run)
+    assert accepted["x"] == [0, 1, 2] and missed["x"] == [2, 3, 3] and missed["val"] == [80.0, 80.0, 80.0]
+    assert "3 tries rejected in all (patience 1)" in report.summary(run)
+    assert "3 tries rejected in all (patience 1)" in report.markdown(run)
+    assert report.markdown(run).count("| rejected |") == 3
+
+    # patience=0 (the default): the paper's loop, ended by the first rejected step
+    paper = ek.prune(small_model(), train, val, patience=0, evaluate=scripted([90.0, 89.5, 80.0]), **options)
+    assert [s.accepted for s in paper.history] == [True, False] and "patience" not in paper.settings
+    assert paper.stopped == "validation accuracy 80.00 < 89.00 (baseline 90.00 - max_drop 1.0)"
+    assert "rejected (patience" not in report.summary(paper.to_dict())
+
+
+@pytest.mark.parametrize("select", ["first", "entropy_latency"])
+def test_patience_skips_the_rejected_site_under_every_rule(loaders, select):
+    train, val = loaders
+    result = ek.prune(small_model(), train, val, max_drop=1.0, max_steps=2, patience=1, select=select, scoring="pass",
+                      finetune=lambda net, step: None, evaluate=scripted([90.0, 80.0, 90.0]), progress=False)
+    first, second = result.history
+    assert [first.accepted, second.accepted] == [False, True] and not set(first.removed) & set(second.removed)
+    open_sites = {n: e for n, e in second.entropy.items() if n not in first.removed}
+    if select == "first":
+        assert first.removed + second.removed == result.sites[:2]
+    else:  # the gains of the unpruned network, kept for the retry
+        assert second.gains == first.gains and second.removed == choose_by_latency(open_sites, second.gains, 1)
+
+
+def test_a_rejected_step_of_several_sites_is_retried_with_half_as_many(loaders):
+    train, val = loaders
+    def finetune(net, step):  # changes every weight of the network it is handed
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+
+    loop = Pruner(small_model(), train, val, max_drop=1.0, layers_per_step=2, max_steps=4, patience=2, scoring="pass",
+                  finetune=finetune, evaluate=scripted([90.0, 80.0, 80.0, 90.0, 90.0]), progress=False)
+    loop.begin()
+    before = {k: v.clone() for k, v in loop.current.state_dict().items()}
+    first = loop.step()
+    low, second_lowest = first.removed  # (no site scores exactly 0 here)
+    assert not first.accepted and loop.state["width"] == 1 and not loop.state.get("rejected")  # not marked while halving
+    assert all(torch.equal(before[k], v) for k, v in loop.current.state_dict().items())  # the rejected try left no trace
+    retry = loop.step()
+    assert retry.removed == [low] and not retry.accepted and loop.state["rejected"] == [low]  # one site: marked
+    third = loop.step()
+    assert third.removed == [second_lowest] and third.accepted and loop.state["width"] == 2 and loop.state["tries"] == 0
+    fourth = loop.step()
+    assert len(fourth.removed) == 2 and low not in fourth.removed and fourth.accepted
+    assert loop.step() is None and loop.result().linearized == [second_lowest, *fourth.removed]
+
+
+def test_a_run_resumed_after_a_rejected_try_makes_the_same_choices(loaders, tmp_path):
+    train, val = loaders
+    cursed = {"layer1_0_relu2", "layer4_1_relu2"}  # what any network without them scores: rejected
+
+    def run(max_steps, **more):
+        return ek.prune(small_model(), train, val, max_drop=1.0, max_steps=max_steps, patience=2, plan="merge",
+                        evaluate=lambda net: 50.0 if cursed & set(linearized_sites(net)) else 90.0, progress=False,
+                        **more)
+
+    expected = run(6)
+    assert [s.accepted for s in expected.history][:4] == [True, False, False, True], "pick other cursed sites"
+    first = run(2, checkpoint_dir=tmp_path)  # stopped mid-retry: one try rejected, its site marked
+    assert [s.accepted for s in first.history] == [True, False]
+    resumed = run(6, checkpoint_dir=tmp_path, resume=True)
+    assert [s.removed for s in resumed.history] == [s.removed for s in expected.history]
+    assert [s.entropy for s in resumed.history] == [s.entropy for s in expected.history]
+    assert [s.accepted for s in resumed.history] == [s.accepted for s in expected.history]
+    assert resumed.linearized == expected.linearized and resumed.stopped == expected.stopped
+    got, want = resumed.model.state_dict(), expected.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r"started with patience=2 \(now 1\)"):  # a resume keeps the patience
+        ek.prune(small_model(), train, val, max_drop=1.0, max_steps=6, patience=1, plan="merge", checkpoint_dir=tmp_path,
+                 resume=True, progress=False)
+
+
+@pytest.mark.parametrize("patience", [-1, 1.5, True, "2", None])
+def test_a_bad_patience_is_a_one_line_error(loaders, patience):
+    train, val = loaders
+    with pytest.raises(ValueError, match=f"^patience must be an integer >= 0, not {re.escape(repr(patience))}$"):
+        ek.prune(small_model(), train, val, patience=patience, progress=False)

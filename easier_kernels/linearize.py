@@ -22,7 +22,7 @@ exactly mergeable), plan="none" moves nothing. Every plan and padding change is 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from . import runtimes
 from . import sites as sites_mod
-from .capture import call, capture, logits_of, on_few_samples, positional, rng_kept
+from .capture import call, capture, logits_of, model_device, on_few_samples, positional, rng_kept
 from .fold.algebra import CONVS, exactly
 from .fold.chains import BATCH_NORMS
 from .fold.planner import plan_chains
@@ -38,7 +38,7 @@ from .fold.plans import layout, parse_plan
 from .recipe_entry import track
 from .sites import RECIPE_KEY, linearized, recipe
 
-__all__ = ["linearize", "recipe", "linearized", "from_recipe", "PLAN"]
+__all__ = ["linearize", "recipe", "linearized", "from_recipe", "PLAN", "Annealed", "anneal", "settle"]
 
 PLAN = ("measure", "merge", "none")
 
@@ -187,3 +187,98 @@ def _check_runs(original: nn.Module, gm: fx.GraphModule, example_inputs) -> None
     shapes = [tuple(logits_of(t).shape) for t in (expected, got)]
     if len(shapes) == 2 and shapes[0] != shapes[1]:
         raise RuntimeError(f"linearize changed the output shape from {shapes[0]} to {shapes[1]}; please report this model")
+
+
+# ---- annealing: a linearized site on its way to the identity (recovery's gradual linearization)
+
+
+class Annealed(nn.Module):
+    """A linearized site while it anneals: (1 - t) * act(x) + t * x, exactly x once t reaches 1.
+    `t` is a buffer (a float32 scalar, set in place by the schedule): torch.compile does not
+    recompile per value, DistributedDataParallel broadcasts it, a state dict holds it."""
+
+    def __init__(self, act: Callable):
+        super().__init__()
+        self.act = act
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, x):
+        a = self.act(x)
+        return torch.where(self.t >= 1, x, a + self.t.to(a.dtype) * (x - a))
+
+
+class _Call(nn.Module):
+    """A functional or method activation call, out of place: target(x, *args, **kwargs)."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__()
+        if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+            raise ValueError(f"cannot anneal site {node.name}: its activation reads other tensors than its input")
+        self.op, self.target, self.args, self.kwargs = node.op, node.target, node.args[1:], {**node.kwargs}
+        if "inplace" in self.kwargs:
+            self.kwargs["inplace"] = False  # (the blend reads x after act)
+
+    def forward(self, x):
+        if self.op == "call_method":
+            return getattr(x.clone(), self.target)(*self.args, **self.kwargs)  # (x.relu_() would overwrite x)
+        return self.target(x.clone() if getattr(self.target, "__name__", "").endswith("_") else x, *self.args, **self.kwargs)
+
+
+def _activation(before: fx.GraphModule, site) -> nn.Module:
+    """The activation `site` computes in `before` (the network it was linearized from), out of place."""
+    if site.module is not None:
+        act = copy.deepcopy(before.get_submodule(site.module))
+        if hasattr(act, "inplace"):
+            act.inplace = False
+        return act
+    node = next(n for n in before.graph.nodes if n.meta.get("ek_site") == site.name)
+    return _Call(node)
+
+
+def anneal(net: fx.GraphModule, before: nn.Module, names: Iterable[str]) -> list[Annealed]:
+    """Puts the named sites of `net` (linearized from `before`, e.g. by `linearize(before, names,
+    ...)`) back as `Annealed` modules at t = 0, in place; returns them (a schedule raises their t to
+    1; then `settle(net)`). Plans and padding moves stay as `linearize` made them."""
+    names = list(names)
+    graph = capture(before)  # (a copy of its graph: the site nodes' marks are set by sites_of)
+    by_name = {s.name: s for s in sites_mod.sites_of(graph)}
+    if unknown := [n for n in names if n not in by_name]:
+        raise ValueError(f"cannot anneal {', '.join(unknown)}: not a site of the network before linearization")
+    markers = {n.meta["ek_linearized"]: n for n in net.graph.nodes if "ek_linearized" in n.meta}
+    modules = []
+    for name in names:
+        annealed = Annealed(_activation(graph, by_name[name]))
+        site = by_name[name]
+        if site.in_leaf:
+            parent, _, child = site.module.rpartition(".")
+            setattr(net.get_submodule(parent), child, annealed)
+        else:
+            target = f"ek_anneal_{name}"
+            net.add_submodule(target, annealed)
+            marker = markers[name]
+            with net.graph.inserting_before(marker):
+                call = net.graph.call_module(target, marker.args)
+            call.meta["ek_annealed"] = name
+            marker.replace_all_uses_with(call)
+            net.graph.erase_node(marker)
+        modules.append(annealed.to(model_device(net)))
+    net.recompile()
+    return modules
+
+
+def settle(net: fx.GraphModule) -> None:
+    """Every `Annealed` site of `net` back to the exact identity `linearize` made (the marker, or
+    nn.Identity inside a leaf module), in place: the network validated and folded is the linear one."""
+    for node in list(net.graph.nodes):
+        if "ek_annealed" in node.meta:
+            with net.graph.inserting_before(node):
+                marker = net.graph.call_function(linearized, (node.args[0],))
+            marker.meta["ek_linearized"] = node.meta["ek_annealed"]
+            node.replace_all_uses_with(marker)
+            net.graph.erase_node(node)
+            net.delete_submodule(node.target)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, Annealed):  # (inside leaf modules)
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, nn.Identity())
+    net.recompile()

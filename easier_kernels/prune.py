@@ -42,7 +42,7 @@ from .entropy import MODES, EntropyMeter, entropy_scores
 from .export import folded_from_recipe
 from .files import atomic_write, read_weights
 from .fold.gains import site_gains
-from .linearize import PLAN, from_recipe, linearize, recipe
+from .linearize import PLAN, anneal as anneal_sites, from_recipe, linearize, recipe, settle
 from .recipe_entry import RECIPE_ENTRY, leaf_paths as _leaf_paths
 from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
@@ -204,14 +204,14 @@ class Pruner:
                  loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
                  latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
-                 distill_temperature: float = 4.0, patience: int = 0):
+                 distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None):
         check_options(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
                       max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
                       deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay, distill=distill,
-                      distill_temperature=distill_temperature, patience=patience)
-        if distill is not None and finetune is not None:
-            raise ValueError("distill applies to the default fine-tuner; with your own finetune, add "
-                             "ek.recovery.Distillation(model) to its loss yourself")
+                      distill_temperature=distill_temperature, patience=patience, anneal=anneal)
+        if (distill is not None or anneal is not None) and finetune is not None:
+            raise ValueError("distill and anneal apply to the default fine-tuner; with your own finetune, use "
+                             "easier_kernels.recovery's Distillation / Anneal in it")
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
             raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -252,8 +252,8 @@ class Pruner:
                                   finetune="default" if finetune is None else "user", lr=lr, weight_decay=weight_decay,
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
                                   latency_target=latency_target, deploy_batch=deploy_batch, distill=distill,
-                                  distill_temperature=distill_temperature, patience=patience)
-        self.distill, self.distill_temperature = distill, distill_temperature
+                                  distill_temperature=distill_temperature, patience=patience, anneal=anneal)
+        self.distill, self.distill_temperature, self.anneal = distill, distill_temperature, anneal
         self._teacher = None  # built from the unpruned network when first needed (`_recovery`)
         self.fingerprint = checkpoints.fingerprint(model, self.site_names)
         self.state: dict | None = None
@@ -312,7 +312,7 @@ class Pruner:
         else:
             gains, chosen = None, choose(candidates, state.get("width", self.layers_per_step), self.order)
         net = self._linearize(chosen)
-        new_scores = self._finetune(net, step, counting=len(scores) > len(chosen))
+        new_scores = self._finetune(net, step, chosen, counting=len(scores) > len(chosen))
         val = self._accuracy(net, self.val_loader, "val")
         paid = self._measure(net)
         threshold = state["baseline"] - self.max_drop
@@ -423,17 +423,21 @@ class Pruner:
                                 plans=plans, **self.capture)
         return net
 
-    def _finetune(self, net: nn.Module, step: int, counting: bool) -> dict:
+    def _finetune(self, net: nn.Module, step: int, chosen: list, counting: bool) -> dict:
         """Fine-tunes `net` in place (every rank ends with rank 0's weights and buffers); returns
-        the next step's scores (ride-along counts, or a pass) when sites remain."""
-        meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, **self.capture) \
+        the next step's scores (ride-along counts, or a pass) when sites remain. With `anneal`,
+        the `chosen` sites anneal from their activation to the identity while it trains."""
+        annealed = anneal_sites(net, self.current, chosen) if self.anneal is not None else []
+        counted = [n for n in self.site_names if n not in self.state["linearized"] + chosen] if annealed else None
+        meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, sites=counted, **self.capture) \
             if self.scoring == "ride_along" and counting else None
         try:
             if self.finetune is None:
                 training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
                              meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
                              first_epoch=(step - 1) * self.epochs_per_step, inputs_fn=self.inputs_fn,
-                             loss_fn=self.loss_fn, recovery=self._recovery())
+                             loss_fn=self.loss_fn, recovery=self._recovery(annealed))
+                settle(net)  # (exactly the linear network from here: validated, counted, folded)
             else:
                 self.finetune(meter.model if meter is not None else net, step)
             distributed.sync_module(net)
@@ -444,14 +448,16 @@ class Pruner:
             if meter is not None:
                 meter.close()
 
-    def _recovery(self) -> list:
+    def _recovery(self, annealed: list = ()) -> list:
         """The recovery terms of the default fine-tuner: the teacher, a frozen copy of the unpruned
-        network this Pruner was built with (on resume too: never the network being pruned)."""
+        network this Pruner was built with (on resume too: never the network being pruned); the
+        schedule of the `annealed` sites."""
+        terms = [recovery.Anneal(annealed, self.anneal)] if annealed else []
         if self.distill is None:
-            return []
+            return terms
         if self._teacher is None:
             self._teacher = recovery.Distillation(self.model, self.distill, self.distill_temperature)
-        return [self._teacher]
+        return [self._teacher, *terms]
 
     def _accuracy(self, net: nn.Module, loader, split: str) -> float | None:
         """Validation (or test) accuracy in percent, the same on every rank (checked for a user's
@@ -496,7 +502,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           device=None, seed: int | None = 0, checkpoint_dir=None, resume: bool = False, progress: bool = True, select: str = "entropy",
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
           latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
-          distill_temperature: float = 4.0, patience: int = 0,
+          distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
           on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
@@ -545,6 +551,12 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         T^2 KL(teacher || student) at temperature T, the teacher a frozen copy of `model` (the
         unpruned network) in eval mode, run on the same batch (`easier_kernels.recovery`). It adds a
         teacher forward to every training batch. None: plain fine-tuning, as the paper.
+    anneal: gradual linearization (Layer Folding's idea; ours with a training-free importance): a
+        fraction in (0, 1]. While a step fine-tunes, its chosen sites compute (1 - t) * act(x) + t * x,
+        t going from 0 to 1 over that fraction of the step's batches (a buffer: no recompile under
+        torch.compile), exactly the identity from then on; after fine-tuning they are the identity
+        `linearize` made, so the network validated and folded is the linear one, exactly.
+        None: switched at once, as the paper.
     patience: retry on rejection (ours, DESIGN.md "Beyond the paper: recovery"). 0, the paper: the
         loop ends at the first rejected step. N: a rejected step is undone (the run goes on from the
         last accepted network, its scores and gains) and the next move is tried; the loop ends when
@@ -605,7 +617,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
                   scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
-                  weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0) -> None:
+                  weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0, anneal=None) -> None:
     """`prune`'s options checked (the CLI checks its flags with it before anything is written or
     trained); a ValueError whose message starts with the option's name."""
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
@@ -615,6 +627,8 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
         raise ValueError(f"weight_decay must be a finite number >= 0, not {weight_decay}")
     if distill is not None:
         recovery.check_distillation(distill, distill_temperature)
+    if anneal is not None:
+        recovery.check_anneal(anneal)
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step),
                         ("deploy_batch", deploy_batch)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -634,7 +648,7 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
 
 
 def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, distill,
-              distill_temperature, patience: int = 0, **always) -> dict:
+              distill_temperature, patience: int = 0, anneal=None, **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
@@ -643,7 +657,7 @@ def _settings(select: str, select_seed, runtime: str, plan: str, latency_target,
             **({"latency_target": latency_target} if latency_target is not None else {}),
             **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {}),
             **({"distill": distill, "distill_temperature": distill_temperature} if distill is not None else {}),
-            **({"patience": patience} if patience else {})}
+            **({"patience": patience} if patience else {}), **({"anneal": anneal} if anneal is not None else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

@@ -5,9 +5,16 @@ removed layer costs less accuracy (DESIGN.md, "Beyond the paper: recovery").
     ek.train.fit(net, loader, 1, recovery=[teacher])    # the loss of every batch mixed with the teacher's
     ek.prune(model, train, val, distill=0.5)            # the loop's teacher: the unpruned network
 
-A recovery term sees every training batch after the forward: `term.loss(task_loss, output, args,
-kwargs)` returns the loss to minimize in place of `task_loss` (`train.fit` applies the terms in
-order, inside autocast).
+    from easier_kernels.linearize import anneal, settle
+    sites = anneal(net, before, names)                  # net = ek.linearize(before, names, ...)
+    ek.train.fit(net, loader, 1, recovery=[Anneal(sites, fraction=0.5)]); settle(net)
+    ek.prune(model, train, val, anneal=0.5)             # each step's sites annealed over half its batches
+
+`train.fit` calls each recovery term around every training batch: `term.before_batch(index,
+total)` (index counts the batches of the whole fit from 0; total = epochs x batches per epoch, None
+for a loader without a length) before the forward, and `term.loss(task_loss, output, args, kwargs)`
+after it, which returns the loss to minimize in place of `task_loss` (terms applied in order,
+inside autocast). A term may have either.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch.nn.functional as F
 
 from .capture import logits_of
 
-__all__ = ["Distillation", "check_distillation", "distillation_loss"]
+__all__ = ["Distillation", "Anneal", "check_distillation", "check_anneal", "distillation_loss"]
 
 
 def check_distillation(weight, temperature) -> None:
@@ -60,3 +67,25 @@ class Distillation:
             target = logits_of(self.teacher(*args, **kwargs))
         soft = distillation_loss(logits_of(output), target, self.temperature)
         return (1 - self.weight) * task_loss + self.weight * soft
+
+
+def check_anneal(fraction) -> None:
+    if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise ValueError(f"anneal must be the fraction of a step's batches to anneal over, in (0, 1], not {fraction}")
+
+
+class Anneal:
+    """Gradual linearization (Layer Folding moves activations to linear gradually): the `Annealed`
+    sites' t goes from 0 (the activation) to 1 (the identity) over the first `fraction` of the
+    fit's batches, t = index / n at batch `index` (n = that many batches), 1 from batch n on."""
+
+    def __init__(self, sites, fraction: float):
+        check_anneal(fraction)
+        self.sites, self.fraction = list(sites), fraction
+
+    def before_batch(self, index: int, total: int | None) -> None:
+        if total is None:
+            raise ValueError("anneal needs a training loader with a length (its schedule is a fraction of the batches)")
+        span = max(1, round(self.fraction * total))
+        for site in self.sites:
+            site.t.fill_(min(1.0, index / span))

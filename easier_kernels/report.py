@@ -215,10 +215,13 @@ def summary(run: dict) -> str:
 
 def recovery(settings: dict) -> str:
     """The recovery options a run fine-tuned with, in words ("" for plain fine-tuning)."""
-    if settings.get("distill") is None:
-        return ""
-    return (f"distillation from the unpruned network (teacher's share of the loss {settings['distill']:g}, temperature "
-            f"{settings.get('distill_temperature', 4.0):g})")
+    said = []
+    if settings.get("distill") is not None:
+        said.append(f"distillation from the unpruned network (teacher's share of the loss {settings['distill']:g}, "
+                    f"temperature {settings.get('distill_temperature', 4.0):g})")
+    if settings.get("anneal") is not None:
+        said.append(f"each step's sites annealed to the identity over the first {settings['anneal']:.0%} of its batches")
+    return "; ".join(said)
 
 
 def _retries(run: dict, before: str = "") -> str:

@@ -88,6 +88,7 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
     sampler = getattr(loader, "sampler", None)
     was_training = model.training
     forward.train()
+    done = 0  # batches so far, over every epoch (what recovery terms are scheduled by)
     try:
         for epoch in range(epochs):
             if hasattr(sampler, "set_epoch"):
@@ -96,12 +97,17 @@ def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: fl
             loss_sum, batches = torch.zeros((), device=device), 0
             with paused:
                 for batch in progress_bar(loader, progress, f"{desc} {epoch + 1}/{epochs}"):
+                    for term in recovery:
+                        if hasattr(term, "before_batch"):
+                            term.before_batch(done, epochs * per_epoch if per_epoch else None)
+                    done += 1
                     batch, (args, kwargs) = _on_device(batch, device, inputs_fn)
                     with autocast():
                         output = forward(*args, **kwargs)
                         loss = (loss_fn or default_loss)(output, batch)
                         for term in recovery:
-                            loss = term.loss(loss, output, args, kwargs)
+                            if hasattr(term, "loss"):
+                                loss = term.loss(loss, output, args, kwargs)
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is None:
                         loss.backward()

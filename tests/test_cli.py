@@ -266,6 +266,8 @@ def test_a_run_folder_is_never_overwritten(run_dir, capsys):
     (["--width", "0"], "width must be a finite number > 0"),
     (["--resume"], "holds no run to continue (no run.json there); check --out, or leave out --resume to start a run"),
     (["--distill", "0"], "--distill must be the teacher's share of the loss in (0, 1], not 0.0"),
+    (["--anneal", "0"], "--anneal must be the fraction of a step's batches to anneal over, in (0, 1], not 0.0"),
+    (["--anneal", "2"], "--anneal must be the fraction of a step's batches to anneal over, in (0, 1], not 2.0"),
     (["--distill", "1.5"], "--distill must be the teacher's share of the loss in (0, 1], not 1.5"),
     (["--distill-temperature", "0", "--distill"], "--distill-temperature must be a finite number > 0, not 0.0"),
     (["--epochs-per-step", "0"], "--epochs-per-step must be an integer >= 1, not 0"),
@@ -583,13 +585,13 @@ def test_an_image_folder_of_one_class_is_one_line(tmp_path, capsys):
                              str(tmp_path / "out")], "holds one class folder (T-shirt-top); a classifier needs at least two")
 
 
-def test_prune_with_distillation_records_and_says_it(tmp_path, capsys):
+def test_prune_with_recovery_options_records_and_says_them(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["prune", *QUICK, "--max-steps", "1", "--distill", "--out", str(out)]) == 0
-    assert "recovery: distillation from the unpruned network (teacher's share of the loss 0.5, temperature 4)" in \
-        capsys.readouterr().out
+    assert cli.main(["prune", *QUICK, "--max-steps", "1", "--distill", "--anneal", "0.3", "--out", str(out)]) == 0
+    assert "recovery: distillation from the unpruned network (teacher's share of the loss 0.5, temperature 4); each " \
+           "step's sites annealed to the identity over the first 30% of its batches" in capsys.readouterr().out
     settings = json.loads((out / "report.json").read_text())["settings"]
-    assert settings["distill"] == 0.5 and settings["distill_temperature"] == 4.0
+    assert settings["distill"] == 0.5 and settings["distill_temperature"] == 4.0 and settings["anneal"] == 0.3
     _one_line_error(capsys, ["prune", *QUICK, "--max-steps", "2", "--out", str(out), "--resume"],
                     "--distill 0.5 (now None)")
 

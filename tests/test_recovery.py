@@ -76,9 +76,12 @@ def test_training_with_a_teacher_never_changes_it_nor_the_module_it_was_copied_f
     ({"distill": 0}, r"distill must be the teacher's share of the loss in \(0, 1\], not 0"),
     ({"distill": 1.5}, r"distill must be the teacher's share of the loss in \(0, 1\], not 1.5"),
     ({"distill": 0.5, "distill_temperature": 0}, "distill_temperature must be a finite number > 0, not 0"),
-    ({"distill": 0.5, "finetune": lambda net, step: None}, "distill applies to the default fine-tuner"),
+    ({"distill": 0.5, "finetune": lambda net, step: None}, "distill and anneal apply to the default fine-tuner"),
+    ({"anneal": 0}, r"anneal must be the fraction of a step's batches to anneal over, in \(0, 1\], not 0"),
+    ({"anneal": 1.5}, r"anneal must be the fraction of a step's batches to anneal over, in \(0, 1\], not 1.5"),
+    ({"anneal": 0.5, "finetune": lambda net, step: None}, "distill and anneal apply to the default fine-tuner"),
 ])
-def test_bad_distillation_options_are_one_line_errors(options, message):
+def test_bad_recovery_options_are_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message):
         ek.Pruner(small_model(), [], [], **options)
 
@@ -119,3 +122,97 @@ def test_the_loop_distills_from_the_unpruned_network_and_resumes_with_the_same_t
         assert torch.equal(a, b), name
     with pytest.raises(CheckpointError, match=r"distill=0.5 \(now its default\)"):
         ek.prune(small_model(), *loaders, checkpoint_dir=tmp_path, resume=True, **{**OPTIONS, "distill": None})
+
+
+# ---- gradual linearization: sites annealed from their activation to the identity
+
+from helpers import randomize_batch_norms  # noqa: E402
+
+from easier_kernels.fold.graph import relative_error  # noqa: E402
+from easier_kernels.linearize import Annealed, anneal, settle  # noqa: E402
+
+
+def annealing_case(plan):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(nn.Sequential(  # (a small net whose output follows its input closely)
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6),
+        nn.ReLU6(), nn.Conv2d(6, 6, 1), nn.LeakyReLU(0.2), nn.Conv2d(6, 4, 3, padding=1), nn.GELU(), nn.Flatten(),
+        nn.Linear(4 * 28 * 28, 10)), 0).eval()
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    before = ek.linearize(model, [], x, plan="none").eval()
+    names = [s.name for s in ek.find_sites(model, x)][:3]
+    return before, ek.linearize(before, names, x, plan=plan).eval(), names, x
+
+
+@pytest.mark.parametrize("plan", ["none", "merge"])
+def test_an_annealed_site_is_the_activation_at_0_and_exactly_the_identity_at_1_and_settled(plan):
+    before, net, names, x = annealing_case(plan)
+    with torch.no_grad():
+        linear, original = net(x), before(x)
+        sites = anneal(net, before, names)
+        assert len(sites) == 3 and all(float(s.t) == 0 for s in sites)
+        outputs = []
+        for t in (0.0, 0.5, 1.0):
+            for site in sites:
+                site.t.fill_(t)
+            outputs.append(net(x))
+    if plan == "none":  # (a merge plan moves padding: the network at t = 0 differs at image borders)
+        assert torch.equal(outputs[0], original)
+    assert relative_error(outputs[1], linear) > 1e-3 and relative_error(outputs[1], outputs[0]) > 1e-3
+    assert torch.equal(outputs[2], linear)  # t = 1: exactly the linear network
+    settle(net)
+    assert not any(isinstance(m, Annealed) for m in net.modules()) and ek.recipe(net)["linearized"] == names
+    with torch.no_grad():
+        assert torch.equal(net(x), linear)
+        folded = ek.fold(net, x, decide="merge" if plan == "merge" else "measure", check=False)
+        assert relative_error(folded(x), linear) < 1e-5  # the fold of the result is exact
+
+
+def test_the_schedule_raises_t_over_the_fraction_of_the_batches_then_holds_1():
+    site = Annealed(nn.ReLU())
+    schedule = recovery.Anneal([site], fraction=0.5)
+    seen = []
+    for index in range(8):
+        schedule.before_batch(index, 8)
+        seen.append(float(site.t))
+    assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"anneal must be the fraction of a step's batches to anneal over, in \(0, 1\]"):
+        recovery.Anneal([site], fraction=0)
+
+
+def test_t_is_a_buffer_so_compile_does_not_recompile_per_value():
+    from torch._dynamo.testing import CompileCounter
+
+    site, counter = Annealed(nn.ReLU()), CompileCounter()
+    compiled = torch.compile(site, backend=counter)
+    x = torch.randn(4, 3)
+    for t in (0.0, 0.3, 0.7, 1.0):
+        site.t.fill_(t)
+        assert torch.allclose(compiled(x), (1 - t) * torch.relu(x) + t * x)
+    assert counter.frame_count == 1
+    assert "t" in dict(site.named_buffers())  # (a state dict holds it; DDP broadcasts it)
+
+
+def test_the_loop_anneals_each_step_s_sites_and_ends_with_the_exact_linear_network(loaders):
+    seen = []
+    forward = Annealed.forward
+
+    def spy(self, x):
+        seen.append(float(self.t))
+        return forward(self, x)
+
+    Annealed.forward = spy
+    try:
+        result = ek.prune(small_model(), *loaders, max_drop=100.0, max_steps=2, plan="merge", progress=False,
+                          anneal=0.5)
+    finally:
+        Annealed.forward = forward
+    assert {0.0, 0.5, 1.0} <= set(seen) <= {0.0, 0.5, 1.0}  # 3 batches, half of them: t = 0, 1/2, then 1
+    first, second = result.history
+    assert first.removed[0] not in second.entropy and len(second.entropy) == len(first.entropy) - 1  # counted the rest
+    assert result.settings["anneal"] == 0.5 and not any(isinstance(m, Annealed) for m in result.model.modules())
+    assert "annealed to the identity over the first 50% of its batches" in report.summary(result.to_dict())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        folded = ek.fold(result.model.eval(), x, check=False)
+        assert relative_error(folded(x), result.model(x)) < 1e-5

@@ -30,7 +30,8 @@ PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width":
                   "max_drop": 1.0, "layers_per_step": 1, "batch_size": 128, "lr": 0.01, "train_lr": 0.1, "seed": 0,
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
                   "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1,
-                  "distill": None, "distill_temperature": 4.0, "anneal": None, "patience": 0}
+                  "distill": None, "distill_temperature": 4.0, "anneal": None,
+                  "entropy_weight": None, "entropy_side": "on", "patience": 0}
 # what `prune --out` writes: fold and export never replace these (nor anything in checkpoints/)
 RUN_FILES = ("run.json", "baseline.pt", "pruned.pt", "report.json", "report.md", "entropy.png", "accuracy.png",
              "latency.png")
@@ -142,7 +143,8 @@ def _run(args, device, out: Path, settings: dict, resuming: bool):
                            progress=not args.quiet, on_step=save, select=args.select.replace("-", "_"),
                            select_seed=args.select_seed, runtime=args.runtime, plan=args.plan,
                            latency_target=args.latency_target, deploy_batch=args.deploy_batch, distill=args.distill,
-                           distill_temperature=args.distill_temperature, anneal=args.anneal, patience=args.patience)
+                           distill_temperature=args.distill_temperature, anneal=args.anneal, patience=args.patience,
+                           entropy_weight=args.entropy_weight, entropy_side=args.entropy_side)
     except CheckpointError as exc:  # (a corrupt latest checkpoint is skipped with a warning; none readable ends here)
         raise UsageError(str(exc)) from None
     return result
@@ -601,6 +603,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--anneal", type=_finite, metavar="FRACTION", default=d["anneal"],
                        help="gradual linearization: each step's sites go from their activation to the identity over "
                             "this fraction of the step's batches, (1 - t) act(x) + t x (default: at once)")
+    prune.add_argument("--entropy-weight", type=_finite, default=d["entropy_weight"], metavar="WEIGHT",
+                       help="entropy in the loss: the sites next in line add WEIGHT x their soft layer entropy to the "
+                            "fine-tuning loss, so that they arrive nearly linear (default: none)")
+    prune.add_argument("--entropy-side", default=d["entropy_side"], choices=["on", "both"],
+                       help="--entropy-weight pushes units towards always-on (on: the identity a linearized ReLU "
+                            "becomes) or towards either end (both: the paper's entropy)")
     prune.add_argument("--lr", type=_finite, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
     prune.add_argument("--train-lr", type=_finite, default=d["train_lr"], help="baseline training learning rate")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
@@ -685,7 +693,8 @@ def _check_prune_options(args) -> None:
                       layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                       scoring=args.scoring, select=args.select.replace("-", "_"), latency_target=args.latency_target,
                       deploy_batch=args.deploy_batch, lr=args.lr, distill=args.distill,
-                      distill_temperature=args.distill_temperature, anneal=args.anneal, patience=args.patience)
+                      distill_temperature=args.distill_temperature, anneal=args.anneal, patience=args.patience,
+                      entropy_weight=args.entropy_weight, entropy_side=args.entropy_side)
         check_rate("train_lr", args.train_lr)
     except ValueError as exc:  # "max_drop must be ..." -> "--max-drop must be ..."
         name, rest = str(exc).split(" ", 1)

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, train as training
+from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, sites as sites_mod, train as training
 from .activations import declared
 from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
                       positional, to_device)
@@ -50,6 +50,7 @@ from .sites import find_sites
 __all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record", "check_options"]
 
 SCORING = ("ride_along", "pass")
+_SURROGATE = "ek_surrogate_"  # the entropy penalty's probes, put in for a step's fine-tuning and taken out after
 
 
 @dataclasses.dataclass
@@ -204,14 +205,16 @@ class Pruner:
                  loss_fn=None, device=None, seed: int | None = 0, progress: bool = True, select: str = "entropy",
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
                  latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
-                 distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None):
+                 distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
+                 entropy_weight: float | None = None, entropy_side: str = "on"):
         check_options(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
                       max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
                       deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay, distill=distill,
-                      distill_temperature=distill_temperature, patience=patience, anneal=anneal)
-        if (distill is not None or anneal is not None) and finetune is not None:
-            raise ValueError("distill and anneal apply to the default fine-tuner; with your own finetune, use "
-                             "easier_kernels.recovery's Distillation / Anneal in it")
+                      distill_temperature=distill_temperature, patience=patience, anneal=anneal,
+                      entropy_weight=entropy_weight, entropy_side=entropy_side)
+        if (distill, anneal, entropy_weight) != (None, None, None) and finetune is not None:
+            raise ValueError("distill, anneal and entropy_weight apply to the default fine-tuner; with your own "
+                             "finetune, use easier_kernels.recovery's Distillation / Anneal / EntropyPenalty in it")
         runtimes.check_runtime(runtime)
         if plan not in PLAN:
             raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
@@ -252,8 +255,10 @@ class Pruner:
                                   finetune="default" if finetune is None else "user", lr=lr, weight_decay=weight_decay,
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
                                   latency_target=latency_target, deploy_batch=deploy_batch, distill=distill,
-                                  distill_temperature=distill_temperature, patience=patience, anneal=anneal)
+                                  distill_temperature=distill_temperature, patience=patience, anneal=anneal,
+                                  entropy_weight=entropy_weight, entropy_side=entropy_side)
         self.distill, self.distill_temperature, self.anneal = distill, distill_temperature, anneal
+        self.entropy_weight, self.entropy_side = entropy_weight, entropy_side
         self._teacher = None  # built from the unpruned network when first needed (`_recovery`)
         self.fingerprint = checkpoints.fingerprint(model, self.site_names)
         self.state: dict | None = None
@@ -428,6 +433,7 @@ class Pruner:
         the next step's scores (ride-along counts, or a pass) when sites remain. With `anneal`,
         the `chosen` sites anneal from their activation to the identity while it trains."""
         annealed = anneal_sites(net, self.current, chosen) if self.anneal is not None else []
+        probes, handles = self._probe(net, chosen)
         counted = [n for n in self.site_names if n not in self.state["linearized"] + chosen] if annealed else None
         meter = EntropyMeter(net, example_inputs=self.example, mode=self.mode, sites=counted, **self.capture) \
             if self.scoring == "ride_along" and counting else None
@@ -436,8 +442,9 @@ class Pruner:
                 training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
                              meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
                              first_epoch=(step - 1) * self.epochs_per_step, inputs_fn=self.inputs_fn,
-                             loss_fn=self.loss_fn, recovery=self._recovery(annealed))
+                             loss_fn=self.loss_fn, recovery=self._recovery(annealed, probes))
                 settle(net)  # (exactly the linear network from here: validated, counted, folded)
+                sites_mod.remove_probes(net, _SURROGATE, handles)
             else:
                 self.finetune(meter.model if meter is not None else net, step)
             distributed.sync_module(net)
@@ -448,11 +455,27 @@ class Pruner:
             if meter is not None:
                 meter.close()
 
-    def _recovery(self, annealed: list = ()) -> list:
+    def _probe(self, net: nn.Module, chosen: list) -> tuple[list, list]:
+        """With entropy_weight: soft on-probability probes (and leaf hooks) at the sites next in
+        line: those the rule would remove after `chosen` (for entropy_latency, the lowest entropy:
+        its gains are measured only after the step)."""
+        if self.entropy_weight is None:
+            return [], []
+        rest = {n: e for n, e in self._open(self.state["scores"]).items() if n not in chosen}
+        names = choose(rest, self.state.get("width", self.layers_per_step), self.order)
+        targets = sites_mod.select(sites_mod.sites_of(net), names)
+        probes = [recovery.SoftOn(site.channel_dim) for site in targets]
+        made = iter(probes)
+        handles = sites_mod.instrument(net, targets, lambda site, fused: next(made), prefix=_SURROGATE, fuse=False)
+        return probes, handles
+
+    def _recovery(self, annealed: list = (), probes: list = ()) -> list:
         """The recovery terms of the default fine-tuner: the teacher, a frozen copy of the unpruned
         network this Pruner was built with (on resume too: never the network being pruned); the
-        schedule of the `annealed` sites."""
+        schedule of the `annealed` sites; the entropy penalty of the `probes`."""
         terms = [recovery.Anneal(annealed, self.anneal)] if annealed else []
+        if probes:
+            terms.append(recovery.EntropyPenalty(probes, self.entropy_weight, self.entropy_side))
         if self.distill is None:
             return terms
         if self._teacher is None:
@@ -503,6 +526,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
           latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
           distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
+          entropy_weight: float | None = None, entropy_side: str = "on",
           on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
@@ -557,6 +581,13 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
         torch.compile), exactly the identity from then on; after fine-tuning they are the identity
         `linearize` made, so the network validated and folded is the linear one, exactly.
         None: switched at once, as the paper.
+    entropy_weight / entropy_side: the entropy in the loss (the seed's suggestion): while a step
+        fine-tunes, the sites next in line (those the rule would remove after this step's; for
+        entropy_latency the lowest entropy) add entropy_weight x their soft layer entropy
+        (`recovery.surrogate`: sigmoid on-probabilities per channel) to the loss, so that they
+        arrive nearly linear. side "on" (default) pushes every unit towards always-on, the only end
+        that is the identity (an always-off ReLU outputs 0; linearizing it gives x); "both" lowers
+        the plain entropy, towards either end, as the paper's score counts them.
     patience: retry on rejection (ours, DESIGN.md "Beyond the paper: recovery"). 0, the paper: the
         loop ends at the first rejected step. N: a rejected step is undone (the run goes on from the
         last accepted network, its scores and gains) and the next move is tried; the loop ends when
@@ -617,7 +648,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
                   scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
-                  weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0, anneal=None) -> None:
+                  weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0, anneal=None,
+                  entropy_weight=None, entropy_side="on") -> None:
     """`prune`'s options checked (the CLI checks its flags with it before anything is written or
     trained); a ValueError whose message starts with the option's name."""
     if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
@@ -629,6 +661,8 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
         recovery.check_distillation(distill, distill_temperature)
     if anneal is not None:
         recovery.check_anneal(anneal)
+    if entropy_weight is not None:
+        recovery.check_entropy_weight(entropy_weight, entropy_side)
     for name, value in (("epochs_per_step", epochs_per_step), ("layers_per_step", layers_per_step),
                         ("deploy_batch", deploy_batch)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -648,7 +682,8 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
 
 
 def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, distill,
-              distill_temperature, patience: int = 0, anneal=None, **always) -> dict:
+              distill_temperature, patience: int = 0, anneal=None, entropy_weight=None, entropy_side="on",
+              **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
@@ -657,7 +692,8 @@ def _settings(select: str, select_seed, runtime: str, plan: str, latency_target,
             **({"latency_target": latency_target} if latency_target is not None else {}),
             **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {}),
             **({"distill": distill, "distill_temperature": distill_temperature} if distill is not None else {}),
-            **({"patience": patience} if patience else {}), **({"anneal": anneal} if anneal is not None else {})}
+            **({"patience": patience} if patience else {}), **({"anneal": anneal} if anneal is not None else {}),
+            **({"entropy_weight": entropy_weight, "entropy_side": entropy_side} if entropy_weight is not None else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

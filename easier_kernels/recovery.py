@@ -27,8 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capture import logits_of
+from .entropy import binary_entropy
 
-__all__ = ["Distillation", "Anneal", "check_distillation", "check_anneal", "distillation_loss"]
+__all__ = ["Distillation", "Anneal", "EntropyPenalty", "SoftOn", "soft_on_probability", "surrogate", "SIDES",
+           "check_distillation", "check_anneal", "check_entropy_weight", "distillation_loss"]
+
+SIDES = ("on", "both")
 
 
 def check_distillation(weight, temperature) -> None:
@@ -89,3 +93,65 @@ class Anneal:
         span = max(1, round(self.fraction * total))
         for site in self.sites:
             site.t.fill_(min(1.0, index / span))
+
+
+# ---- entropy in the loss: the next sites in line pushed towards the identity before they go
+
+
+def check_entropy_weight(weight, side) -> None:
+    if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and 0 < weight < math.inf):
+        raise ValueError(f"entropy_weight must be a finite number > 0, not {weight}")
+    if side not in SIDES:
+        raise ValueError(f"entropy_side must be one of {', '.join(SIDES)}, not {side!r}")
+
+
+def soft_on_probability(x: torch.Tensor, channel_dim: int, temperature: float = 0.1) -> torch.Tensor:
+    """Per channel, the mean of sigmoid(x / (temperature * rms)), rms the channel's root mean square
+    (no gradient): a differentiable on-fraction (the hard one counts x >= 0), scale-free, which
+    tends to the hard fraction as the temperature goes to 0."""
+    dims = [d for d in range(x.dim()) if d != channel_dim % x.dim()]
+    x = x.float()
+    rms = x.detach().square().mean(dims, keepdim=True).sqrt().clamp_min(1e-12)
+    return torch.sigmoid(x / (temperature * rms)).mean(dims)
+
+
+def surrogate(p: torch.Tensor, side: str = "on") -> torch.Tensor:
+    """The layer's entropy from soft on-probabilities (mean over channels, bits), as the paper's
+    pooled score averages the hard one. side="both": H(p), lowest at either end. side="on": H(p)
+    where p >= 1/2 and 2 - H(p) below, which falls monotonically from 2 bits (always off) to 0
+    (always on): only the always-on end is the identity a linearized ReLU becomes (an always-off
+    unit outputs 0, and linearizing it turns 0 into x)."""
+    h = binary_entropy(p)
+    return (h if side == "both" else torch.where(p >= 0.5, h, 2 - h)).mean()
+
+
+class SoftOn(nn.Module):
+    """A probe at a site (`sites.instrument`, unfused): keeps the soft on-probability of the site's
+    input from the last forward with gradients, returns the input unchanged."""
+
+    def __init__(self, channel_dim: int, temperature: float = 0.1):
+        super().__init__()
+        self.channel_dim, self.temperature = channel_dim, temperature
+        self.p = None
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.p = soft_on_probability(x, self.channel_dim, self.temperature)
+        return x
+
+
+class EntropyPenalty:
+    """The seed's "entropy in the loss": loss + weight * the mean `surrogate` over the probed sites
+    (those of the last forward), so that they arrive nearly linear when their turn comes."""
+
+    def __init__(self, probes, weight: float, side: str = "on"):
+        check_entropy_weight(weight, side)
+        self.probes, self.weight, self.side = list(probes), weight, side
+
+    def loss(self, task_loss: torch.Tensor, output, args: tuple, kwargs: dict) -> torch.Tensor:
+        seen = [probe.p for probe in self.probes if probe.p is not None]
+        for probe in self.probes:
+            probe.p = None  # (not kept past the step: the graph it holds is freed)
+        if not seen:
+            return task_loss
+        return task_loss + self.weight * torch.stack([surrogate(p, self.side) for p in seen]).mean()

@@ -221,6 +221,9 @@ def recovery(settings: dict) -> str:
                     f"temperature {settings.get('distill_temperature', 4.0):g})")
     if settings.get("anneal") is not None:
         said.append(f"each step's sites annealed to the identity over the first {settings['anneal']:.0%} of its batches")
+    if settings.get("entropy_weight") is not None:
+        said.append(f"entropy in the loss for the sites next in line (weight {settings['entropy_weight']:g}, towards "
+                    f"{'always-on' if settings.get('entropy_side', 'on') == 'on' else 'either end'})")
     return "; ".join(said)
 
 

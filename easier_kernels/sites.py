@@ -27,7 +27,7 @@ from . import activations as acts
 from .activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS
 from .capture import CAPTURE_KEY, capture, eval_mode, few_samples, on_few_samples, positional, record_shapes, shapes_recorded
 
-__all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "record_shapes", "select", "instrument", "eval_mode", "linearized",
+__all__ = ["Site", "find_sites", "sites_of", "measured_sites", "propagate_shapes", "record_shapes", "select", "instrument", "remove_probes", "eval_mode", "linearized",
            "recipe", "declared_activations"]
 
 RECIPE_KEY = "easier_kernels"
@@ -366,8 +366,10 @@ def _used_after(node: fx.Node, value: fx.Node) -> bool:
     return any(user in later for user in value.users)
 
 
-def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[Site, bool], nn.Module]) -> list:
-    """Puts a probe module at each site, in place on `gm`.
+def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[Site, bool], nn.Module],
+               prefix: str = "ek_probe_", fuse: bool = True) -> list:
+    """Puts a probe module at each site, in place on `gm` (submodules `{prefix}{i}`; fuse=False:
+    every probe unfused, so that `remove_probes` can take them out again).
 
     make_probe(site, fused): fused probes replace the activation call (they compute it and
     count in one pass); unfused ones count only and return their input, with the original call
@@ -384,8 +386,8 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
             continue
         node = nodes[site.name]
         x = node.args[0]
-        fused = acts.computed(site.kind) and not (site.inplace and _used_after(node, x))
-        target = f"ek_probe_{i}"
+        fused = fuse and acts.computed(site.kind) and not (site.inplace and _used_after(node, x))
+        target = f"{prefix}{i}"
         gm.add_submodule(target, make_probe(site, fused))
         with gm.graph.inserting_before(node):
             probe_node = gm.graph.call_module(target, (x,))
@@ -396,3 +398,16 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
             node.args = (probe_node, *node.args[1:])
     gm.recompile()
     return handles
+
+
+def remove_probes(gm: fx.GraphModule, prefix: str, handles: Sequence = ()) -> None:
+    """Undoes `instrument(gm, ..., prefix=prefix)` for probes that return their input (unfused):
+    their nodes and submodules go, the leaf modules' hooks (`handles`) are removed."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith(prefix):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+    for handle in handles:
+        handle.remove()
+    gm.recompile()

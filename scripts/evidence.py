@@ -7,6 +7,8 @@ selection rules, and the latency each removed layer buys after folding.
 
     python scripts/evidence.py run --study latency      # latency-aware selection against entropy and random
     python scripts/evidence.py report --study latency   # its part of docs/RESULTS.md and plots
+    python scripts/evidence.py run --study recovery     # issue 28: each recovery option on the latency study's path
+    python scripts/evidence.py report --study recovery
 
 `run` drives the `easier-kernels prune` CLI, exactly as a user would type it (every command is
 printed and logged), `--jobs` at a time with the cores split between them. A baseline is trained
@@ -97,7 +99,19 @@ LATENCY_RULES = {
     "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"],
     "random-2": ["--select", "random", "--select-seed", "2"],
 }
-STUDIES = {"rules": "evidence", "latency": "latency"}  # study -> its folder under runs/ and docs/evidence/
+# The recovery study (docs/RESULTS.md, "Recovery"; issue 28): the latency study's MobileNetV2 experiment
+# (its baseline and schedule), entropy-latency with each recovery option alone and all together.
+# Plain fine-tuning is the latency study's entropy-latency runs (the same schedule), and `plain`
+# here (run again in the same sitting, so that wall-clock times compare).
+RECOVERY_EXPERIMENTS = {"mobilenet_v2-fashion-mnist": LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
+LATENCY_AWARE = ["--select", "entropy-latency"]
+COMBINED = [*LATENCY_AWARE, "--distill", "--anneal", "0.3", "--entropy-weight", "0.1"]
+RECOVERY_RULES = {
+    "plain": LATENCY_AWARE, "distill": [*LATENCY_AWARE, "--distill"], "anneal": [*LATENCY_AWARE, "--anneal", "0.3"],
+    "entropy-weight": [*LATENCY_AWARE, "--entropy-weight", "0.1"], "combined": COMBINED,
+    "combined-seed1": [*COMBINED, *SEED1],
+}
+STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
@@ -130,6 +144,8 @@ def study(name: str) -> tuple[dict, Callable]:
     """(experiments, experiment -> rules) of a study."""
     if name == "latency":
         return LATENCY_EXPERIMENTS, lambda experiment: dict(LATENCY_RULES)
+    if name == "recovery":
+        return RECOVERY_EXPERIMENTS, lambda experiment: dict(RECOVERY_RULES)
     return EXPERIMENTS, rules_of
 
 
@@ -170,7 +186,7 @@ def run(args) -> None:
     experiments = {k: v for k, v in experiments.items() if not args.only or k in args.only}
     jobs = jobs_of(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), Path(args.data_root), rules,
                    draws_last=args.study == "rules")  # the latency study: one experiment whole after another
-    evidence = EVIDENCE / ("latency" if args.study == "latency" else "")
+    evidence = EVIDENCE / ("" if args.study == "rules" else args.study)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done, failed, running, pending = set(), [], {}, list(jobs)
@@ -547,6 +563,8 @@ def latency_figure(path: Path) -> bool:
 def report(args) -> None:
     if args.study == "latency":
         return latency_report()
+    if args.study == "recovery":
+        return recovery_report()
     runs = load_runs()
     if not runs:
         sys.exit(f"nothing in {EVIDENCE}: run `python scripts/evidence.py run` first")
@@ -651,7 +669,7 @@ def latency_tables(runs: dict) -> list[str]:
     body = []
     for name, groups in runs.items():
         for group, members in groups.items():
-            cells = [name, GROUPS[group], len(members)]
+            cells = [name, GROUPS.get(group, group), len(members)]
             for drop, key in [(d, "val") for d in DROP_LEVELS] + [(1.0, "test")]:
                 kept = [kept_within(r, drop, key) for r in members]
                 cells.append(f"{spread([k[1] for k in kept])} [{spread([k[0] for k in kept])}]")
@@ -663,7 +681,7 @@ def latency_tables(runs: dict) -> list[str]:
     body = []
     for name, groups in runs.items():
         for group, members in groups.items():
-            body.append([name, GROUPS[group]] + [spread([accuracy_at(r, level, "test") for r in members])
+            body.append([name, GROUPS.get(group, group)] + [spread([accuracy_at(r, level, "test") for r in members])
                                                  for level in RATIO_LEVELS])
     lines += markdown_table(["experiment", "rule"] + [f"<= {level:g}x" for level in RATIO_LEVELS], body)
     return lines
@@ -743,6 +761,48 @@ def latency_report() -> None:
     head, rest = text.split(LATENCY_BEGIN, 1)
     RESULTS.write_text(head + "\n".join(lines) + rest.split(LATENCY_END, 1)[1])
     print(f"wrote {RESULTS} (latency study) and {IMAGES}/latency_study.png")
+
+
+# ---- the recovery study's report
+
+RECOVERY_BEGIN, RECOVERY_END = "<!-- recovery:begin (scripts/evidence.py report --study recovery) -->", "<!-- recovery:end -->"
+
+
+def load_recovery_runs() -> dict:
+    """experiment -> variant -> [report.json per seed]: docs/evidence/recovery/, and the latency
+    study's entropy-latency runs of the same experiment as "plain (latency study)"."""
+    runs = {}
+    for name in RECOVERY_EXPERIMENTS:
+        for rule in RECOVERY_RULES:
+            path = EVIDENCE / "recovery" / name / f"{rule}.json"
+            if path.exists():
+                runs.setdefault(name, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
+        for rule in ("entropy-latency", "entropy-latency-seed1"):
+            path = EVIDENCE / "latency" / name / f"{rule}.json"
+            if path.exists() and name in runs:
+                runs[name].setdefault("plain (latency study)", []).append(json.loads(path.read_text()))
+    return runs
+
+
+def cost_table(runs: dict) -> list[str]:
+    """Wall-clock seconds per step (fine-tuning, validation, test, folding and timing), per variant."""
+    body = [[name, group, len(members), spread([statistics.mean(s["seconds"] for s in r["steps"]) for r in members])]
+            for name, groups in runs.items() for group, members in groups.items()]
+    return markdown_table(["experiment", "variant", "runs", "seconds per step"], body)
+
+
+def recovery_report() -> None:
+    runs = load_recovery_runs()
+    if not runs:
+        sys.exit(f"nothing in {EVIDENCE / 'recovery'}: run `python scripts/evidence.py run --study recovery` first")
+    lines = [RECOVERY_BEGIN, "", *latency_tables(runs), "", "#### What each variant costs", "", *cost_table(runs), ""]
+    lines.append(RECOVERY_END)
+    text = RESULTS.read_text()
+    if RECOVERY_BEGIN not in text:
+        text += f"\n{RECOVERY_BEGIN}\n{RECOVERY_END}\n"
+    head, rest = text.split(RECOVERY_BEGIN, 1)
+    RESULTS.write_text(head + "\n".join(lines) + rest.split(RECOVERY_END, 1)[1])
+    print(f"wrote {RESULTS} (recovery study)")
 
 
 def main(argv=None) -> None:

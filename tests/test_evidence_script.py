@@ -171,3 +171,33 @@ def test_the_latency_report_answers_both_questions_from_the_copied_reports(tmp_p
     assert (tmp_path / "images" / "latency_study.png").read_bytes()[:4] == b"\x89PNG"
     module.main(["report", "--study", "latency"])  # regenerates in place
     assert module.RESULTS.read_text().count(module.LATENCY_BEGIN) == 1
+
+
+def test_the_recovery_study_runs_each_option_alone_and_together_on_the_latency_study_s_path(tmp_path, monkeypatch):
+    module = load_script()
+    experiments, rules_of = module.study("recovery")
+    assert experiments == {"mobilenet_v2-fashion-mnist": module.LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
+    jobs = module.jobs_of(experiments, tmp_path, tmp_path, rules_of)
+    argv = {j["name"].split("/")[1]: j["argv"] for j in jobs}
+    assert set(argv) == {"baseline", *module.RECOVERY_RULES}
+    for rule, args in argv.items():
+        if rule != "baseline":
+            assert args[args.index("--select") + 1] == "entropy-latency"  # every variant on ours
+            assert ("--distill" in args) == (rule in ("distill", "combined", "combined-seed1"))
+            assert ("--anneal" in args) == (rule in ("anneal", "combined", "combined-seed1"))
+    monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")
+    for study, rule, val in (("recovery", "plain", [89.5, 88.0]), ("recovery", "combined", [89.9, 89.5]),
+                             ("recovery", "combined-seed1", [89.8, 89.4]), ("latency", "entropy-latency", [89.0, 88.5])):
+        path = tmp_path / "evidence" / study / "mobilenet_v2-fashion-mnist" / f"{rule}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run = fake_run(val, val, [0.9, 0.7])
+        for step in run["steps"]:
+            step["seconds"] = 20.0 if rule != "combined" else 30.0
+        path.write_text(json.dumps(run))
+    module.RESULTS.write_text("# Results\n")
+    module.main(["report", "--study", "recovery"])
+    text = module.RESULTS.read_text()
+    combined = next(line for line in text.splitlines() if "| combined | 2 |" in line and "<=" not in line)
+    assert combined.split(" | ")[3] == "0.70 (0.70-0.70) [2.00 (2.00-2.00)]"  # both seeds kept both steps at 1 point
+    assert "| plain (latency study) | 1 |" in text and "| combined | 2 | 25.00 (20.00-30.00) |" in text

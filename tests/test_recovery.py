@@ -76,10 +76,12 @@ def test_training_with_a_teacher_never_changes_it_nor_the_module_it_was_copied_f
     ({"distill": 0}, r"distill must be the teacher's share of the loss in \(0, 1\], not 0"),
     ({"distill": 1.5}, r"distill must be the teacher's share of the loss in \(0, 1\], not 1.5"),
     ({"distill": 0.5, "distill_temperature": 0}, "distill_temperature must be a finite number > 0, not 0"),
-    ({"distill": 0.5, "finetune": lambda net, step: None}, "distill and anneal apply to the default fine-tuner"),
+    ({"distill": 0.5, "finetune": lambda net, step: None}, "distill, anneal and entropy_weight apply to the default fine-tuner"),
     ({"anneal": 0}, r"anneal must be the fraction of a step's batches to anneal over, in \(0, 1\], not 0"),
     ({"anneal": 1.5}, r"anneal must be the fraction of a step's batches to anneal over, in \(0, 1\], not 1.5"),
-    ({"anneal": 0.5, "finetune": lambda net, step: None}, "distill and anneal apply to the default fine-tuner"),
+    ({"anneal": 0.5, "finetune": lambda net, step: None}, "distill, anneal and entropy_weight apply to the default fine-tuner"),
+    ({"entropy_weight": 0}, "entropy_weight must be a finite number > 0, not 0"),
+    ({"entropy_weight": 0.1, "entropy_side": "off"}, "entropy_side must be one of on, both, not 'off'"),
 ])
 def test_bad_recovery_options_are_one_line_errors(options, message):
     with pytest.raises(ValueError, match=message):
@@ -216,3 +218,75 @@ def test_the_loop_anneals_each_step_s_sites_and_ends_with_the_exact_linear_netwo
     with torch.no_grad():
         folded = ek.fold(result.model.eval(), x, check=False)
         assert relative_error(folded(x), result.model(x)) < 1e-5
+
+
+# ---- entropy in the loss: a soft layer entropy that tracks the hard one, and whose gradient lowers it
+
+from easier_kernels.entropy import layer_entropy  # noqa: E402
+
+
+def hard_entropy(x: torch.Tensor) -> float:
+    on = (x >= 0).sum((0, 2, 3))
+    return float(layer_entropy(on, x.numel() // x.shape[1]))
+
+
+def test_the_surrogate_treats_the_two_ends_as_the_issue_asks():
+    on, off, half = torch.ones(4) * 0.999, torch.ones(4) * 0.001, torch.full((4,), 0.5)
+    assert recovery.surrogate(on, "both") < 0.02 and recovery.surrogate(off, "both") < 0.02  # both ends: low entropy
+    assert recovery.surrogate(on, "on") < 0.02 and recovery.surrogate(off, "on") > 1.98  # only always-on is the identity
+    assert recovery.surrogate(half, "on") == pytest.approx(1.0) == recovery.surrogate(half, "both")
+    p = torch.linspace(0.01, 0.99, 50, requires_grad=True)
+    torch.stack([recovery.surrogate(v.reshape(1), "on") for v in p]).sum().backward()
+    assert (p.grad < 0).all()  # "on": more on-probability always lowers it
+
+
+def test_the_soft_entropy_tracks_the_hard_one_on_real_activations():
+    splits = ek.data.load("fashion-mnist-mini", seed=0)
+    images = torch.stack([splits.train[i][0] for i in range(64)])
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)).train()
+    with torch.no_grad():
+        conv[0].bias.uniform_(-0.5, 0.5)  # (units at every on-fraction)
+        x = conv(images)
+    soft = float(recovery.surrogate(recovery.soft_on_probability(x, 1), "both"))
+    assert abs(soft - hard_entropy(x)) < 0.05, (soft, hard_entropy(x))
+
+
+@pytest.mark.parametrize("side", ["on", "both"])
+def test_the_surrogate_s_gradient_lowers_the_hard_entropy_of_a_site_on_real_images(side):
+    splits = ek.data.load("fashion-mnist-mini", seed=0)
+    images = torch.stack([splits.train[i][0] for i in range(64)])
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 16, 3, padding=1)
+    before = hard_entropy(conv(images).detach())
+    optimizer = torch.optim.SGD(conv.parameters(), lr=5.0)
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = recovery.surrogate(recovery.soft_on_probability(conv(images), 1), side)
+        loss.backward()
+        optimizer.step()
+    x = conv(images).detach()
+    assert hard_entropy(x) < before - 0.2, (before, hard_entropy(x))
+    if side == "on":
+        assert float((x >= 0).float().mean()) > 0.7  # towards always-on, not always-off (from about half)
+
+
+def test_the_loop_penalizes_the_sites_next_in_line_and_takes_its_probes_out(loaders, monkeypatch):
+    penalized = []
+    surrogate = recovery.surrogate
+
+    def spy(p, side="on"):
+        penalized.append((p.numel(), side))
+        return surrogate(p, side)
+
+    monkeypatch.setattr(recovery, "surrogate", spy)
+    result = ek.prune(small_model(), *loaders, max_drop=100.0, max_steps=2, plan="merge", progress=False,
+                      entropy_weight=0.1, entropy_side="both")
+    first, second = result.history
+    assert penalized and {side for _, side in penalized} == {"both"}
+    assert second.removed[0] == min(second.entropy, key=second.entropy.get)  # the loop still chooses by entropy
+    assert not any(name.startswith("ek_surrogate_") for name, _ in result.model.named_modules())
+    assert result.settings["entropy_weight"] == 0.1 and "entropy in the loss for the sites next in line (weight 0.1, " \
+        "towards either end)" in report.summary(result.to_dict())
+    with pytest.raises(ValueError, match="entropy_side must be one of on, both, not 'off'"):
+        ek.Pruner(small_model(), *loaders, entropy_weight=0.1, entropy_side="off")

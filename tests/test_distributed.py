@@ -191,8 +191,8 @@ def test_a_rank_that_dies_or_hangs_fails_the_others_with_one_line(tmp_path, faul
 
 
 def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
-    """ek.prune under a process group: the default loop keeps ranks together (with distillation
-    too); a user's evaluate that differs per rank and a finetune that lets weights drift apart are
+    """ek.prune under a process group: the default loop keeps ranks together (with every recovery
+    option too); a user's evaluate that differs per rank and a finetune that lets weights drift apart are
     errors on every rank; a site one rank never reached is counted from the others."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -210,8 +210,8 @@ def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
     # [2, 4, 6, 6] activations per rank: the conv's site counted on both ranks, the gated one on rank 0 only
     assert got["one_rank_site"]["conv_per_channel"] == 2 * 72 and got["one_rank_site"]["gated_per_channel"] == 72
     assert 0 <= got["one_rank_site"]["entropy"] <= 1
-    # distillation under DDP: each rank's own teacher, rank 0's unpruned network (ranks agree: checked above)
-    assert got["distilled"]["teacher"] == got["distilled"]["unpruned"] != got["distilled"]["student"]
+    # the recovery options under DDP: each rank's own teacher, rank 0's unpruned network; the students agree
+    assert got["recovered"]["teacher"] == got["recovered"]["unpruned"] != got["recovered"]["student"]
 
 
 # ---- single process: the helpers are the identity

@@ -101,8 +101,8 @@ LATENCY_RULES = {
 }
 # The recovery study (docs/RESULTS.md, "Recovery"; issue 28): the latency study's MobileNetV2 experiment
 # (its baseline and schedule), entropy-latency with each recovery option alone and all together.
-# Plain fine-tuning is the latency study's entropy-latency runs (the same schedule), and `plain`
-# here (run again in the same sitting, so that wall-clock times compare).
+# `plain` is entropy-latency with plain fine-tuning, run again from this study's baseline in the
+# same sitting, so that accuracies and wall-clock times compare.
 RECOVERY_EXPERIMENTS = {"mobilenet_v2-fashion-mnist": LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
 LATENCY_AWARE = ["--select", "entropy-latency"]
 COMBINED = [*LATENCY_AWARE, "--distill", "--anneal", "0.3", "--entropy-weight", "0.1"]
@@ -769,18 +769,13 @@ RECOVERY_BEGIN, RECOVERY_END = "<!-- recovery:begin (scripts/evidence.py report 
 
 
 def load_recovery_runs() -> dict:
-    """experiment -> variant -> [report.json per seed]: docs/evidence/recovery/, and the latency
-    study's entropy-latency runs of the same experiment as "plain (latency study)"."""
+    """experiment -> variant -> [report.json per seed], for what docs/evidence/recovery/ holds."""
     runs = {}
     for name in RECOVERY_EXPERIMENTS:
         for rule in RECOVERY_RULES:
             path = EVIDENCE / "recovery" / name / f"{rule}.json"
             if path.exists():
                 runs.setdefault(name, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
-        for rule in ("entropy-latency", "entropy-latency-seed1"):
-            path = EVIDENCE / "latency" / name / f"{rule}.json"
-            if path.exists() and name in runs:
-                runs[name].setdefault("plain (latency study)", []).append(json.loads(path.read_text()))
     return runs
 
 

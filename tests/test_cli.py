@@ -96,7 +96,8 @@ def test_prune_latency_aware_to_a_latency_target_prints_what_the_run_bought(tmp_
     else:
         assert report["stopped"] == "reached max_steps=3" and all(r > 0.97 for r in ratios)
     assert "latency (eager on cpu at batch 1, input [1, 1, 28, 28]): " in printed and "MACs: " in printed
-    assert f"= {report['payoff']['latency_ratio']:.3f}x the original" in printed
+    noisy = "?" if report["payoff"]["noisy"] else ""  # (a busy machine: the summary marks the figure)
+    assert f"= {report['payoff']['latency_ratio']:.3f}x{noisy} the original" in printed
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](latency.png)" in (out / "report.md").read_text()
 

@@ -106,11 +106,10 @@ LATENCY_RULES = {
 RECOVERY_EXPERIMENTS = {"mobilenet_v2-fashion-mnist": LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
 LATENCY_AWARE = ["--select", "entropy-latency"]
 COMBINED = [*LATENCY_AWARE, "--distill", "--anneal", "0.3", "--entropy-weight", "0.1"]
-RECOVERY_RULES = {
-    "plain": LATENCY_AWARE, "distill": [*LATENCY_AWARE, "--distill"], "anneal": [*LATENCY_AWARE, "--anneal", "0.3"],
-    "entropy-weight": [*LATENCY_AWARE, "--entropy-weight", "0.1"], "combined": COMBINED,
-    "combined-seed1": [*COMBINED, *SEED1],
-}
+RECOVERY_OPTIONS = {"plain": [], "distill": ["--distill"], "anneal": ["--anneal", "0.3"],
+                    "entropy-weight": ["--entropy-weight", "0.1"], "combined": COMBINED[2:]}
+RECOVERY_RULES = {**{name: [*LATENCY_AWARE, *extra] for name, extra in RECOVERY_OPTIONS.items()},
+                  **{f"{name}-seed1": [*LATENCY_AWARE, *extra, *SEED1] for name, extra in RECOVERY_OPTIONS.items()}}
 STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
@@ -613,14 +612,15 @@ def group_of(rule: str) -> str:
     return "random" if rule.startswith("random") else rule.removesuffix("-seed1")
 
 
-def load_latency_runs() -> dict:
-    """experiment -> group -> [report.json of each seed or draw], for what docs/evidence/latency/ holds."""
+def load_study_runs(name: str) -> dict:
+    """experiment -> group -> [report.json of each seed or draw], for what docs/evidence/<study>/ holds."""
+    experiments, rules_of_study = study(name)
     runs = {}
-    for name in LATENCY_EXPERIMENTS:
-        for rule in LATENCY_RULES:
-            path = EVIDENCE / "latency" / name / f"{rule}.json"
+    for experiment in experiments:
+        for rule in rules_of_study(experiment):
+            path = EVIDENCE / name / experiment / f"{rule}.json"
             if path.exists():
-                runs.setdefault(name, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
+                runs.setdefault(experiment, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
     return runs
 
 
@@ -738,7 +738,7 @@ def latency_orders(name: str, groups: dict) -> list[str]:
 
 
 def latency_report() -> None:
-    runs = load_latency_runs()
+    runs = load_study_runs("latency")
     if not runs:
         sys.exit(f"nothing in {EVIDENCE / 'latency'}: run `python scripts/evidence.py run --study latency` first")
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -755,28 +755,22 @@ def latency_report() -> None:
                   f"{before['macs'] / 1e6:.2f} M MACs. Removal order (latency ratio after each step):", "",
                   *latency_orders(name, groups), ""]
     lines.append(LATENCY_END)
-    text = RESULTS.read_text()
-    if LATENCY_BEGIN not in text:
-        text += f"\n{LATENCY_BEGIN}\n{LATENCY_END}\n"
-    head, rest = text.split(LATENCY_BEGIN, 1)
-    RESULTS.write_text(head + "\n".join(lines) + rest.split(LATENCY_END, 1)[1])
+    write_section(LATENCY_BEGIN, LATENCY_END, lines)
     print(f"wrote {RESULTS} (latency study) and {IMAGES}/latency_study.png")
+
+
+def write_section(begin: str, end: str, lines: list[str]) -> None:
+    """`lines` (from `begin` to `end`) in place of that section of docs/RESULTS.md, appended where missing."""
+    text = RESULTS.read_text()
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    RESULTS.write_text(head + "\n".join(lines) + rest.split(end, 1)[1])
 
 
 # ---- the recovery study's report
 
 RECOVERY_BEGIN, RECOVERY_END = "<!-- recovery:begin (scripts/evidence.py report --study recovery) -->", "<!-- recovery:end -->"
-
-
-def load_recovery_runs() -> dict:
-    """experiment -> variant -> [report.json per seed], for what docs/evidence/recovery/ holds."""
-    runs = {}
-    for name in RECOVERY_EXPERIMENTS:
-        for rule in RECOVERY_RULES:
-            path = EVIDENCE / "recovery" / name / f"{rule}.json"
-            if path.exists():
-                runs.setdefault(name, {}).setdefault(group_of(rule), []).append(json.loads(path.read_text()))
-    return runs
 
 
 def cost_table(runs: dict) -> list[str]:
@@ -787,16 +781,12 @@ def cost_table(runs: dict) -> list[str]:
 
 
 def recovery_report() -> None:
-    runs = load_recovery_runs()
+    runs = load_study_runs("recovery")
     if not runs:
         sys.exit(f"nothing in {EVIDENCE / 'recovery'}: run `python scripts/evidence.py run --study recovery` first")
     lines = [RECOVERY_BEGIN, "", *latency_tables(runs), "", "#### What each variant costs", "", *cost_table(runs), ""]
     lines.append(RECOVERY_END)
-    text = RESULTS.read_text()
-    if RECOVERY_BEGIN not in text:
-        text += f"\n{RECOVERY_BEGIN}\n{RECOVERY_END}\n"
-    head, rest = text.split(RECOVERY_BEGIN, 1)
-    RESULTS.write_text(head + "\n".join(lines) + rest.split(RECOVERY_END, 1)[1])
+    write_section(RECOVERY_BEGIN, RECOVERY_END, lines)
     print(f"wrote {RESULTS} (recovery study)")
 
 

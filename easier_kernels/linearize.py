@@ -208,20 +208,20 @@ class Annealed(nn.Module):
 
 
 class _Call(nn.Module):
-    """A functional or method activation call, out of place: target(x, *args, **kwargs)."""
+    """A functional or method activation call, target(x, *args, **kwargs), on a copy of x where
+    the call is in place (the blend reads x after it)."""
 
-    def __init__(self, node: fx.Node):
+    def __init__(self, node: fx.Node, inplace: bool):
         super().__init__()
         if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
             raise ValueError(f"cannot anneal site {node.name}: its activation reads other tensors than its input")
-        self.op, self.target, self.args, self.kwargs = node.op, node.target, node.args[1:], {**node.kwargs}
-        if "inplace" in self.kwargs:
-            self.kwargs["inplace"] = False  # (the blend reads x after act)
+        self.op, self.target, self.args, self.kwargs, self.inplace = node.op, node.target, node.args[1:], node.kwargs, inplace
 
     def forward(self, x):
+        x = x.clone() if self.inplace else x
         if self.op == "call_method":
-            return getattr(x.clone(), self.target)(*self.args, **self.kwargs)  # (x.relu_() would overwrite x)
-        return self.target(x.clone() if getattr(self.target, "__name__", "").endswith("_") else x, *self.args, **self.kwargs)
+            return getattr(x, self.target)(*self.args, **self.kwargs)
+        return self.target(x, *self.args, **self.kwargs)
 
 
 def _activation(before: fx.GraphModule, site) -> nn.Module:
@@ -232,7 +232,7 @@ def _activation(before: fx.GraphModule, site) -> nn.Module:
             act.inplace = False
         return act
     node = next(n for n in before.graph.nodes if n.meta.get("ek_site") == site.name)
-    return _Call(node)
+    return _Call(node, site.inplace)
 
 
 def anneal(net: fx.GraphModule, before: nn.Module, names: Iterable[str]) -> list[Annealed]:

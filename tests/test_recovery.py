@@ -290,3 +290,26 @@ def test_the_loop_penalizes_the_sites_next_in_line_and_takes_its_probes_out(load
         "towards either end)" in report.summary(result.to_dict())
     with pytest.raises(ValueError, match="entropy_side must be one of on, both, not 'off'"):
         ek.Pruner(small_model(), *loaders, entropy_weight=0.1, entropy_side="off")
+
+
+def test_in_place_activation_calls_anneal_without_overwriting_their_input():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return nn.functional.leaky_relu(self.c(self.b(nn.functional.relu(self.a(x), inplace=True)).relu_()), 0.2)
+
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), torch.randn(2, 1, 8, 8)
+    before = ek.linearize(model, [], x, plan="none")
+    names = [s.name for s in ek.find_sites(model, x)]
+    net = ek.linearize(before, names, x, plan="none")
+    with torch.no_grad():
+        linear = net(x)
+        sites = anneal(net, before, names)
+        assert torch.equal(net(x), before(x))  # t = 0: the in-place calls ran on copies
+        for site in sites:
+            site.t.fill_(1.0)
+        assert torch.equal(net(x), linear)

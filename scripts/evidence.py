@@ -99,17 +99,33 @@ LATENCY_RULES = {
     "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"],
     "random-2": ["--select", "random", "--select-seed", "2"],
 }
-# The recovery study (docs/RESULTS.md, "Recovery"; issue 28): the latency study's MobileNetV2 experiment
-# (its baseline and schedule), entropy-latency with each recovery option alone and all together.
-# `plain` is entropy-latency with plain fine-tuning, run again from this study's baseline in the
-# same sitting, so that accuracies and wall-clock times compare.
-RECOVERY_EXPERIMENTS = {"mobilenet_v2-fashion-mnist": LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
+# The recovery study (docs/RESULTS.md, "Recovery"; issue 28): the latency study's MobileNetV2 and
+# ResNet-18 experiments (their baselines and schedules), entropy-latency with each recovery option
+# alone and all together, each at two loop seeds. `plain` is entropy-latency with plain
+# fine-tuning, run again from this study's baseline in the same sitting, so that accuracies and
+# wall-clock times compare. MobileNetV2 further runs: plain fine-tuning given distillation's
+# wall-clock (1.2x the images per step, the cost measured in the first sitting), distillation with
+# the paper's rule, and the stopping rule (--max-drop 1) with retry on rejection.
+RECOVERY_EXPERIMENTS = {name: LATENCY_EXPERIMENTS[name] for name in ("mobilenet_v2-fashion-mnist", "resnet18-cifar10-subset")}
 LATENCY_AWARE = ["--select", "entropy-latency"]
 COMBINED = [*LATENCY_AWARE, "--distill", "--anneal", "0.3", "--entropy-weight", "0.1"]
-RECOVERY_OPTIONS = {"plain": [], "distill": ["--distill"], "anneal": ["--anneal", "0.3"],
-                    "entropy-weight": ["--entropy-weight", "0.1"], "combined": COMBINED[2:]}
-RECOVERY_RULES = {**{name: [*LATENCY_AWARE, *extra] for name, extra in RECOVERY_OPTIONS.items()},
-                  **{f"{name}-seed1": [*LATENCY_AWARE, *extra, *SEED1] for name, extra in RECOVERY_OPTIONS.items()}}
+RECOVERY_OPTIONS = {"plain": [], "distill": ["--distill"], "combined": COMBINED[2:], "anneal": ["--anneal", "0.3"],
+                    "entropy-weight": ["--entropy-weight", "0.1"]}
+RECOVERY_MORE = {"mobilenet_v2-fashion-mnist": {
+    "plain-wallclock": ["--train-size", "3600"],
+    "distill-entropy": ["--select", "entropy", "--distill"],
+    "plain-patience": ["--max-drop", "1", "--patience", "2"],
+    "distill-patience": ["--distill", "--max-drop", "1", "--patience", "2"]}}
+
+
+def recovery_rules(experiment: str) -> dict:
+    """Each variant at loop seeds 0 and 1 (`name`, `name-seed1`; a variant's seeds one after the
+    other); later options override earlier ones."""
+    variants = {**RECOVERY_OPTIONS, **RECOVERY_MORE.get(experiment, {})}
+    return {key: [*LATENCY_AWARE, *extra, *seed] for name, extra in variants.items()
+            for key, seed in ((name, []), (f"{name}-seed1", SEED1))}
+
+
 STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
@@ -144,7 +160,7 @@ def study(name: str) -> tuple[dict, Callable]:
     if name == "latency":
         return LATENCY_EXPERIMENTS, lambda experiment: dict(LATENCY_RULES)
     if name == "recovery":
-        return RECOVERY_EXPERIMENTS, lambda experiment: dict(RECOVERY_RULES)
+        return RECOVERY_EXPERIMENTS, recovery_rules
     return EXPERIMENTS, rules_of
 
 
@@ -603,6 +619,7 @@ def report(args) -> None:
 LATENCY_BEGIN, LATENCY_END = "<!-- latency:begin (scripts/evidence.py report --study latency) -->", "<!-- latency:end -->"
 GROUPS = {"entropy": "entropy (the paper's rule)", "entropy-latency": "entropy-latency (ours)", "random": "random"}
 GROUP_COLORS = {"entropy": "#1f77b4", "entropy-latency": "#d62728", "random": "#7f7f7f"}
+PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")  # other groups
 RATIO_LEVELS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 DROP_LEVELS = (1.0, 2.0, 3.0)
 
@@ -633,16 +650,17 @@ def path_points(run: dict, key: str = "val") -> list[tuple]:
     return list(zip(accepted["x"], ratios, accepted[key]))
 
 
-def kept_within(run: dict, drop: float, key: str) -> tuple:
-    """(layers removed, latency ratio) of the last network before the accuracy first fell more than
-    `drop` points below the baseline: what --max-drop would have returned."""
+def kept_index(run: dict, drop: float, key: str) -> int:
+    """Where on the path the last network lies before the accuracy first fell more than `drop`
+    points below the baseline: what --max-drop would have returned."""
     points = path_points(run, key)
-    kept = points[0]
-    for point in points[1:]:
-        if point[2] < points[0][2] - drop:
-            break
-        kept = point
-    return kept[0], kept[1]
+    return next((i - 1 for i, point in enumerate(points) if point[2] < points[0][2] - drop), len(points) - 1)
+
+
+def kept_within(run: dict, drop: float, key: str) -> tuple:
+    """(layers removed, latency ratio) of what --max-drop `drop` would have returned."""
+    layers, ratio, _ = path_points(run, key)[kept_index(run, drop, key)]
+    return layers, ratio
 
 
 def accuracy_at(run: dict, level: float, key: str) -> float | None:
@@ -709,11 +727,12 @@ def latency_figure_of_study(runs: dict, path: Path) -> None:
     axes = fig.subplots(rows, 2, squeeze=False).ravel()
     for ax, (name, groups) in zip(axes, runs.items()):
         for group, members in groups.items():
+            color = GROUP_COLORS.get(group) or PALETTE[list(groups).index(group) % len(PALETTE)]
             for k, run in enumerate(members):  # a path per seed / draw: thin lines, the points are the data
                 _, ratios, accuracy = zip(*path_points(run, "val"))
-                ax.plot(ratios, accuracy, marker="o", markersize=3.5, linewidth=0.8, color=GROUP_COLORS[group],
+                ax.plot(ratios, accuracy, marker="o", markersize=3.5, linewidth=0.8, color=color,
                         alpha=0.85 if k == 0 else 0.5, linestyle="-" if group != "random" else "--",
-                        label=GROUPS[group] if k == 0 else None)
+                        label=GROUPS.get(group, group) if k == 0 else None)
         base = groups[next(iter(groups))][0]["baseline_accuracy"]
         ax.axhline(base - 1.0, color="0.3", linestyle=":", linewidth=1, label="1 point below the baseline")
         ax.invert_xaxis()
@@ -780,14 +799,61 @@ def cost_table(runs: dict) -> list[str]:
     return markdown_table(["experiment", "variant", "runs", "seconds per step"], body)
 
 
+def stops_early(run: dict) -> bool:
+    """A run with the stopping rule: a --max-drop under the studies' 100 (which never stops)."""
+    return run.get("max_drop", 100) < 100
+
+
+def outcome(run: dict, index: int, rejected: int) -> list:
+    """Cells of the network at `index` on the run's path: layers removed, latency ratio, validation
+    and test drop (points below the baseline), tries rejected."""
+    val, test = path_points(run, "val"), path_points(run, "test")
+    layers, ratio, accuracy = val[index]
+    return [layers, ratio, val[0][2] - accuracy, test[0][2] - test[index][2], rejected]
+
+
+def retry_table(runs: dict) -> list[str]:
+    """The stopping rule as a user runs it: per variant, what `--max-drop D` returns without retry
+    (its path cut where validation first fell more than D points: the run would have stopped there)
+    and what the variant's `-patience` runs (--max-drop D --patience N) returned."""
+    body = []
+    for name, groups in runs.items():
+        for group, members in groups.items():
+            retried = groups.get(f"{group}-patience")
+            if stops_early(members[0]) or not retried:
+                continue
+            drop, patience = retried[0]["max_drop"], retried[0]["settings"]["patience"]
+            cut = []
+            for run in members:
+                index = kept_index(run, drop, "val")
+                cut.append(outcome(run, index, int(index < len(run["steps"]))))
+            stopped = [outcome(run, -1, sum(not s["accepted"] for s in run["steps"])) for run in retried]
+            for label, cells in ((f"{group}, --max-drop {drop:g}", cut),
+                                 (f"{group}, --max-drop {drop:g} --patience {patience}", stopped)):
+                body.append([name, label, len(cells), *(spread(list(column)) for column in zip(*cells))])
+    head = ["experiment", "variant", "runs", "layers removed", "latency ratio", "val drop (pt)", "test drop (pt)",
+            "tries rejected"]
+    return markdown_table(head, body) if body else []
+
+
 def recovery_report() -> None:
     runs = load_study_runs("recovery")
     if not runs:
         sys.exit(f"nothing in {EVIDENCE / 'recovery'}: run `python scripts/evidence.py run --study recovery` first")
-    lines = [RECOVERY_BEGIN, "", *latency_tables(runs), "", "#### What each variant costs", "", *cost_table(runs), ""]
-    lines.append(RECOVERY_END)
+    paths = {name: {g: m for g, m in groups.items() if not stops_early(m[0])} for name, groups in runs.items()}
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    latency_figure_of_study(paths, IMAGES / "recovery_study.png")
+    lines = [RECOVERY_BEGIN, "", *latency_tables(paths), "",
+             "![validation accuracy against latency ratio, per variant](images/recovery_study.png)", ""]
+    retries = retry_table(runs)
+    if retries:
+        lines += ["#### The stopping rule, without and with retry on rejection", "",
+                  "What a run with the stopping rule returns: without retry, the variant's path cut where validation "
+                  "first fell past the line (that run stops there); with `--patience`, the runs themselves (rejected "
+                  "tries count towards `--max-steps`). Mean (min-max) over seeds.", "", *retries, ""]
+    lines += ["#### What each variant costs", "", *cost_table(runs), "", RECOVERY_END]
     write_section(RECOVERY_BEGIN, RECOVERY_END, lines)
-    print(f"wrote {RESULTS} (recovery study)")
+    print(f"wrote {RESULTS} (recovery study) and {IMAGES}/recovery_study.png")
 
 
 def main(argv=None) -> None:

@@ -176,23 +176,36 @@ def test_the_latency_report_answers_both_questions_from_the_copied_reports(tmp_p
 def test_the_recovery_study_runs_each_option_alone_and_together_on_the_latency_study_s_path(tmp_path, monkeypatch):
     module = load_script()
     experiments, rules_of = module.study("recovery")
-    assert experiments == {"mobilenet_v2-fashion-mnist": module.LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"]}
+    assert set(experiments) == {"mobilenet_v2-fashion-mnist", "resnet18-cifar10-subset"}
+    assert all(spec == module.LATENCY_EXPERIMENTS[name] for name, spec in experiments.items())
     jobs = module.jobs_of(experiments, tmp_path, tmp_path, rules_of)
-    argv = {j["name"].split("/")[1]: j["argv"] for j in jobs}
-    assert set(argv) == {"baseline", *module.RECOVERY_RULES}
-    for rule, args in argv.items():
-        if rule != "baseline":
-            assert args[args.index("--select") + 1] == "entropy-latency"  # every variant on ours
+    for name in experiments:
+        argv = {j["name"].split("/")[1]: j["argv"] for j in jobs if j["name"].startswith(name + "/")}
+        assert set(argv) == {"baseline", *rules_of(name)}
+        assert {"plain", "plain-seed1", "distill", "anneal", "entropy-weight", "combined-seed1"} <= set(argv)
+        for rule, args in argv.items():
+            if rule == "baseline":
+                continue
+            last = lambda flag: args[len(args) - 1 - args[::-1].index(flag) + 1]  # noqa: E731  (argparse: the last wins)
+            assert last("--select") == ("entropy" if "-entropy" in rule and "weight" not in rule else "entropy-latency")
             assert ("--distill" in args) == rule.startswith(("distill", "combined"))
             assert ("--anneal" in args) == rule.startswith(("anneal", "combined"))
             assert ("--split-seed" in args) == rule.endswith("-seed1")  # two loop seeds of each, one split
+            assert last("--max-drop") == ("1" if "-patience" in rule else "100")
+    mobilenet = rules_of("mobilenet_v2-fashion-mnist")
+    assert mobilenet["plain-wallclock"][-2:] == ["--train-size", "3600"]  # plain given distillation's 1.2x wall-clock
     monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
+    monkeypatch.setattr(module, "IMAGES", tmp_path / "images")
     monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")
-    for study, rule, val in (("recovery", "plain", [89.5, 88.0]), ("recovery", "combined", [89.9, 89.5]),
-                             ("recovery", "combined-seed1", [89.8, 89.4])):
-        path = tmp_path / "evidence" / study / "mobilenet_v2-fashion-mnist" / f"{rule}.json"
+    retried = fake_run([89.5, 88.0, 89.2], [88.5, 87.0, 88.4], [0.9, 0.8, 0.75])  # its second try was rejected
+    retried["steps"][1]["accepted"] = False
+    retried.update(max_drop=1.0, settings={**retried["settings"], "patience": 2})
+    for rule, run in (("plain", fake_run([89.5, 88.0], [89.0, 87.5], [0.9, 0.7])),
+                      ("combined", fake_run([89.9, 89.5], [89.5, 88.5], [0.9, 0.7])),
+                      ("combined-seed1", fake_run([89.8, 89.4], [89.0, 88.0], [0.9, 0.7])),
+                      ("plain-patience", retried)):
+        path = tmp_path / "evidence" / "recovery" / "mobilenet_v2-fashion-mnist" / f"{rule}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        run = fake_run(val, val, [0.9, 0.7])
         for step in run["steps"]:
             step["seconds"] = 20.0 if rule != "combined" else 30.0
         path.write_text(json.dumps(run))
@@ -203,4 +216,11 @@ def test_the_recovery_study_runs_each_option_alone_and_together_on_the_latency_s
     assert combined.split(" | ")[3] == "0.70 (0.70-0.70) [2.00 (2.00-2.00)]"  # both seeds kept both steps at 1 point
     plain = next(line for line in text.splitlines() if "| plain | 1 |" in line and "<=" not in line)
     assert plain.split(" | ")[3] == "0.90 [1.00]"  # its second step fell 2 points: one step kept at 1 point
+    # a run with the stopping rule is no path: not in the path tables (the cost table and the retry table have it)
+    assert not any("| plain-patience |" in line and line.count("|") > 6 for line in text.splitlines())
+    # without retry: plain stops at its second step (1 layer, 0.9x, 0.5 and 0.0 points below, 1 rejected);
+    # with --patience 2: the rejected try undone, the third accepted (2 layers, 0.75x, 0.8 and 0.6 points below)
+    assert "| mobilenet_v2-fashion-mnist | plain, --max-drop 1 | 1 | 1.00 | 0.90 | 0.50 | 0.00 | 1.00 |" in text
+    assert "| mobilenet_v2-fashion-mnist | plain, --max-drop 1 --patience 2 | 1 | 2.00 | 0.75 | 0.80 | 0.60 | 1.00 |" in text
+    assert (tmp_path / "images" / "recovery_study.png").read_bytes()[:4] == b"\x89PNG"
     assert "| combined | 2 | 25.00 (20.00-30.00) |" in text

@@ -1,9 +1,10 @@
-"""The `easier-kernels` command line: prune, score, fold, backends, bench.
+"""The `easier-kernels` command line: prune, score, costs, fold, export, backends, bench.
 
     easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
     easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
     easier-kernels prune --model timm:resnet50 --weights resnet50.pth --dataset imagefolder --data-root ~/flowers
     easier-kernels score runs/vgg             # the entropy table of a run's current model
+    easier-kernels costs runs/vgg             # each site's true removal cost against every training-free score
     easier-kernels fold runs/vgg              # fold its chains (per plan), save runs/vgg/folded.pt
     easier-kernels export runs/vgg --format onnx   # a checked ONNX file, latency before/after in ONNX Runtime
 """
@@ -396,20 +397,24 @@ def _load_run(path_arg: str, what: str):
     return path, settings, result
 
 
-def _cmd_score(args) -> int:
+def _run_splits(settings: dict, dataset: str, data_root: str | None):
+    """The run's dataset (or `dataset`), split as the run split it."""
     from . import data
+
+    try:
+        return data.load(dataset, data_root or settings.get("data_root"),
+                         seed=settings["seed"] if settings.get("split_seed") is None else settings["split_seed"],
+                         augment=settings["augment"], image_size=settings.get("image_size") if dataset == "imagefolder" else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+
+
+def _cmd_score(args) -> int:
     from .entropy import entropy_scores
     from .sites import find_sites
 
     path, settings, result = _load_run(args.path, "score")
-    dataset = args.dataset or settings["dataset"]
-    try:
-        splits = data.load(dataset, args.data_root or settings.get("data_root"),
-                           seed=settings["seed"] if settings.get("split_seed") is None else settings["split_seed"],
-                           augment=settings["augment"],
-                           image_size=settings.get("image_size") if dataset == "imagefolder" else None)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    splits = _run_splits(settings, args.dataset or settings["dataset"], args.data_root)
     device = _device(args.device)
     net = result.model.to(device).train()  # the paper counts in train mode; buffers are restored
     train, _, _ = _loaders(splits, args, settings["in_channels"])
@@ -424,6 +429,95 @@ def _cmd_score(args) -> int:
     if result.linearized:
         print("linearized: " + ", ".join(result.linearized))
     return 0
+
+
+# ---- costs: what removing each site really costs, against the training-free scores
+
+COSTS_FORMAT = "easier_kernels.removability/1"
+
+
+def _cmd_costs(args) -> int:
+    from .entropy import entropy_scores
+    from .oracle import agreement, finetuned_cost, removal_costs
+    from .scores import on_split, output_change, training_free
+
+    from .train import check_rate
+
+    if args.lr is not None:
+        try:
+            check_rate("--lr", args.lr)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    path, settings, result = _load_run(args.path, "costs")
+    out = Path(args.out) if args.out else path.with_name("removability.json")
+    _check_costs_out(out, args.force)
+    cache = Path(args.cache) if args.cache else path.with_name("costs.json")
+    splits = _run_splits(settings, settings["dataset"], args.data_root)
+    for part in ("train", "val"):  # the loop's schedule: the run's subsets unless given others
+        if (size := getattr(args, f"{part}_size") or settings.get(f"{part}_size")) is not None:
+            setattr(splits, part, torch.utils.data.Subset(getattr(splits, part), range(min(size, len(getattr(splits, part))))))
+    train, val, _ = _loaders(splits, args, settings["in_channels"])
+    device = _device(args.device)
+    net = result.model.to(device)
+    torch.manual_seed(settings["seed"])
+    counted = entropy_scores(net.train(), train, mode=settings["mode"], energy=True)  # the paper counts in train mode
+    table = training_free(counted, output_change(net, val, max_batches=args.change_batches), seed=settings["seed"])
+    epochs = args.epochs_per_step or settings["epochs_per_step"]
+    lr = settings["lr"] if args.lr is None else args.lr
+    try:
+        costs = removal_costs(net, train, val, seeds=args.seeds, epochs=epochs, lr=lr,
+                              weight_decay=settings["weight_decay"], plan=settings["plan"], runtime=settings["runtime"],
+                              cache=cache, progress=not args.quiet)
+    except ValueError as exc:  # a cache of other weights or options
+        raise UsageError(str(exc)) from None
+    cost = finetuned_cost(costs)
+    k = sum(c <= args.max_drop for c in cost.values())
+    record = {"format": COSTS_FORMAT, "run": str(path), "seeds": args.seeds, "epochs": epochs, "lr": lr,
+              "train_size": len(splits.train), "val_size": len(splits.val), "max_drop": args.max_drop, "k": k,
+              "baseline": json.loads(cache.read_text())["baseline"], "scores": table,
+              "split": {n: on_split(counted.probabilities[n]) for n in counted}, "costs": costs,
+              "agreement": {name: agreement(values, cost, k) for name, values in table.items()}}
+    atomic_write(out, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    _print_costs(record, cost)
+    print(f"wrote {out} (costs cached in {cache}: a rerun measures only what is missing)")
+    return 0
+
+
+def _check_costs_out(out: Path, force: bool) -> None:
+    """--out of `costs`: a file it wrote before is rewritten, any other existing file only with --force."""
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; pass the path of the file to write")
+    if _run_file(out):
+        raise UsageError(f"{out} is a run folder's own file (never replaced); pass --out another path")
+    if out.exists() and not force:
+        try:
+            ours = json.loads(out.read_text()).get("format") == COSTS_FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UsageError(f"{out} exists and was not written by `costs`; pass --force to replace it, or --out another path")
+    if (denied := unwritable(out)) is not None:
+        raise UsageError(f"cannot write {out}: {denied} is not writable (permission denied or read-only)")
+
+
+def _print_costs(record: dict, cost: dict) -> None:
+    scores, split = record["scores"], record["split"]
+    names = sorted(cost, key=lambda n: (cost[n] != cost[n], cost[n]))  # the cheapest first
+    labels = {"entropy": "entropy", "off_fraction": "off fraction", "linearization_error": "lin. error",
+              "output_change": "out. change"}
+    columns = [s for s in labels if s in scores]
+    print(f"{'site':<28} {'cost':>6} {'untrained':>9} {'on/off':>9} " + " ".join(f"{labels[c]:>12}" for c in columns))
+    for name in names:
+        on, off = split[name]
+        print(f"{name:<28} {cost[name]:>6.2f} {record['costs'][name].get('untrained', math.nan):>9.2f} "
+              f"{on:>4.2f}/{off:<4.2f} " + " ".join(f"{scores[c][name]:>12.4g}" for c in columns))
+    print(f"cost: validation points lost with that site alone linearized and fine-tuned ({record['epochs']} epoch(s) on "
+          f"{record['train_size']} images, seeds {', '.join(map(str, record['seeds']))}; mean); untrained: before "
+          f"fine-tuning; on/off: share of channels always on / always off")
+    print(f"how well each score ranks the sites by cost (k = {record['k']} sites cost <= {record['max_drop']:g} point alone):")
+    for name, agreed in record["agreement"].items():
+        print(f"  {name:<20} spearman {agreed['spearman']:+.2f}  kendall {agreed['kendall']:+.2f}  "
+              f"top-{record['k']} overlap {agreed['top_k']:.2f}")
 
 
 # ---- fold, export
@@ -638,6 +732,29 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto")
     score.set_defaults(func=_cmd_score)
 
+    costs = sub.add_parser("costs", help="what removing each site alone really costs (linearized and fine-tuned with the "
+                           "run's schedule), against every training-free score: entropy, off fraction, "
+                           "linearization error, output change, random")
+    costs.add_argument("path", help="a run folder written by `easier-kernels prune --out` (or its pruned.pt): the costs "
+                       "of its current network's sites")
+    costs.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds per site (default 0 1)")
+    costs.add_argument("--epochs-per-step", type=int, help="fine-tuning epochs per site (default: the run's)")
+    costs.add_argument("--lr", type=_finite, help="fine-tuning learning rate (default: the run's)")
+    costs.add_argument("--train-size", type=int, help="fine-tune on the first N training images (default: the run's)")
+    costs.add_argument("--val-size", type=int, help="validate on the first N images (default: the run's)")
+    costs.add_argument("--change-batches", type=int, default=4, help="validation batches the output change is measured on")
+    costs.add_argument("--max-drop", type=_finite, default=1.0, help="k of the top-k overlap: the sites that cost at most "
+                       "this many points alone")
+    costs.add_argument("--cache", help="the measured costs, kept between runs (default: costs.json in the run folder)")
+    costs.add_argument("--out", help="the JSON written (default: removability.json in the run folder)")
+    costs.add_argument("--force", action="store_true", help="replace an existing --out that `costs` did not write")
+    costs.add_argument("--batch-size", type=int, default=128)
+    costs.add_argument("--data-root")
+    costs.add_argument("--workers", type=int, help="data loader worker processes (default: 0, imagefolder up to 4)")
+    costs.add_argument("--device", default="auto")
+    costs.add_argument("--quiet", action="store_true", help="no progress bars")
+    costs.set_defaults(func=_cmd_costs)
+
     fold = sub.add_parser("fold", help="fold a pruned model's linear chains (per plan, never slower) and save it")
     export = sub.add_parser("export", help="fold a pruned model and write it as a checked ONNX or torch.export file")
     for command in (fold, export):
@@ -669,7 +786,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size"):
+    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size", "epochs_per_step",
+                 "change_batches"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")

@@ -10,6 +10,11 @@ channel in the same pass, so memory is O(channels) per site and nothing waits on
 until scores are asked for. Under torch.distributed the counts are summed over ranks first, so
 every rank gets the same scores.
 
+With `energy=True` every probe also sums, in the same pass, the energy of what linearizing its
+site would change and of the activation's output (`Scores.linearization_error`: E||act(x) - x||^2
+/ E||act(x)||^2, how far the layer is from the identity it would become). It is plain torch
+reductions beside the fused count (one more read of the activation), so it is off by default.
+
 Modes:
 - "pooled" (the default): counts pooled over every batch, then one entropy per neuron. It does
   not depend on batch size, batch order or how data is sharded over ranks, and it is the
@@ -31,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import distributed, ops, sites as sites_mod
+from .activations import computed
 from .capture import batch_inputs, buffers_kept, capture, model_device, to_device
 from .ops import _FLOAT_DTYPES, kinds
 from .sites import Site
@@ -56,13 +62,16 @@ class Scores(Mapping):
     """Site name -> layer entropy in bits, in execution order.
 
     Also per site: `probabilities` (on-probability per channel, float64), `counts` (int64 on
-    counts), `totals` (elements counted per channel), `nan_counts`; and `mode`, `batches`.
+    counts), `totals` (elements counted per channel), `nan_counts`; `energy` (site -> (sum of
+    (act(x) - x)^2, sum of act(x)^2) when counted with energy=True, else empty); and `mode`, `batches`.
     """
 
-    def __init__(self, mode: str, entropy: dict, counts: dict, nan_counts: dict, totals: dict, batches: int):
+    def __init__(self, mode: str, entropy: dict, counts: dict, nan_counts: dict, totals: dict, batches: int,
+                 energy: dict | None = None):
         self.mode, self.batches = mode, batches
         self.entropy, self.counts, self.nan_counts, self.totals = entropy, counts, nan_counts, totals
         self.probabilities = {n: counts[n].double() / (totals[n] - nan_counts[n]) for n in counts}
+        self.energy = dict(energy or {})
 
     def __getitem__(self, name: str) -> float:
         return self.entropy[name]
@@ -77,6 +86,18 @@ class Scores(Mapping):
         """Per-channel entropy (bits) of one site, from the pooled counts."""
         return binary_entropy(self.probabilities[name])
 
+    def linearization_error(self, name: str) -> float:
+        """E||act(x) - x||^2 / E||act(x)||^2 of one site (needs energy=True): 0 for a site that is the
+        identity on everything it saw (a ReLU always on), inf where the activation output nothing
+        but linearizing would (a ReLU always off), NaN where the activation is not one the kernels
+        compute (its probe cannot evaluate it)."""
+        if name not in self.energy:
+            raise KeyError(f"no energy for site {name!r}: count with energy=True (EntropyMeter / entropy_scores)")
+        changed, kept = self.energy[name]
+        if changed != changed or kept != kept:
+            return math.nan
+        return changed / kept if kept > 0 else (0.0 if changed == 0 else math.inf)
+
     def ranking(self) -> list[str]:
         """Site names from the lowest entropy (first to linearize) to the highest; ties keep
         execution order."""
@@ -89,7 +110,8 @@ class Scores(Mapping):
             "batches": self.batches,
             "sites": {
                 n: {"entropy": self.entropy[n], "channels": int(self.counts[n].numel()), "elements_per_channel": self.totals[n],
-                    "nan": int(self.nan_counts[n].sum())}
+                    "nan": int(self.nan_counts[n].sum()),
+                    **({"linearization_error": self.linearization_error(n)} if n in self.energy else {})}
                 for n in self.entropy
             },
         }
@@ -121,16 +143,20 @@ class SiteProbe(nn.Module):
     state_dict and out of DDP's buffer broadcasts.
     """
 
-    def __init__(self, site: Site, mode: str, fused: bool, channels: int | None = None, device=None):
+    def __init__(self, site: Site, mode: str, fused: bool, channels: int | None = None, device=None,
+                 energy: bool = False):
         super().__init__()
         self.site, self.mode, self.fused = site, mode, fused
+        # with energy: the activation the probe evaluates itself (None: one the kernels do not compute)
+        self.energy_kind = kinds.resolve(site.kind, site.kind_args) if energy and computed(site.kind) else None
+        self.measures_energy = energy
         # the activation (when paused); a kind the kernels do not compute has an unfused probe
         self.kernel_kind, self.param = kinds.resolve(site.kind, site.kind_args) if fused else ("identity", 0.0)
         # what the counting call computes: unfused probes count only (their call's activation runs after them)
         self.count_kind, self.count_param = (self.kernel_kind, self.param) if fused else ("identity", 0.0)
         self.channel_dim, self.pooled = site.channel_dim, mode == "pooled"
         self.counting = True
-        self.counts = self.nan_counts = self.entropy_sum = self.tally = None
+        self.counts = self.nan_counts = self.entropy_sum = self.tally = self.energy = None
         self.channels = -1  # what the tensors are sized for; -1 before they exist
         if channels is not None:
             self._allocate(channels, torch.device("cpu" if device is None else device))
@@ -141,14 +167,16 @@ class SiteProbe(nn.Module):
         self.nan_counts = torch.zeros(channels, dtype=torch.int64, device=device)
         self.entropy_sum = torch.zeros(1, dtype=torch.float64, device=device)  # not 0-d: dynamo would trace a float
         self.tally = torch.zeros(2, dtype=torch.int64, device=device)
+        # [sum (act(x) - x)^2, sum act(x)^2]; NaN where the probe cannot evaluate the activation
+        self.energy = torch.full((2,), 0.0 if self.energy_kind else math.nan, dtype=torch.float64, device=device)
         self.channels = channels
 
     def _apply(self, fn, recurse=True):
         """module.to(device) / .cuda() move the count tensors too (their dtypes stay)."""
         super()._apply(fn, recurse)
         if self.counts is not None:
-            self.counts, self.nan_counts, self.entropy_sum, self.tally = (
-                fn(t).to(t.dtype) for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally))
+            self.counts, self.nan_counts, self.entropy_sum, self.tally, self.energy = (
+                fn(t).to(t.dtype) for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally, self.energy))
         return self
 
     def reset(self) -> None:
@@ -156,6 +184,8 @@ class SiteProbe(nn.Module):
         if self.counts is not None:
             for t in (self.counts, self.nan_counts, self.entropy_sum, self.tally):
                 t.zero_()
+            if self.energy_kind:
+                self.energy.zero_()
         self._eager_tally = [0, 0]  # [elements per channel, calls], mutated in place
 
     def totals(self) -> tuple[int, int]:
@@ -191,6 +221,8 @@ class SiteProbe(nn.Module):
         if channels != self.channels:
             self._allocate_for(x, channels)
         per_channel = x.numel() // channels if channels else 0
+        if self.energy_kind:  # before the count: a fused in-place call overwrites x
+            self._add_energy(x)
         if self.pooled:
             y = ops.act_count_resolved(x, self.counts, self.nan_counts, self.count_kind, self.channel_dim,
                                        self.count_param)
@@ -208,6 +240,10 @@ class SiteProbe(nn.Module):
             tally[0] += per_channel
             tally[1] += 1
         return y
+
+    def _add_energy(self, x: torch.Tensor) -> None:
+        act = kinds.forward(x, *self.energy_kind).double()
+        self.energy.add_(torch.stack([torch.nansum((act - x.double()).square()), torch.nansum(act.square())]))
 
 
 class EntropyMeter:
@@ -235,11 +271,12 @@ class EntropyMeter:
     call: under torch.compile that is one extra compilation at the first step, then none.
     A site whose channel count differs from the one allocated is an error naming it. Make the
     meter after moving the model to its device, or move `meter.model` (the counts move with it).
+    energy=True: each site's linearization error too (see the module's docstring).
     """
 
     def __init__(self, model: nn.Module, *, example_inputs=None, mode: str = "pooled",
                  sites: Iterable[str] | None = None, leaf_modules: Iterable | None = None,
-                 activations: Mapping | None = None):
+                 activations: Mapping | None = None, energy: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.mode = mode
@@ -252,7 +289,7 @@ class EntropyMeter:
         self.probes: dict[str, SiteProbe] = {}
 
         def make_probe(site: Site, fused: bool) -> SiteProbe:
-            self.probes[site.name] = SiteProbe(site, mode, fused, site.channels, device)
+            self.probes[site.name] = SiteProbe(site, mode, fused, site.channels, device, energy)
             return self.probes[site.name]
 
         self._handles = sites_mod.instrument(self.model, self.sites, make_probe)
@@ -300,16 +337,18 @@ class EntropyMeter:
         local = [[p._eager_tally[0] + e, p._eager_tally[1] + c] for p, (e, c) in zip(probes, tallies)]
         counts = torch.cat([own(p, "counts", n, torch.int64) for p, n in zip(probes, sizes)]
                            + [own(p, "nan_counts", n, torch.int64) for p, n in zip(probes, sizes)])
-        entropy_sums = torch.cat([own(p, "entropy_sum", 1, torch.float64) for p in probes])
-        return sizes, counts, torch.tensor(local, dtype=torch.int64, device=device), entropy_sums
+        # the entropy sums, then each site's energy pair: one float64 tensor, one all-reduce
+        sums = torch.cat([own(p, "entropy_sum", 1, torch.float64) for p in probes]
+                         + [own(p, "energy", 2, torch.float64) for p in probes])
+        return sizes, counts, torch.tensor(local, dtype=torch.int64, device=device), sums
 
     def scores(self, group=None) -> Scores:
         """Entropies from everything counted since the last reset. When torch.distributed is
         initialized, every rank must call this (counts are summed over `group`)."""
         probes = list(self.probes.values())
-        sizes, counts, per_site, entropy_sums = self._local_counts(probes, group)
+        sizes, counts, per_site, sums = self._local_counts(probes, group)
         if distributed.active():
-            for t in (counts, per_site, entropy_sums):
+            for t in (counts, per_site, sums):
                 dist.all_reduce(t, group=group)
         # decided after the sums: a site one rank never reached is not an error where another counted it
         if missing := [p.site.name for p, (_, calls) in zip(probes, per_site.tolist()) if calls == 0]:
@@ -319,7 +358,8 @@ class EntropyMeter:
             )
         on, nans = counts.cpu().split([sum(sizes)] * 2)
         on, nans = on.split(sizes), nans.split(sizes)
-        per_site, entropy_sums = per_site.cpu().tolist(), entropy_sums.cpu().tolist()
+        per_site, sums = per_site.cpu().tolist(), sums.cpu().tolist()
+        entropy_sums, energy = sums[:len(probes)], sums[len(probes):]
         names = [p.site.name for p in probes]
         totals = {n: per_site[i][0] for i, n in enumerate(names)}
         if self.mode == "pooled":
@@ -332,19 +372,21 @@ class EntropyMeter:
             shown = ", ".join(f"{n} ({k} NaN)" for n, k in list(nan_sites.items())[:5])
             warnings.warn(f"NaN activations at {len(nan_sites)} site(s): {shown}; they are neither on nor off and are left "
                           "out of the on-probabilities (Scores.nan_counts has them per channel)", stacklevel=2)
-        return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches)
+        energy = {n: tuple(energy[2 * i:2 * i + 2]) for i, (n, p) in enumerate(zip(names, probes)) if p.measures_energy}
+        return Scores(self.mode, entropy, dict(zip(names, on)), dict(zip(names, nans)), totals, batches, energy)
 
 
 def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", sites: Iterable[str] | None = None,
                    max_batches: int | None = None, device=None, leaf_modules: Iterable | None = None,
-                   activations: Mapping | None = None, inputs_fn=None) -> Scores:
+                   activations: Mapping | None = None, inputs_fn=None, energy: bool = False) -> Scores:
     """Streams `loader` through `model` and returns every site's layer entropy (bits).
 
     The model runs in the mode it is in (the paper scores in train mode, with augmentation),
     without gradients; its buffers, flags and parameters are as before afterwards. Batches are
     tensors, (inputs, targets) tuples or dicts of keyword inputs (labels dropped), or whatever
     `inputs_fn(batch) -> (args, kwargs)` reads; inputs go to `device` (default: the model's).
-    The first batch is the example the model is captured with.
+    The first batch is the example the model is captured with. `energy`: also each site's
+    linearization error (`Scores.linearization_error`), in the same pass.
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive number of batches or None, not {max_batches}")
@@ -358,7 +400,7 @@ def entropy_scores(model: nn.Module, loader: Iterable, *, mode: str = "pooled", 
                 args, kwargs = batch_inputs(batch, device, inputs_fn)
                 if meter is None:
                     meter = EntropyMeter(model, example_inputs=(args, kwargs), mode=mode, sites=sites,
-                                         leaf_modules=leaf_modules, activations=activations)
+                                         leaf_modules=leaf_modules, activations=activations, energy=energy)
                 meter.model(*args, **kwargs)
                 batches += 1
     finally:

@@ -22,9 +22,9 @@ def score(batches) -> dict:
     model = ek.models.resnet18(width=0.25).train()
     out = {}
     for mode in ("pooled", "batch_mean"):
-        scores = ek.entropy_scores(model, batches, mode=mode)
+        scores = ek.entropy_scores(model, batches, mode=mode, energy=True)
         out[mode] = {"entropy": dict(scores), "counts": {n: c.tolist() for n, c in scores.counts.items()},
-                     "batches": scores.batches}
+                     "batches": scores.batches, "energy": {n: list(e) for n, e in scores.energy.items()}}
     return out
 
 

@@ -534,3 +534,75 @@ def test_two_processes_sum_counts_before_entropies(tmp_path):
     assert got["batch_mean"]["batches"] == single["batch_mean"]["batches"] == 6
     for name, value in single["batch_mean"]["entropy"].items():
         assert got["batch_mean"]["entropy"][name] == pytest.approx(value, abs=1e-12)
+    for name, (changed, kept) in single["pooled"]["energy"].items():  # the energy sums are summed over ranks too
+        assert got["pooled"]["energy"][name] == pytest.approx([changed, kept], rel=1e-9) and kept > 0
+
+
+# ---- the linearization error, counted in the same pass (energy=True)
+
+class _Ends(nn.Module):
+    """Three sites on positive inputs: `on` sees them as they are (always on), `off` their
+    negation (always off), `gelu` a GELU of the mixed-sign x - 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.on, self.off, self.gelu = nn.ReLU(), nn.ReLU(), nn.GELU()
+
+    def forward(self, x):
+        return self.on(x) + self.off(-x) + self.gelu(x - 1)
+
+
+@pytest.mark.parametrize("mode", ["pooled", "batch_mean"])
+def test_the_linearization_error_at_the_two_ends_and_of_a_smooth_activation(mode):
+    """An all-positive ReLU site: zero entropy and zero error (it is the identity). An all-negative
+    one: zero entropy too, but the largest error there is (it outputs 0, linearized it outputs x).
+    A GELU: the error E||gelu(x) - x||^2 / E||gelu(x)||^2 computed by hand."""
+    x = torch.rand(3, 5, 4) + 0.1
+    batches = [x[:2], x[2:]]
+    scores = ek.entropy_scores(_Ends(), batches, mode=mode, energy=True)
+    assert scores["on"] == scores["off"] == 0.0
+    assert scores.linearization_error("on") == 0.0
+    assert scores.linearization_error("off") == math.inf
+    z = x - 1
+    gelu, z = F.gelu(z).double(), z.double()  # (the activation as the model computes it, in float32)
+    assert scores.linearization_error("gelu") == pytest.approx(float((gelu - z).square().sum() / gelu.square().sum()),
+                                                               rel=1e-6)
+    assert scores.energy["off"] == pytest.approx((float(x.double().square().sum()), 0.0))
+    assert scores.to_dict()["sites"]["on"]["linearization_error"] == 0.0
+
+
+def test_without_energy_nothing_is_summed_and_asking_is_a_clear_error():
+    scores = ek.entropy_scores(_Ends(), [torch.rand(2, 4)])
+    assert scores.energy == {} and "linearization_error" not in scores.to_dict()["sites"]["on"]
+    with pytest.raises(KeyError, match="count with energy=True"):
+        scores.linearization_error("on")
+
+
+def test_the_energy_of_an_in_place_call_is_taken_before_it_overwrites_its_input():
+    """F.relu(x, inplace=True) on a fused probe: the error is that of the input, not of the output."""
+    class InPlace(nn.Module):
+        def forward(self, x):
+            return F.relu(x * 1.0, inplace=True)
+
+    x = torch.randn(4, 6)
+    scores = ek.entropy_scores(InPlace(), [x], energy=True)
+    (name,) = scores
+    negative, positive = x.clamp(max=0).double().square().sum(), x.clamp(min=0).double().square().sum()
+    assert scores.linearization_error(name) == pytest.approx(float(negative / positive), rel=1e-9)
+
+
+def test_a_meter_counts_energy_under_compile_as_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2))
+    x = torch.randn(4, 6)
+    eager = ek.EntropyMeter(model, example_inputs=x, energy=True)
+    compiled = ek.EntropyMeter(model, example_inputs=x, energy=True)
+    step = torch.compile(compiled.model, backend="eager")
+    with torch.no_grad():
+        for batch in torch.randn(3, 4, 6):
+            eager.model(batch)
+            step(batch)
+    got, expected = compiled.scores(), eager.scores()
+    for name in expected:
+        assert got.energy[name] == pytest.approx(expected.energy[name], rel=1e-12)
+        assert 0 < got.linearization_error(name) < math.inf

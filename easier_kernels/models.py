@@ -11,6 +11,7 @@ torch.fx.symbolic_trace. No pretrained weights.
 pretrained state_dict, replacing a classifier head of another class count.
 """
 
+import ast
 import importlib
 import math
 import numbers
@@ -235,7 +236,8 @@ def build(name, *, num_classes=10, in_channels=3, width=1.0, download=False):
     """A fresh (untrained) model by name: one of the paper's CIFAR-style models (with `width`), a
     torchvision classification model (3-channel input, its own width; "torchvision.resnet18" names
     torchvision's where the paper has a model of the same name), "timm:NAME" (timm.create_model,
-    never pretrained, with `in_channels`) or "hf:FOLDER" (a transformers image classifier from a
+    never pretrained, with `in_channels`; "timm:NAME:key=value,..." passes its config, e.g.
+    "timm:vit_tiny_patch16_224:img_size=28,patch_size=4,depth=6" a small ViT for 28 px images) or "hf:FOLDER" (a transformers image classifier from a
     folder holding config.json: random init, or its weights where it holds them, the classifier
     made for `num_classes`). "hf:HUB/NAME" fetches from the Hugging Face hub, with download=True only."""
     if name in PAPER_MODELS:
@@ -280,13 +282,34 @@ def _optional(module: str, extra: str):
                           f"pip install 'easier_kernels[{extra}]'") from exc
 
 
-def _timm(arch: str, num_classes, in_channels):
+def _timm(spec: str, num_classes, in_channels):
     timm = _optional("timm", "timm")
+    arch, _, config = spec.partition(":")
     if not timm.is_model(arch):
         raise ValueError(f"unknown timm model {arch!r}; timm.list_models() names them (e.g. resnet18, convnext_tiny)")
     _check_args(num_classes, in_channels, 1.0)
+    kwargs = _config(config, f"timm:{arch}")
     # never pretrained=True: that downloads; pretrained weights come as a state_dict (load_weights)
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"timm:{arch} does not take the config {config!r} ({reason})") from None
+
+
+def _config(text: str, what: str) -> dict:
+    """"key=value,key=value" -> {key: value}, values read as Python literals (numbers, True, 'x')
+    where they are one, else as text."""
+    config = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"{what}: {item!r} is not key=value (write e.g. {what}:depth=6,img_size=28)")
+        try:
+            config[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            config[key.strip()] = value.strip()
+    return config
 
 
 # what save_pretrained writes: one file, or the index of a sharded checkpoint

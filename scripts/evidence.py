@@ -129,7 +129,22 @@ def recovery_rules(experiment: str) -> dict:
             for key, seed in ((name, []), (f"{name}-seed1", SEED1))}
 
 
-STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery"}  # study -> its folder under runs/ and docs/evidence/
+# The mechanism study (docs/RESULTS.md, "What makes a layer removable"; issue 30): per experiment
+# a baseline, then `easier-kernels costs` on it: every site linearized alone and fine-tuned with the
+# loop's schedule (one epoch on `train_size` images, validation on `val_size`) at seeds 0 and 1,
+# against every training-free score. The ViT is timm's at a size these 2 cores train (6 blocks,
+# width 128, 7-pixel patches of the 28-pixel images: 16 tokens and the class token).
+MECHANISM_EXPERIMENTS = {
+    "resnet18-cifar10-subset": LATENCY_EXPERIMENTS["resnet18-cifar10-subset"],
+    "mobilenet_v2-fashion-mnist": LATENCY_EXPERIMENTS["mobilenet_v2-fashion-mnist"],
+    "vgg16_bn-fashion-mnist": dict(model="vgg16_bn", dataset="fashion-mnist", data="fashion-mnist", width=0.25,
+                                   baseline_train_size=None, epochs=2, train_size=3000, val_size=2000),
+    "vit-fashion-mnist": dict(model="timm:vit_tiny_patch16_224:img_size=28,patch_size=7,depth=6,embed_dim=128,num_heads=4",
+                              dataset="fashion-mnist", data="fashion-mnist", width=1.0, baseline_train_size=None,
+                              epochs=2, train_size=3000, val_size=2000, baseline_options=["--train-lr", "0.05"]),
+}
+MECHANISM_SEEDS = ["0", "1"]
+STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery", "mechanism": "mechanism"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
@@ -164,6 +179,8 @@ def study(name: str) -> tuple[dict, Callable]:
         return LATENCY_EXPERIMENTS, lambda experiment: dict(LATENCY_RULES)
     if name == "recovery":
         return RECOVERY_EXPERIMENTS, recovery_rules
+    if name == "mechanism":
+        return MECHANISM_EXPERIMENTS, lambda experiment: {}  # baselines only; then `costs` (mechanism_costs)
     return EXPERIMENTS, rules_of
 
 
@@ -180,7 +197,8 @@ def jobs_of(experiments: dict, runs: Path, data_root: Path, rules_of: Callable =
             owner = experiments.get(trained) or LATENCY_EXPERIMENTS[trained]  # the spec that trains it
             jobs.append({"name": f"{trained}/baseline", "out": base, "after": None,
                          "argv": ["prune", *common_options(owner, data_root, owner["baseline_train_size"]),
-                                  "--epochs", str(owner["epochs"]), "--max-steps", "0"]})
+                                  "--epochs", str(owner["epochs"]), "--max-steps", "0",
+                                  *owner.get("baseline_options", [])]})
         for rule, extra in rules_of(name).items():
             jobs.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{trained}/baseline",
                          "argv": ["prune", *common, "--weights", str(base / "baseline.pt"), "--max-drop", "100",
@@ -238,6 +256,29 @@ def run(args) -> None:
                 pending = [j for j in pending if j["after"] != name]  # its rules cannot start
     if failed or pending:
         sys.exit(f"failed: {', '.join(failed + [j['name'] for j in pending])} (logs beside their run folders)")
+    if args.study == "mechanism":
+        mechanism_costs(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), env)
+
+
+def mechanism_costs(experiments: dict, runs: Path, env: dict) -> None:
+    """`easier-kernels costs` on each experiment's baseline, one after another (each resumes from
+    its cache), its removability.json copied to docs/evidence/mechanism/."""
+    for name, spec in experiments.items():
+        base = runs / name / "baseline"
+        argv = ["easier-kernels", "costs", str(base), "--seeds", *MECHANISM_SEEDS, "--quiet"]
+        for flag, size in (("--train-size", spec["train_size"]), ("--val-size", spec["val_size"])):
+            if size:
+                argv += [flag, str(size)]
+        print(f"[{time.strftime('%H:%M:%S')}] start {name}/costs: {' '.join(argv)}", flush=True)
+        with open(runs / name / "costs.log", "a") as log:
+            log.write(" ".join(argv) + "\n")
+            log.flush()
+            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                sys.exit(f"failed: {name}/costs (log: {runs / name / 'costs.log'})")
+        target = EVIDENCE / "mechanism" / f"{name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base / "removability.json", target)
+        print(f"[{time.strftime('%H:%M:%S')}] done {name}/costs", flush=True)
 
 
 def start(job: dict, env: dict) -> tuple:
@@ -583,6 +624,8 @@ def report(args) -> None:
         return latency_report()
     if args.study == "recovery":
         return recovery_report()
+    if args.study == "mechanism":
+        return mechanism_report()
     runs = load_runs()
     if not runs:
         sys.exit(f"nothing in {EVIDENCE}: run `python scripts/evidence.py run` first")
@@ -672,12 +715,13 @@ def accuracy_at(run: dict, level: float, key: str) -> float | None:
     return next((points[0][2] - acc for _, ratio, acc in points if ratio <= level), None)
 
 
-def spread(values: list) -> str:
-    """mean (min-max) of the values present; "n/N" when some runs never got there."""
+def spread(values: list, sep: str = "-") -> str:
+    """mean (min-max) of the values present; "n/N" when some runs never got there. `sep`: " to "
+    where the values may be negative."""
     present = [v for v in values if v is not None]
     if not present:
         return "-"
-    text = fmt(statistics.mean(present)) + (f" ({fmt(min(present))}-{fmt(max(present))})" if len(present) > 1 else "")
+    text = fmt(statistics.mean(present)) + (f" ({fmt(min(present))}{sep}{fmt(max(present))})" if len(present) > 1 else "")
     return text + (f" [{len(present)}/{len(values)}]" if len(present) < len(values) else "")
 
 
@@ -857,6 +901,144 @@ def recovery_report() -> None:
     lines += ["#### What each variant costs", "", *cost_table(runs), "", RECOVERY_END]
     write_section(RECOVERY_BEGIN, RECOVERY_END, lines)
     print(f"wrote {RESULTS} (recovery study) and {IMAGES}/recovery_study.png")
+
+
+# ---- the mechanism study's report
+
+MECHANISM_BEGIN, MECHANISM_END = ("<!-- mechanism:begin (scripts/evidence.py report --study mechanism) -->",
+                                  "<!-- mechanism:end -->")
+SCORE_LABELS = {"entropy": "entropy (the paper)", "off_fraction": "off fraction", "linearization_error":
+                "linearization error", "output_change": "output change", "random": "random (10 draws)"}
+RANDOM_DRAWS = 10
+
+
+def load_mechanism() -> dict:
+    """experiment -> the `costs` record copied to docs/evidence/mechanism/."""
+    return {name: json.loads(path.read_text()) for name in MECHANISM_EXPERIMENTS
+            if (path := EVIDENCE / "mechanism" / f"{name}.json").exists()}
+
+
+def seed_costs(record: dict) -> dict:
+    """oracle seed -> site -> points lost after fine-tuning."""
+    return {seed: {site: c["finetuned"][seed] for site, c in record["costs"].items() if seed in c["finetuned"]}
+            for seed in map(str, record["seeds"])}
+
+
+def loop_k(name: str, record: dict) -> int:
+    """The number of layers the loop removes at <= 1 point (validation): the latency study's
+    entropy runs where they exist (mean, rounded), else the sites that cost <= 1 point alone."""
+    runs = [json.loads(path.read_text()) for path in sorted((EVIDENCE / "latency" / name).glob("entropy*.json"))
+            if path.stem in ("entropy", "entropy-seed1")]
+    if not runs:
+        return max(1, record["k"])
+    return max(1, round(statistics.mean(kept_within(run, 1.0, "val")[0] for run in runs)))
+
+
+def score_agreement(record: dict, k: int) -> dict:
+    """score -> statistic -> [its value against each oracle seed's costs] (random: every draw too),
+    and "oracle" -> the two seeds' costs against each other (how well the oracle ranks itself)."""
+    from easier_kernels.oracle import agreement
+    from easier_kernels.scores import random_scores
+
+    costs = seed_costs(record)
+    table = {}
+    for score, values in record["scores"].items():
+        draws = [random_scores(values, seed) for seed in range(RANDOM_DRAWS)] if score == "random" else [values]
+        found = [agreement(draw, cost, k) for draw in draws for cost in costs.values()]
+        table[score] = {stat: [f[stat] for f in found] for stat in ("spearman", "kendall", "top_k")}
+    if len(costs) >= 2:
+        first, second, *_ = costs.values()
+        table["oracle"] = {stat: [value] for stat, value in agreement(first, second, k).items()}
+    return table
+
+
+def beyond_spread(table: dict, score: str, stat: str = "spearman") -> bool:
+    """Whether `score` ranks better than the entropy on every oracle seed: its worst above the entropy's best."""
+    return min(table[score][stat]) > max(table["entropy"][stat])
+
+
+def agreement_tables(records: dict) -> tuple[list[str], dict]:
+    names = list(records)
+    tables = {name: score_agreement(record, loop_k(name, record)) for name, record in records.items()}
+    lines = []
+    for stat, title in (("spearman", "Spearman rank correlation"), ("kendall", "Kendall's tau-b"),
+                        ("top_k", "Top-k overlap (k = layers the loop removes at <= 1 point)")):
+        head = ["score"] + [f"{n} (k={loop_k(n, records[n])})" if stat == "top_k" else n for n in names]
+        labels = {**SCORE_LABELS, "oracle": "the oracle's seed 0 against its seed 1 (the ceiling)"}
+        body = [[label] + [spread(tables[n][score][stat], " to ") if score in tables[n] else "-" for n in names]
+                for score, label in labels.items() if any(score in tables[n] for n in names)]
+        lines += [f"#### {title} of each score with the cost", "", *markdown_table(head, body), ""]
+    return lines, tables
+
+
+def mechanism_figure(records: dict, path: Path) -> None:
+    """Score (x) against the mean fine-tuned cost (y), one point per site, labelled: models in rows, scores in columns."""
+    from easier_kernels.oracle import finetuned_cost
+    from easier_kernels.report import _figure, _save_png
+
+    scores = [s for s in SCORE_LABELS if s != "random"]
+    fig = _figure(4.2 * len(scores), 3.6 * len(records))
+    axes = fig.subplots(len(records), len(scores), squeeze=False)
+    for row, (name, record) in zip(axes, records.items()):
+        cost = finetuned_cost(record["costs"])
+        for ax, score in zip(row, scores):
+            values = record["scores"].get(score, {})
+            finite = [v for v in values.values() if math.isfinite(v)]
+            top = max(finite) * 1.1 if finite else 1.0
+            for site, value in values.items():  # an infinite score (an always-off site) drawn at the right edge
+                x = value if math.isfinite(value) else top
+                ax.scatter([x], [cost[site]], s=14, color="#d62728" if not math.isfinite(value) else "#1f77b4")
+                ax.annotate(site.replace("_relu", ".r").replace("features_", "f").replace("blocks_", "b"), (x, cost[site]),
+                            fontsize=5, alpha=0.7, xytext=(2, 2), textcoords="offset points")
+            ax.set_title(f"{name}: {SCORE_LABELS[score]}", fontsize=8)
+            ax.set_xlabel(SCORE_LABELS[score], fontsize=7)
+            ax.set_ylabel("points lost (alone, fine-tuned)", fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3)
+    _save_png(fig, path)
+
+
+def site_table(record: dict) -> list[str]:
+    """Every site of one model by cost: the oracle and every score."""
+    from easier_kernels.oracle import finetuned_cost
+
+    cost = finetuned_cost(record["costs"])
+    scores = record["scores"]
+    head = ["site", "cost (fine-tuned)", "cost (untrained)", "always on / off", "entropy", "off fraction",
+            "lin. error", "output change"]
+    body = []
+    for site in sorted(cost, key=lambda n: cost[n]):
+        on, off = record["split"][site]
+        body.append([site, spread(list(record["costs"][site]["finetuned"].values()), " to "),
+                     fmt(record["costs"][site].get("untrained")), f"{on:.2f} / {off:.2f}",
+                     *(fmt(scores[s][site], 3) if s in scores else "-" for s in
+                       ("entropy", "off_fraction", "linearization_error", "output_change"))])
+    return markdown_table(head, body)
+
+
+def mechanism_report() -> None:
+    records = load_mechanism()
+    if not records:
+        sys.exit(f"nothing in {EVIDENCE / 'mechanism'}: run `python scripts/evidence.py run --study mechanism` first")
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    mechanism_figure(records, IMAGES / "mechanism_scatter.png")
+    tables_lines, tables = agreement_tables(records)
+    lines = [MECHANISM_BEGIN, "", "Mean (min-max) over the oracle's two fine-tuning seeds (random: over 10 draws too). "
+             "Positive: the score ranks the sites as their cost does (low score, cheap removal).", "", *tables_lines]
+    for score in SCORE_LABELS:
+        if score in ("entropy", "random"):
+            continue
+        better = [n for n in records if score in tables[n] and beyond_spread(tables[n], score)]
+        lines.append(f"- {SCORE_LABELS[score]}: ranks better than the entropy beyond the seeds' spread (Spearman) on "
+                     f"{len(better)} of {len(records)} models{': ' + ', '.join(better) if better else ''}.")
+    lines += ["", "![score against cost, one point per site](images/mechanism_scatter.png)", ""]
+    for name, record in records.items():
+        lines += [f"<details><summary>{name}: {len(record['costs'])} sites, baseline validation "
+                  f"{record['baseline']:.2f}% ({record['val_size']} images), fine-tuned {record['epochs']} epoch on "
+                  f"{record['train_size']} images</summary>", "", *site_table(record), "", "</details>", ""]
+    lines.append(MECHANISM_END)
+    write_section(MECHANISM_BEGIN, MECHANISM_END, lines)
+    print(f"wrote {RESULTS} (mechanism study) and {IMAGES}/mechanism_scatter.png")
 
 
 def main(argv=None) -> None:

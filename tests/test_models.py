@@ -142,6 +142,19 @@ def test_timm_models_are_built_untrained_for_the_classes_and_channels():
         models.build("timm:resnet18", width=0.5)
 
 
+def test_a_timm_model_takes_its_config_after_the_name():
+    from easier_kernels import models
+
+    vit = models.build("timm:vit_tiny_patch16_224:img_size=28,patch_size=4,depth=2,embed_dim=64,num_heads=2",
+                       num_classes=3, in_channels=1)
+    assert len(vit.blocks) == 2 and vit.embed_dim == 64
+    assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+    with pytest.raises(ValueError, match="is not key=value"):
+        models.build("timm:vit_tiny_patch16_224:depth", num_classes=3)
+    with pytest.raises(ValueError, match="does not take the config"):
+        models.build("timm:resnet18:no_such_option=1", num_classes=3)
+
+
 @pytest.mark.parametrize("module, extra", [("timm", "timm"), ("transformers", "hf")])
 def test_a_missing_extra_says_which_to_install(monkeypatch, tmp_path, module, extra):
     import sys

@@ -150,6 +150,34 @@ def test_score_prints_the_entropy_table_of_a_run(run_dir, capsys):
     assert "linearized: " in out
 
 
+def test_costs_measures_each_remaining_site_against_every_score_and_a_rerun_reads_the_cache(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    argv = ["costs", str(run), "--seeds", "0", "--train-size", "64", "--val-size", "64", "--change-batches", "1",
+            "--device", "cpu", "--quiet"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((run / "removability.json").read_text())
+    sites = set(record["costs"])
+    assert len(sites) == 15 and set(record["scores"]) == {"entropy", "off_fraction", "linearization_error",
+                                                         "output_change", "random"}
+    assert all(set(values) == sites for values in record["scores"].values())
+    assert all(set(c["finetuned"]) == {"0"} and "untrained" in c for c in record["costs"].values())
+    assert record["train_size"] == record["val_size"] == 64 and "spearman" in printed and "kendall" in printed
+    cached = json.loads((run / "costs.json").read_text())
+    assert cli.main(argv) == 0  # a rerun: every cost from the cache, the same numbers
+    assert json.loads((run / "costs.json").read_text()) == cached
+    assert json.loads((run / "removability.json").read_text())["costs"] == record["costs"]
+    capsys.readouterr()
+    (tmp_path / "mine.json").write_text("{}")
+    _one_line_error(capsys, [*argv, "--out", str(tmp_path / "mine.json")], "was not written by `costs`; pass --force")
+    _one_line_error(capsys, [*argv, "--out", str(run / "report.json")], "a run folder's own file")
+    _one_line_error(capsys, [*argv, "--lr", "0"], "--lr must be a finite learning rate > 0")
+    _one_line_error(capsys, [*argv, "--epochs-per-step", "2"], "written for other options")
+
+
 def test_fold_prints_the_decision_table_and_saves_a_loadable_module(run_dir, tmp_path, capsys):
     out = tmp_path / "folded.pt"
     assert cli.main(["fold", str(run_dir), "--device", "cpu", "--batch-size", "2", "--out", str(out)]) == 0

@@ -3,6 +3,7 @@ on, and the report regenerates from the copied report.json files alone."""
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -224,3 +225,44 @@ def test_the_recovery_study_runs_each_option_alone_and_together_on_the_latency_s
     assert "| mobilenet_v2-fashion-mnist | plain, --max-drop 1 --patience 2 | 1 | 2.00 | 0.75 | 0.80 | 0.60 | 1.00 |" in text
     assert (tmp_path / "images" / "recovery_study.png").read_bytes()[:4] == b"\x89PNG"
     assert "| combined | 2 | 25.00 (20.00-30.00) |" in text
+
+
+def fake_costs(cost0, cost1, scores):
+    """A `costs` record: sites s0.. with fine-tuned costs at seeds 0 and 1, and the given scores."""
+    sites = [f"s{i}" for i in range(len(cost0))]
+    return {"format": "easier_kernels.removability/1", "seeds": [0, 1], "epochs": 1, "train_size": 3000, "val_size": 2000,
+            "max_drop": 1.0, "k": 2, "baseline": 90.0,
+            "costs": {s: {"untrained": 2 * a, "finetuned": {"0": a, "1": b}} for s, a, b in zip(sites, cost0, cost1)},
+            "split": {s: [0.0, 0.0] for s in sites},
+            "scores": {name: dict(zip(sites, values)) for name, values in scores.items()}}
+
+
+def test_the_mechanism_study_measures_costs_on_baselines_and_ranks_every_score(tmp_path, monkeypatch):
+    module = load_script()
+    experiments, rules_of = module.study("mechanism")
+    assert {"resnet18-cifar10-subset", "mobilenet_v2-fashion-mnist", "vgg16_bn-fashion-mnist", "vit-fashion-mnist"} \
+        == set(experiments)
+    jobs = module.jobs_of(experiments, tmp_path, tmp_path, rules_of)
+    assert sorted(j["name"] for j in jobs) == sorted(f"{name}/baseline" for name in experiments)  # then `costs`
+    vit = next(j for j in jobs if j["name"] == "vit-fashion-mnist/baseline")["argv"]
+    assert vit[vit.index("--train-lr") + 1] == "0.05" and vit[vit.index("--max-steps") + 1] == "0"
+    monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")
+    monkeypatch.setattr(module, "IMAGES", tmp_path / "images")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "RESULTS.md")
+    # four sites; costs rise with the output change exactly, the entropy ranks them backwards
+    record = fake_costs([0.5, 1.0, 3.0, 8.0], [0.4, 1.5, 2.5, 9.0],
+                        {"entropy": [0.9, 0.8, 0.7, 0.6], "output_change": [0.1, 0.2, 0.3, math.inf],
+                         "random": [0.3, 0.1, 0.4, 0.2]})
+    path = tmp_path / "evidence" / "mechanism" / "vgg16_bn-fashion-mnist.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    table = module.score_agreement(record, 2)
+    assert table["output_change"]["spearman"] == [1.0, 1.0] and table["entropy"]["spearman"] == [-1.0, -1.0]
+    assert table["oracle"]["spearman"] == [1.0] and len(table["random"]["spearman"]) == 2 * module.RANDOM_DRAWS
+    assert module.beyond_spread(table, "output_change") and not module.beyond_spread(table, "random")
+    module.RESULTS.write_text("# Results\n")
+    module.main(["report", "--study", "mechanism"])
+    text = module.RESULTS.read_text()
+    assert "| output change | 1.00 (1.00 to 1.00) |" in text and "| entropy (the paper) | -1.00 (-1.00 to -1.00) |" in text
+    assert "- output change: ranks better than the entropy beyond the seeds' spread (Spearman) on 1 of 1 models" in text
+    assert (tmp_path / "images" / "mechanism_scatter.png").read_bytes()[:4] == b"\x89PNG"

@@ -55,7 +55,8 @@ def removal_costs(model: nn.Module, train_loader, val_loader, *, seeds: Iterable
     if plan not in PLAN:
         raise ValueError(f"plan must be one of {', '.join(PLAN)}, not {plan!r}")
     seeds = [str(int(s)) for s in seeds]
-    options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "amp": amp, "plan": plan, "runtime": runtime}
+    options = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "amp": amp, "plan": plan, "runtime": runtime,
+               "train_samples": _samples(train_loader)}
     record = _Cache(cache, _weights_hash(model), options)
     device = model_device(model)
     capture_options = {"leaf_modules": leaf_modules, "activations": activations}
@@ -63,9 +64,11 @@ def removal_costs(model: nn.Module, train_loader, val_loader, *, seeds: Iterable
         example = few_samples(example_inputs if example_inputs is not None else
                               batch_inputs(next(iter(val_loader)), device, inputs_fn), 1)
         names = [s.name for s in select(find_sites(model, example, **capture_options), sites)]
-        if "baseline" not in record.data:
-            record.put(accuracy(model, val_loader, device=device, inputs_fn=inputs_fn, progress=progress))
-        baseline = record.data["baseline"]
+        baseline = accuracy(model, val_loader, device=device, inputs_fn=inputs_fn, progress=progress)
+        if record.data.get("baseline", baseline) != baseline:
+            raise ValueError(f"the cost cache {cache} was measured on other validation data (the model's accuracy was "
+                             f"{record.data['baseline']}, now {baseline}); delete it or pass another cache")
+        record.put(baseline)
         for name in names:
             measured = record.site(name)
             wanted = [s for s in seeds if s not in measured["finetuned"]]
@@ -122,6 +125,16 @@ class _Cache:
         if self.path is not None:
             text = json.dumps(self.data, indent=1).encode()
             atomic_write(self.path, lambda f: f.write(text))
+
+
+def _samples(loader) -> int | None:
+    """How many samples (else batches) a loader holds, where it says."""
+    for sized in (getattr(loader, "dataset", None), loader):
+        try:
+            return len(sized)
+        except TypeError:
+            continue
+    return None
 
 
 def _weights_hash(model: nn.Module) -> str:

@@ -87,10 +87,15 @@ def test_a_cache_of_other_weights_or_options_is_refused(tmp_path):
     removal_costs(model, train, val, seeds=(), plan="none", cache=cache)
     with pytest.raises(ValueError, match=r"written for other options .*delete it or pass another cache"):
         removal_costs(model, train, val, seeds=(), plan="none", lr=0.1, cache=cache)
+    weights = copy.deepcopy(model.state_dict())
     with torch.no_grad():
         model[0].weight[0, 0] += 1
     with pytest.raises(ValueError, match="written for other weights"):
         removal_costs(model, train, val, seeds=(), plan="none", cache=cache)
+    model.load_state_dict(weights)
+    other = DataLoader(TensorDataset(*val.dataset[48:]), batch_size=48)
+    with pytest.raises(ValueError, match="measured on other validation data"):
+        removal_costs(model, train, other, seeds=(), plan="none", cache=cache)
     cache.write_text("{torn")
     with pytest.raises(ValueError, match="cannot read the cost cache"):
         removal_costs(model, train, val, seeds=(), plan="none", cache=cache)

@@ -264,5 +264,5 @@ def test_the_mechanism_study_measures_costs_on_baselines_and_ranks_every_score(t
     module.main(["report", "--study", "mechanism"])
     text = module.RESULTS.read_text()
     assert "| output change | 1.00 (1.00 to 1.00) |" in text and "| entropy (the paper) | -1.00 (-1.00 to -1.00) |" in text
-    assert "- output change: ranks better than the entropy beyond the seeds' spread (Spearman) on 1 of 1 models" in text
+    assert "- output change: ranks the cost after fine-tuning better than the entropy beyond the seeds' spread (Spearman) on 1 of 1 models" in text
     assert (tmp_path / "images" / "mechanism_scatter.png").read_bytes()[:4] == b"\x89PNG"

@@ -674,10 +674,12 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
                        help="count during the last fine-tuning epoch, or in a separate pass")
-    prune.add_argument("--select", default=d["select"], choices=["entropy", "entropy-latency", "random", "first", "last"],
+    prune.add_argument("--select", default=d["select"], choices=["entropy", "entropy-latency", "output-change", "random", "first", "last"],
                        help="which sites a step removes: the lowest entropy (the method); the least entropy per ms "
-                            "saved, gains measured in --runtime (entropy-latency); or a naive baseline: a random "
-                            "order, or execution order from the input (first) or output (last) end")
+                            "saved, gains measured in --runtime (entropy-latency); the least change of the network's "
+                            "outputs when linearized alone (output-change: predicts the removal cost best, see "
+                            "docs/RESULTS.md); or a naive baseline: a random order, or execution order from the "
+                            "input (first) or output (last) end")
     prune.add_argument("--select-seed", type=int, help="seed of --select random's order (default: --seed)")
     prune.add_argument("--runtime", default=d["runtime"], choices=list(RUNTIMES),
                        help="where the pruned model will run: each chain's fold is planned (timed) there")

@@ -37,19 +37,21 @@ import torch.nn as nn
 from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, sites as sites_mod, train as training
 from .activations import declared
 from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
-                      positional, to_device)
+                      positional, rng_kept, to_device)
 from .entropy import MODES, EntropyMeter, entropy_scores
 from .export import folded_from_recipe
 from .files import atomic_write, read_weights
 from .fold.gains import site_gains
 from .linearize import PLAN, anneal as anneal_sites, from_recipe, linearize, recipe, settle
 from .recipe_entry import RECIPE_ENTRY, leaf_paths as _leaf_paths
+from .scores import output_change
 from .select import SELECT, choose, choose_by_latency, site_order
 from .sites import find_sites
 
 __all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record", "check_options"]
 
 SCORING = ("ride_along", "pass")
+OUTPUT_CHANGE_BATCHES = 4  # validation batches select="output_change" measures each step's ranking on
 _SURROGATE = "ek_surrogate_"  # the entropy penalty's probes, put in for a step's fine-tuning and taken out after
 
 
@@ -59,9 +61,10 @@ class Step:
     before the step), the validation (and test) accuracy after fine-tuning, and whether it passed;
     the payoff of the network after it (folded, in the run's runtime: latency over the original's
     with batch norms folded, MACs and parameters); under select="entropy_latency" the measured
-    gains the sites were chosen by (`fold.gains.site_gains`). The latency's timing: the original's
-    latency in it (`baseline_ms`), the ratio's quartiles, and whether it is `noisy` (the machine too
-    busy to trust it; `noisy_why` says how). Steps of older runs lack them: None, False, ""."""
+    gains the sites were chosen by (`fold.gains.site_gains`); under select="output_change" the output
+    changes they were ranked by (`ranking`). The latency's timing: the original's latency in it
+    (`baseline_ms`), the ratio's quartiles, and whether it is `noisy` (the machine too busy to
+    trust it; `noisy_why` says how). Steps of older runs lack them: None, False, ""."""
 
     step: int
     removed: list
@@ -80,6 +83,7 @@ class Step:
     latency_q3: float | None = None
     noisy: bool = False
     noisy_why: str = ""
+    ranking: dict | None = None
 
 
 @dataclasses.dataclass
@@ -287,6 +291,7 @@ class Pruner:
                                          **payoff.noise(unpruned)}
         self.state["payoff"] = unpruned
         self.state["gains"] = self._gains(self.current, self.state["scores"])
+        self.state["ranking"] = self._ranking(self.current)
 
     @property
     def done(self) -> bool:
@@ -303,7 +308,8 @@ class Pruner:
             state["stopped"] = f"reached max_steps={self.max_steps}"  # not done: a resume with more steps goes on
             return None
         scores = state["scores"]
-        candidates = self._open(scores)
+        ranking = state.get("ranking") or scores  # what the rule ranks by: the entropy, or the output change
+        candidates = self._open(ranking)
         if not candidates:
             rejected = len(state.get("rejected", []))
             left = "no site left to linearize" + (f" ({rejected} rejected)" if rejected else "")
@@ -324,11 +330,12 @@ class Pruner:
         record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
                       time.perf_counter() - started, self._accuracy(net, self.test_loader, "test"), paid["latency_ratio"],
                       paid["latency_ms"], paid["macs"], paid["params"], gains, baseline_ms=paid.get("baseline_ms"),
-                      **payoff.noise(paid))
+                      **payoff.noise(paid), ranking=state.get("ranking"))
         state["history"].append(dataclasses.asdict(record))
         if record.accepted:
             self.current = net
-            state.update(linearized=state["linearized"] + chosen, scores=dict(new_scores), payoff=paid)
+            state.update(linearized=state["linearized"] + chosen, scores=dict(new_scores), payoff=paid,
+                         ranking=self._ranking(net) if len(new_scores) else None)
             if self.patience:
                 state.update(tries=0, width=self.layers_per_step)
             if self.latency_target is not None and paid["latency_ratio"] <= self.latency_target:
@@ -508,6 +515,20 @@ class Pruner:
                                                             leaf_modules=self.leaf_paths))
         start = (self.state or {}).get("baseline_payoff") or {}  # (none while begin measures the start)
         return payoff.against_start(paid, start.get("latency_ms"))
+
+    def _ranking(self, net: nn.Module) -> dict | None:
+        """select="output_change": each remaining site's output change on the first validation
+        batches (`scores.output_change`, eval mode as validation; fixed batches, so the ranking is a
+        function of the network alone), measured on rank 0, its random draws kept out of the run's
+        streams; None for the other rules."""
+        if self.select != "output_change":
+            return None
+
+        def measure():
+            with rng_kept():
+                return output_change(net, self.val_loader, max_batches=OUTPUT_CHANGE_BATCHES, inputs_fn=self.inputs_fn,
+                                     **self.capture)
+        return distributed.from_main(measure)
 
     def _gains(self, net: nn.Module, scores: dict) -> list | None:
         """entropy_latency's measured gains for the next step (on rank 0), before the checkpoint that resumes it."""

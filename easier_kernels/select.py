@@ -4,8 +4,10 @@
     chosen = choose(scores, k, order)                    # the paper's rule, or the next k in `order`
     chosen = choose_by_latency(scores, moves, k)         # entropy and measured latency gain together
 
-"entropy" (the paper's rule) takes the k lowest-entropy sites. "entropy_latency" (ours, DESIGN.md
-"Beyond the paper") spends the accuracy budget where it buys speed: choosing which sites to
+"entropy" (the paper's rule) takes the k lowest-entropy sites. "output_change" takes the k sites
+whose linearization alone moves the network's logits least (`scores.output_change`, measured on
+the current network before each step, on validation batches): `choose` on those values instead
+of the entropies. "entropy_latency" (ours, DESIGN.md "Beyond the paper") spends the accuracy budget where it buys speed: choosing which sites to
 linearize so as to save a latency at the least information lost is a knapsack (each move has a
 weight, its entropy, and a value, the ms it saves), and the knapsack's classic greedy takes items
 by weight per value. So moves (one site, or two that only together form a mergeable chain; see
@@ -22,8 +24,9 @@ import random
 
 __all__ = ["SELECT", "site_order", "choose", "choose_by_latency"]
 
-# the method's rule, ours, and the naive rules they are measured against
-SELECT = ("entropy", "entropy_latency", "random", "first", "last")
+# the method's rule, ours, the training-free score that predicts the removal cost best
+# (docs/RESULTS.md, "What makes a layer removable"), and the naive rules they are measured against
+SELECT = ("entropy", "entropy_latency", "output_change", "random", "first", "last")
 
 
 def site_order(site_names: list, select: str, seed: int | None) -> list | None:

@@ -479,3 +479,35 @@ def test_a_bad_patience_is_a_one_line_error(loaders, patience):
     train, val = loaders
     with pytest.raises(ValueError, match=f"^patience must be an integer >= 0, not {re.escape(repr(patience))}$"):
         ek.prune(small_model(), train, val, patience=patience, progress=False)
+
+
+# ---- select="output_change": the training-free score that predicts the removal cost best
+
+
+def test_output_change_removes_the_site_that_moves_the_outputs_least_and_resumes_with_the_same_choices(loaders, tmp_path):
+    """Each step takes the site whose linearization alone changes the current network's logits
+    least, measured on the first validation batches; a run stopped after step 1 and resumed makes
+    the choices of an uninterrupted one (the ranking is in the checkpoint)."""
+    from easier_kernels.prune import OUTPUT_CHANGE_BATCHES
+    from easier_kernels.scores import output_change
+
+    train, val = loaders
+
+    def run(max_steps, **more):
+        return ek.prune(small_model(), train, val, max_drop=100.0, max_steps=max_steps, select="output_change",
+                        plan="merge", evaluate=lambda net: 50.0, progress=False, **more)
+
+    expected = run(3)
+    torch.manual_seed(0)
+    change = output_change(small_model(), val, max_batches=OUTPUT_CHANGE_BATCHES)
+    first = expected.history[0]
+    assert first.ranking == pytest.approx(change) and first.removed == [min(change, key=change.get)]
+    second = expected.history[1]
+    assert set(second.ranking) == set(change) - set(first.removed)  # measured again on the network after step 1
+    assert second.removed == [min(second.ranking, key=second.ranking.get)]
+    assert run(1, checkpoint_dir=tmp_path).linearized == first.removed
+    resumed = run(3, checkpoint_dir=tmp_path, resume=True)
+    assert [s.removed for s in resumed.history] == [s.removed for s in expected.history]
+    assert [s.ranking for s in resumed.history] == [s.ranking for s in expected.history]
+    got, want = resumed.model.state_dict(), expected.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)

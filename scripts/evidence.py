@@ -149,6 +149,13 @@ MECHANISM_EXPERIMENTS = {
                               epochs=2, train_size=3000, val_size=2000, baseline_options=["--train-lr", "0.05"]),
 }
 MECHANISM_SEEDS = ["0", "1"]
+# The loop with the score that predicts the cost best (`--select output-change`) against the
+# paper's rule and random, from the same baselines as the recovery study (whose `plain` runs,
+# entropy-latency, join the comparison), with the latency study's schedule.
+MECHANISM_LOOP = ("mobilenet_v2-fashion-mnist", "resnet18-cifar10-subset")
+MECHANISM_RULES = {"output-change": ["--select", "output-change"], "output-change-seed1": ["--select", "output-change", *SEED1],
+                   "entropy": [], "entropy-seed1": SEED1,
+                   "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"]}
 STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery", "mechanism": "mechanism"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
@@ -185,7 +192,8 @@ def study(name: str) -> tuple[dict, Callable]:
     if name == "recovery":
         return RECOVERY_EXPERIMENTS, recovery_rules
     if name == "mechanism":
-        return MECHANISM_EXPERIMENTS, lambda experiment: {}  # baselines only; then `costs` (mechanism_costs)
+        # baselines, the loop's rules where it runs; then `costs` on every baseline (mechanism_costs)
+        return MECHANISM_EXPERIMENTS, lambda experiment: dict(MECHANISM_RULES) if experiment in MECHANISM_LOOP else {}
     return EXPERIMENTS, rules_of
 
 
@@ -668,8 +676,9 @@ def report(args) -> None:
 # ---- the latency study's report
 
 LATENCY_BEGIN, LATENCY_END = "<!-- latency:begin (scripts/evidence.py report --study latency) -->", "<!-- latency:end -->"
-GROUPS = {"entropy": "entropy (the paper's rule)", "entropy-latency": "entropy-latency (ours)", "random": "random"}
-GROUP_COLORS = {"entropy": "#1f77b4", "entropy-latency": "#d62728", "random": "#7f7f7f"}
+GROUPS = {"entropy": "entropy (the paper's rule)", "entropy-latency": "entropy-latency (ours)", "random": "random",
+          "output-change": "output-change"}
+GROUP_COLORS = {"entropy": "#1f77b4", "entropy-latency": "#d62728", "random": "#7f7f7f", "output-change": "#2ca02c"}
 PALETTE = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")  # other groups
 RATIO_LEVELS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 DROP_LEVELS = (1.0, 2.0, 3.0)
@@ -1030,6 +1039,24 @@ def site_table(record: dict) -> list[str]:
     return markdown_table(head, body)
 
 
+def mechanism_loop() -> list[str]:
+    """The loop study with --select output-change, entropy and random (and the recovery study's
+    entropy-latency `plain` runs, from the same baselines): tables and the figure."""
+    runs = load_study_runs("mechanism")
+    for name, groups in runs.items():
+        recovered = [json.loads(path.read_text()) for rule in ("plain", "plain-seed1")
+                     if (path := EVIDENCE / "recovery" / name / f"{rule}.json").exists()]
+        if recovered:
+            groups["entropy-latency"] = recovered
+    if not runs:
+        return []
+    latency_figure_of_study(runs, IMAGES / "mechanism_loop.png")
+    return ["#### The loop with `--select output-change`", "",
+            "The latency study's schedule from the recovery study's baselines; two loop seeds per rule, two random "
+            "orders.", "", *latency_tables(runs), "",
+            "![validation accuracy against latency ratio, per rule](images/mechanism_loop.png)", ""]
+
+
 def verdicts(records: dict, tables: dict, against: str, floor: bool = False) -> list[str]:
     how = "than the entropy and every random draw" if floor else "than the entropy beyond the seeds' spread"
     lines = []
@@ -1057,6 +1084,7 @@ def mechanism_report() -> None:
              "per site; random over 10 draws).", "", *untrained_lines,
              *verdicts(records, untrained, "the cost before training", floor=True)]
     lines += ["", "![score against cost, one point per site](images/mechanism_scatter.png)", ""]
+    lines += mechanism_loop()
     for name, record in records.items():
         lines += [f"<details><summary>{name}: {len(record['costs'])} sites, baseline validation "
                   f"{record['baseline']:.2f}% ({record['val_size']} images), fine-tuned {record['epochs']} epoch on "

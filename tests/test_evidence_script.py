@@ -243,7 +243,12 @@ def test_the_mechanism_study_measures_costs_on_baselines_and_ranks_every_score(t
     assert {"resnet18-cifar10-subset", "mobilenet_v2-fashion-mnist", "vgg16_bn-fashion-mnist", "vit-fashion-mnist"} \
         == set(experiments)
     jobs = module.jobs_of(experiments, tmp_path, tmp_path, rules_of)
-    assert sorted(j["name"] for j in jobs) == sorted(f"{name}/baseline" for name in experiments)  # then `costs`
+    baselines = [j["name"] for j in jobs if j["after"] is None]
+    assert sorted(baselines) == sorted(f"{name}/baseline" for name in experiments)  # then `costs` on each
+    loop = {j["name"]: j["argv"] for j in jobs if j["after"] is not None}  # and the loop with the new rule
+    assert {name.split("/")[0] for name in loop} == set(module.MECHANISM_LOOP)
+    argv = loop["mobilenet_v2-fashion-mnist/output-change-seed1"]
+    assert argv[argv.index("--select") + 1] == "output-change" and "--split-seed" in argv
     vit = next(j for j in jobs if j["name"] == "vit-fashion-mnist/baseline")["argv"]
     assert vit[vit.index("--train-lr") + 1] == "0.05" and vit[vit.index("--max-steps") + 1] == "0"
     monkeypatch.setattr(module, "EVIDENCE", tmp_path / "evidence")

@@ -443,6 +443,8 @@ def _cmd_costs(args) -> int:
 
     from .train import check_rate
 
+    if args.epochs_per_step is not None and args.epochs_per_step < 1:
+        raise UsageError(f"--epochs-per-step must be an integer >= 1, not {args.epochs_per_step}")
     if args.lr is not None:
         try:
             check_rate("--lr", args.lr)
@@ -788,8 +790,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size", "epochs_per_step",
-                 "change_batches"):
+    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size", "change_batches"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")

@@ -175,6 +175,7 @@ def test_costs_measures_each_remaining_site_against_every_score_and_a_rerun_read
     _one_line_error(capsys, [*argv, "--out", str(tmp_path / "mine.json")], "was not written by `costs`; pass --force")
     _one_line_error(capsys, [*argv, "--out", str(run / "report.json")], "a run folder's own file")
     _one_line_error(capsys, [*argv, "--lr", "0"], "--lr must be a finite learning rate > 0")
+    _one_line_error(capsys, [*argv, "--epochs-per-step", "0"], "--epochs-per-step must be an integer >= 1, not 0")
     _one_line_error(capsys, [*argv, "--epochs-per-step", "2"], "written for other options")
 
 

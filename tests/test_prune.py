@@ -208,7 +208,7 @@ def test_checkpoints_resume_and_refuse_what_does_not_match(loaders, tmp_path):
     ({"scoring": "later"}, "scoring must be one of"),
     ({"layers_per_step": 0}, "layers_per_step must be an integer >= 1"),
     ({"exclude": ["nope"]}, "exclude names unknown site"),
-    ({"select": "worst"}, "select must be one of entropy, entropy_latency, random, first, last"),
+    ({"select": "worst"}, "select must be one of entropy, entropy_latency, output_change, random, first, last"),
     ({"latency_target": 1.5}, r"latency_target must be a fraction of the original's latency in \(0, 1\]"),
     ({"select": "random", "seed": None}, "select='random' needs a seed or select_seed"),
     ({"deploy_batch": 0}, "deploy_batch must be an integer >= 1, not 0"),

@@ -9,6 +9,8 @@ selection rules, and the latency each removed layer buys after folding.
     python scripts/evidence.py report --study latency   # its part of docs/RESULTS.md and plots
     python scripts/evidence.py run --study recovery     # issue 28: each recovery option on the latency study's path
     python scripts/evidence.py report --study recovery
+    python scripts/evidence.py run --study mechanism    # issue 30: each site's true removal cost against every score
+    python scripts/evidence.py report --study mechanism
 
 `run` drives the `easier-kernels prune` CLI, exactly as a user would type it (every command is
 printed and logged), `--jobs` at a time with the cores split between them. A baseline is trained

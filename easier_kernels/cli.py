@@ -214,12 +214,17 @@ def _data_and_model(args):
                                  download=args.download)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:  # RuntimeError: torchvision's datasets
         raise UsageError(str(exc).strip().splitlines()[0]) from None
-    for part in ("train", "val"):  # a quicker run on part of the split
-        if (size := getattr(args, f"{part}_size")) is not None:
-            dataset = getattr(splits, part)
-            setattr(splits, part, torch.utils.data.Subset(dataset, range(min(size, len(dataset)))))
+    _cut(splits, args.train_size, args.val_size)  # a quicker run on part of the split
     trained = bool(args.weights) and _load_weights(model, args)
     return splits, model, trained
+
+
+def _cut(splits, train_size: int | None, val_size: int | None) -> None:
+    """The training and validation splits cut to their first N samples where a size is given."""
+    for part, size in (("train", train_size), ("val", val_size)):
+        if size is not None:
+            dataset = getattr(splits, part)
+            setattr(splits, part, torch.utils.data.Subset(dataset, range(min(size, len(dataset)))))
 
 
 def _num_classes(requested: int | None, splits) -> int:
@@ -440,7 +445,6 @@ def _cmd_costs(args) -> int:
     from .entropy import entropy_scores
     from .oracle import agreement, finetuned_cost, removal_costs
     from .scores import on_split, output_change, training_free
-
     from .train import check_rate
 
     if args.epochs_per_step is not None and args.epochs_per_step < 1:
@@ -455,9 +459,8 @@ def _cmd_costs(args) -> int:
     _check_costs_out(out, args.force)
     cache = Path(args.cache) if args.cache else path.with_name("costs.json")
     splits = _run_splits(settings, settings["dataset"], args.data_root)
-    for part in ("train", "val"):  # the loop's schedule: the run's subsets unless given others
-        if (size := getattr(args, f"{part}_size") or settings.get(f"{part}_size")) is not None:
-            setattr(splits, part, torch.utils.data.Subset(getattr(splits, part), range(min(size, len(getattr(splits, part))))))
+    # the loop's schedule: the run's subsets unless given others
+    _cut(splits, args.train_size or settings.get("train_size"), args.val_size or settings.get("val_size"))
     train, val, _ = _loaders(splits, args, settings["in_channels"])
     device = _device(args.device)
     net = result.model.to(device)
@@ -676,7 +679,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--mode", default=d["mode"], choices=["pooled", "batch_mean"], help="how counts become entropies")
     prune.add_argument("--scoring", default=d["scoring"], choices=["ride_along", "pass"],
                        help="count during the last fine-tuning epoch, or in a separate pass")
-    prune.add_argument("--select", default=d["select"], choices=["entropy", "entropy-latency", "output-change", "random", "first", "last"],
+    prune.add_argument("--select", default=d["select"],
+                       choices=["entropy", "entropy-latency", "output-change", "random", "first", "last"],
                        help="which sites a step removes: the lowest entropy (the method); the least entropy per ms "
                             "saved, gains measured in --runtime (entropy-latency); the least change of the network's "
                             "outputs when linearized alone (output-change: predicts the removal cost best, see "

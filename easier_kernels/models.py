@@ -237,8 +237,8 @@ def build(name, *, num_classes=10, in_channels=3, width=1.0, download=False):
     torchvision classification model (3-channel input, its own width; "torchvision.resnet18" names
     torchvision's where the paper has a model of the same name), "timm:NAME" (timm.create_model,
     never pretrained, with `in_channels`; "timm:NAME:key=value,..." passes its config, e.g.
-    "timm:vit_tiny_patch16_224:img_size=28,patch_size=4,depth=6" a small ViT for 28 px images) or "hf:FOLDER" (a transformers image classifier from a
-    folder holding config.json: random init, or its weights where it holds them, the classifier
+    "timm:vit_tiny_patch16_224:img_size=28,patch_size=4,depth=6" a small ViT for 28 px images) or
+    "hf:FOLDER" (a transformers image classifier from a folder holding config.json: random init, or its weights where it holds them, the classifier
     made for `num_classes`). "hf:HUB/NAME" fetches from the Hugging Face hub, with download=True only."""
     if name in PAPER_MODELS:
         return PAPER_MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width)

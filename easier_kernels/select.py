@@ -5,17 +5,17 @@
     chosen = choose_by_latency(scores, moves, k)         # entropy and measured latency gain together
 
 "entropy" (the paper's rule) takes the k lowest-entropy sites. "output_change" takes the k sites
-whose linearization alone moves the network's logits least (`scores.output_change`, measured on
-the current network before each step, on validation batches): `choose` on those values instead
-of the entropies. "entropy_latency" (ours, DESIGN.md "Beyond the paper") spends the accuracy budget where it buys speed: choosing which sites to
-linearize so as to save a latency at the least information lost is a knapsack (each move has a
-weight, its entropy, and a value, the ms it saves), and the knapsack's classic greedy takes items
-by weight per value. So moves (one site, or two that only together form a mergeable chain; see
-`fold.gains`) go by least entropy per ms saved; a move's sites go lowest entropy first. The gains
-are measured again after every step (fine-tuning changes the entropies, each linearization the
-chains), which keeps the greedy honest where gains do not add up. Sites whose linearization does
-not pay (no chain, a gain within timing noise) come last, by entropy alone. Every rule is a pure
-function of its inputs: the same scores and gains give the same choice.
+whose linearization alone moves the network's logits least (`scores.output_change`, measured on the
+current network before each step, on validation batches): `choose` on those values instead of the
+entropies. "entropy_latency" (ours, DESIGN.md "Beyond the paper") spends the accuracy budget where
+it buys speed: choosing which sites to linearize so as to save a latency at the least information
+lost is a knapsack (each move has a weight, its entropy, and a value, the ms it saves), and the
+knapsack's classic greedy takes items by weight per value. So moves (one site, or two that only
+together form a mergeable chain; see `fold.gains`) go by least entropy per ms saved; a move's sites
+go lowest entropy first. The gains are measured again after every step (fine-tuning changes the
+entropies, each linearization the chains), which keeps the greedy honest where gains do not add up.
+Sites whose linearization does not pay (no chain, a gain within timing noise) come last, by entropy
+alone. Every rule is a pure function of its inputs: the same scores and gains give the same choice.
 """
 
 from __future__ import annotations

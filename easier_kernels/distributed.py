@@ -84,11 +84,15 @@ def local_main_first(enabled: bool = True):
 
 def lost_rank(exc: BaseException) -> bool:
     """Whether `exc` is a collective that failed for want of another rank (it died, hangs, or its
-    connection broke): nccl's DistError, or gloo's transport errors (plain RuntimeErrors)."""
+    connection broke): nccl's DistError, or gloo's transport errors (plain RuntimeErrors, some of
+    which name neither gloo nor the connection: "Application timeout caused pair closure")."""
     if isinstance(exc, dist.DistError):
         return True
     text = str(exc)
-    return active() and isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed"))
+    return active() and isinstance(exc, RuntimeError) and any(k in text for k in _TRANSPORT_ERRORS)
+
+
+_TRANSPORT_ERRORS = ("gloo", "NCCL", "Connection closed", "pair closure")
 
 
 def lost_rank_message(exc: BaseException, timeout: float | None = None) -> str:

@@ -190,6 +190,15 @@ def test_a_rank_that_dies_or_hangs_fails_the_others_with_one_line(tmp_path, faul
         ranks[1].communicate()
 
 
+@pytest.mark.parametrize("message", ["[../gloo/transport/tcp/pair.cc:534] Connection closed by peer",
+                                     "Application timeout caused pair closure"])
+def test_every_transport_error_of_a_lost_rank_is_recognised(monkeypatch, message):
+    """gloo reports a hung peer in words that name neither gloo nor the connection, as CI met once."""
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert distributed.lost_rank(RuntimeError(message))
+    assert not distributed.lost_rank(RuntimeError("size mismatch for fc.weight"))
+
+
 def test_the_api_checks_what_every_rank_must_agree_on(tmp_path):
     """ek.prune under a process group: the default loop keeps ranks together (with every recovery
     option too); a user's evaluate that differs per rank and a finetune that lets weights drift apart are

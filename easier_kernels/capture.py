@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import activations as acts
 
-__all__ = ["capture", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
+__all__ = ["capture", "is_hf_conv1d", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
            "model_device", "eval_mode", "buffers_kept", "rng_kept", "batch_size", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
            "logits_of", "default_loss", "record_shapes", "shapes_recorded", "CAPTURE_KEY"]
 
@@ -558,8 +558,16 @@ def _no_cache(model: nn.Module):
         config.use_cache = saved
 
 
+def is_hf_conv1d(module) -> bool:
+    """Whether `module` is exactly transformers' `Conv1D` (GPT-2's linear layers: y = x W + b with
+    W stored [in, out]), recognised by its class without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 def _kept(module: nn.Module, path: str, leaves: _Leaves) -> bool:
-    return type(module) in _KEPT_TYPES or leaves.activation(module) or leaves.user(module, path)
+    return (type(module) in _KEPT_TYPES or is_hf_conv1d(module) or leaves.activation(module)
+            or leaves.user(module, path))
 
 
 def _restore_module_calls(gm: fx.GraphModule, model: nn.Module, leaves: _Leaves) -> None:
@@ -578,7 +586,9 @@ def _restore_module_calls(gm: fx.GraphModule, model: nn.Module, leaves: _Leaves)
 
 def _collapse(gm: fx.GraphModule, path: str, module: nn.Module, nodes: list) -> None:
     inside = set(nodes)
-    inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    # (sizes read from outside, e.g. a reshape back to [N, T, C], are not inputs: the module computes them again)
+    inputs = {a for n in nodes for a in n.all_input_nodes
+              if a not in inside and a.op != "get_attr" and not _is_size(a)}
     outputs = [n for n in nodes if any(u not in inside for u in n.users)]
     if len(inputs) != 1 or len(outputs) != 1:
         return  # not a plain x -> module(x) call: its ops stay
@@ -591,6 +601,10 @@ def _collapse(gm: fx.GraphModule, path: str, module: nn.Module, nodes: list) -> 
     for n in reversed(nodes):
         gm.graph.erase_node(n)
     node._rename(path.replace(".", "_"))
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (int, torch.SymInt))
 
 
 _aten = torch.ops.aten

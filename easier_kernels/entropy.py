@@ -15,6 +15,9 @@ site would change and of the activation's output (`Scores.linearization_error`: 
 / E||act(x)||^2, how far the layer is from the identity it would become). It is plain torch
 reductions beside the fused count (one more read of the activation), so it is off by default.
 
+Token sites ([N, T, C], channels last: transformer MLPs) count every token position as a
+sample; where the model takes an `attention_mask` (0 at padding), padded positions are not counted.
+
 Modes:
 - "pooled" (the default): counts pooled over every batch, then one entropy per neuron. It does
   not depend on batch size, batch order or how data is sharded over ranks, and it is the
@@ -210,9 +213,19 @@ class SiteProbe(nn.Module):
                             "activations can be counted")
         self._allocate(channels, x.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The activation of x (fused probes; else x), its counts added. `mask` ([N, T], 0 at
+        padding; the model's attention_mask, for token sites): only the positions it keeps count."""
         if not self.counting:
             return kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
+        if mask is not None and _masks_tokens(x, mask, self.channel_dim):
+            counted = x[mask.bool()]  # [tokens kept, C]: selected first, a fused in-place call overwrites x
+            y = kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
+            self._count(counted, "identity", 0.0)
+            return y
+        return self._count(x, self.count_kind, self.count_param)
+
+    def _count(self, x: torch.Tensor, kind: str, param: float) -> torch.Tensor:
         try:
             channels = x.shape[self.channel_dim]
         except IndexError:
@@ -224,11 +237,10 @@ class SiteProbe(nn.Module):
         if self.energy_kind:  # before the count: a fused in-place call overwrites x
             self._add_energy(x)
         if self.pooled:
-            y = ops.act_count_resolved(x, self.counts, self.nan_counts, self.count_kind, self.channel_dim,
-                                       self.count_param)
+            y = ops.act_count_resolved(x, self.counts, self.nan_counts, kind, self.channel_dim, param)
         else:
             counts, nans = torch.zeros_like(self.counts), torch.zeros_like(self.nan_counts)
-            y = ops.act_count_resolved(x, counts, nans, self.count_kind, self.channel_dim, self.count_param)
+            y = ops.act_count_resolved(x, counts, nans, kind, self.channel_dim, param)
             self.entropy_sum.add_(layer_entropy(counts, per_channel - nans))
             self.counts.add_(counts)
             self.nan_counts.add_(nans)
@@ -244,6 +256,11 @@ class SiteProbe(nn.Module):
     def _add_energy(self, x: torch.Tensor) -> None:
         act = kinds.forward(x, *self.energy_kind).double()
         self.energy.add_(torch.stack([torch.nansum((act - x.double()).square()), torch.nansum(act.square())]))
+
+
+def _masks_tokens(x: torch.Tensor, mask: torch.Tensor, channel_dim: int) -> bool:
+    """Whether `mask` marks x's token positions: x [N, T, C] with channels last, mask [N, T]."""
+    return x.dim() == mask.dim() + 1 and channel_dim in (-1, x.dim() - 1) and tuple(x.shape[:-1]) == tuple(mask.shape)
 
 
 class EntropyMeter:
@@ -292,7 +309,7 @@ class EntropyMeter:
             self.probes[site.name] = SiteProbe(site, mode, fused, site.channels, device, energy)
             return self.probes[site.name]
 
-        self._handles = sites_mod.instrument(self.model, self.sites, make_probe)
+        self._handles = sites_mod.instrument(self.model, self.sites, make_probe, masked=True)
 
     def reset(self) -> None:
         for probe in self.probes.values():

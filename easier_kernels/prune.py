@@ -46,6 +46,7 @@ from .linearize import PLAN, anneal as anneal_sites, from_recipe, linearize, rec
 from .recipe_entry import RECIPE_ENTRY, leaf_paths as _leaf_paths
 from .scores import output_change
 from .select import SELECT, choose, choose_by_latency, site_order
+from .tasks import Classification
 from .sites import find_sites
 
 __all__ = ["prune", "Pruner", "PruneResult", "Step", "load", "read_record", "check_options"]
@@ -210,8 +211,9 @@ class Pruner:
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
                  latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
                  distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
-                 entropy_weight: float | None = None, entropy_side: str = "on"):
-        check_options(max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
+                 entropy_weight: float | None = None, entropy_side: str = "on", task=None):
+        self.task = task if task is not None else Classification()
+        check_options(task=self.task, max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
                       max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
                       deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay, distill=distill,
                       distill_temperature=distill_temperature, patience=patience, anneal=anneal,
@@ -229,7 +231,7 @@ class Pruner:
             model = copy.deepcopy(model).to(self.device)  # (never the caller's model)
             distributed.broadcast_module(model)  # rank 0's weights, as DistributedDataParallel starts from
         self.model = model
-        self.inputs_fn, self.loss_fn = inputs_fn, loss_fn
+        self.inputs_fn, self.loss_fn = inputs_fn, loss_fn if loss_fn is not None else self.task.loss
         self.deploy_batch = deploy_batch
         deployed = _samples(example_inputs, val_loader if val_loader is not None else train_loader, inputs_fn,
                             deploy_batch)
@@ -260,7 +262,7 @@ class Pruner:
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
                                   latency_target=latency_target, deploy_batch=deploy_batch, distill=distill,
                                   distill_temperature=distill_temperature, patience=patience, anneal=anneal,
-                                  entropy_weight=entropy_weight, entropy_side=entropy_side)
+                                  entropy_weight=entropy_weight, entropy_side=entropy_side, task=self.task.name)
         self.distill, self.distill_temperature, self.anneal = distill, distill_temperature, anneal
         self.entropy_weight, self.entropy_side = entropy_weight, entropy_side
         self._teacher = None  # built from the unpruned network when first needed (`_recovery`)
@@ -276,9 +278,8 @@ class Pruner:
         if self.seed is not None:
             checkpoints.seed_everything(self.seed)
         baseline = self._accuracy(self.model, self.val_loader, "val")
-        if baseline <= 1.0:
-            warnings.warn(f"baseline accuracy is {baseline}: evaluate must return percent (0-100), as max_drop is in "
-                          "accuracy points", stacklevel=3)
+        if warning := self.task.check_baseline(baseline):
+            warnings.warn(warning, stacklevel=3)
         self.state = {"baseline": baseline, "baseline_test": self._accuracy(self.model, self.test_loader, "test"),
                       "linearized": [], "history": [], "done": False, "stopped": "",
                       "scores": dict(scores if scores is not None else self._scoring_pass(self.model))}
@@ -326,8 +327,8 @@ class Pruner:
         new_scores = self._finetune(net, step, chosen, counting=len(scores) > len(chosen))
         val = self._accuracy(net, self.val_loader, "val")
         paid = self._measure(net)
-        threshold = state["baseline"] - self.max_drop
-        record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, val >= threshold,
+        passed = self.task.passes(val, state["baseline"], self.max_drop)
+        record = Step(step, chosen, {n: (e if e == e else None) for n, e in scores.items()}, val, passed,
                       time.perf_counter() - started, self._accuracy(net, self.test_loader, "test"), paid["latency_ratio"],
                       paid["latency_ms"], paid["macs"], paid["params"], gains, baseline_ms=paid.get("baseline_ms"),
                       **payoff.noise(paid), ranking=state.get("ranking"))
@@ -343,8 +344,7 @@ class Pruner:
             else:
                 state["gains"] = self._gains(net, state["scores"])
         else:
-            self._reject(chosen, f"validation accuracy {val:.2f} < {threshold:.2f} "
-                                 f"(baseline {state['baseline']:.2f} - max_drop {self.max_drop})")
+            self._reject(chosen, self.task.rejection(val, state["baseline"], self.max_drop))
         return record
 
     # ---- retry on rejection (patience)
@@ -496,8 +496,8 @@ class Pruner:
             return None
         if split == "val" and self.evaluate is not None:
             return distributed.same_on_every_rank(float(self.evaluate(net)), "the accuracy evaluate returned")
-        return training.accuracy(net, loader, device=self.device, progress=self.progress, desc=split,
-                                 inputs_fn=self.inputs_fn)
+        return self.task.evaluate(net, loader, device=self.device, progress=self.progress, desc=split,
+                                  inputs_fn=self.inputs_fn)
 
     def _scoring_pass(self, net: nn.Module):
         was_training = net.training
@@ -547,16 +547,20 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
           latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
           distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
-          entropy_weight: float | None = None, entropy_side: str = "on",
+          entropy_weight: float | None = None, entropy_side: str = "on", task=None,
           on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
-    max_drop: accuracy points (percent) the validation accuracy may fall below the baseline.
+    task: what the model is for (`easier_kernels.tasks`): Classification() (default; accuracy in
+        percent) or CausalLM() (perplexity). It gives the loss, the validation metric and what
+        max_drop means; a Step's val_accuracy / test_accuracy hold its metric.
+    max_drop: how far the validation metric may fall from the baseline: accuracy points (percent)
+        for classification, the relative perplexity increase for a causal LM (0.05: +5%).
     finetune(model, step): your own training of `model` in place (DDP, Lightning, ...); by default
         `epochs_per_step` epochs of SGD (momentum 0.9, `lr` cosine to 0, `weight_decay`, AMP on CUDA).
         With scoring="ride_along" the model handed over counts on/off while it trains: the scores
         cover all the training it gets (the default fine-tuner counts in its last epoch only).
-    evaluate(model) -> accuracy in percent; by default top-1 on `val_loader`.
+    evaluate(model) -> the task's metric (accuracy in percent); by default the task's on `val_loader`.
     test_loader: also recorded per step (never used to decide).
     scores: the first step's scores (e.g. from an EntropyMeter during your own training);
         by default a pass over `train_loader` in train mode.
@@ -667,14 +671,13 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
+def check_options(*, task=None, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
                   scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
                   weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0, anneal=None,
                   entropy_weight=None, entropy_side="on") -> None:
     """`prune`'s options checked (the CLI checks its flags with it before anything is written or
     trained); a ValueError whose message starts with the option's name."""
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop <= 100):
-        raise ValueError(f"max_drop must be accuracy points in [0, 100], not {max_drop}")
+    (task if task is not None else Classification()).check_max_drop(max_drop)
     training.check_rate("lr", lr)
     if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < float("inf")):
         raise ValueError(f"weight_decay must be a finite number >= 0, not {weight_decay}")
@@ -704,7 +707,7 @@ def check_options(*, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_ste
 
 def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, distill,
               distill_temperature, patience: int = 0, anneal=None, entropy_weight=None, entropy_side="on",
-              **always) -> dict:
+              task: str = "classification", **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
@@ -714,7 +717,8 @@ def _settings(select: str, select_seed, runtime: str, plan: str, latency_target,
             **({"deploy_batch": deploy_batch} if deploy_batch != 1 else {}),
             **({"distill": distill, "distill_temperature": distill_temperature} if distill is not None else {}),
             **({"patience": patience} if patience else {}), **({"anneal": anneal} if anneal is not None else {}),
-            **({"entropy_weight": entropy_weight, "entropy_side": entropy_side} if entropy_weight is not None else {})}
+            **({"entropy_weight": entropy_weight, "entropy_side": entropy_side} if entropy_weight is not None else {}),
+            **({"task": task} if task != "classification" else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

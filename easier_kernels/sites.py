@@ -367,7 +367,7 @@ def _used_after(node: fx.Node, value: fx.Node) -> bool:
 
 
 def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[Site, bool], nn.Module],
-               prefix: str = "ek_probe_", fuse: bool = True) -> list:
+               prefix: str = "ek_probe_", fuse: bool = True, masked: bool = False) -> list:
     """Puts a probe module at each site, in place on `gm` (submodules `{prefix}{i}`; fuse=False:
     every probe unfused, so that `remove_probes` can take them out again).
 
@@ -375,9 +375,11 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
     count in one pass); unfused ones count only and return their input, with the original call
     kept after them: in-place calls whose input is read again later, activations the kernels do
     not compute (`activations.computed`), and sites inside leaf modules (a forward pre-hook; the
-    returned handles remove those).
+    returned handles remove those). masked=True: probes of token sites (channels last) are called
+    probe(x, attention_mask) where the graph has that input (`token_mask`).
     """
     nodes = {n.meta["ek_site"]: n for n in gm.graph.nodes if "ek_site" in n.meta}
+    mask = token_mask(gm) if masked else None
     handles = []
     for i, site in enumerate(sites):
         if site.in_leaf:
@@ -389,8 +391,8 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
         fused = fuse and acts.computed(site.kind) and not (site.inplace and _used_after(node, x))
         target = f"{prefix}{i}"
         gm.add_submodule(target, make_probe(site, fused))
-        with gm.graph.inserting_before(node):
-            probe_node = gm.graph.call_module(target, (x,))
+        with gm.graph.inserting_before(node):  # token sites also read the padding mask: padding is not counted
+            probe_node = gm.graph.call_module(target, (x, mask) if mask is not None and site.channel_dim == -1 else (x,))
         if fused:
             node.replace_all_uses_with(probe_node)
             gm.graph.erase_node(node)
@@ -398,6 +400,11 @@ def instrument(gm: fx.GraphModule, sites: Sequence[Site], make_probe: Callable[[
             node.args = (probe_node, *node.args[1:])
     gm.recompile()
     return handles
+
+
+def token_mask(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph's `attention_mask` input (Hugging Face's name for the padding mask), if it has one."""
+    return next((n for n in gm.graph.nodes if n.op == "placeholder" and "attention_mask" in (n.name, n.target)), None)
 
 
 def remove_probes(gm: fx.GraphModule, prefix: str, handles: Sequence = ()) -> None:

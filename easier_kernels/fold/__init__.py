@@ -7,6 +7,7 @@
     planner   timing the plans in a runtime and choosing (used by `ek.linearize` and `fold`)
     gains     the latency each remaining site's linearization would save (latency-aware selection)
     graph     the pass itself: `fold(model, example_inputs, runtime=...)`
+    write_back  a fold put back into the model's own module tree (a Hugging Face model stays one)
 
     fast = fold(net, example_inputs)                     # chains run per plan, never slower as a whole
     print(format_decisions(decisions(fast)))
@@ -17,8 +18,9 @@ from .blocks import FusedConvBlock, StandardConvBlock, lower_fused
 from .chains import find_chains, fold_batch_norms, gated_sites
 from .graph import DECIDE, InexactFold, decisions, fold, format_decisions
 from .planner import plan_chains
+from .write_back import WriteBackError, write_back
 
 __all__ = ["fold", "decisions", "format_decisions", "DECIDE", "InexactFold", "plan_chains", "find_chains", "fold_batch_norms",
-           "gated_sites",
+           "gated_sites", "write_back", "WriteBackError",
            "FusedConvBlock", "StandardConvBlock", "lower_fused", "dense_weight", "compose_conv", "add_identity",
            "compose_linear", "merged_layer"]

@@ -13,13 +13,15 @@ conv (see `ek.linearize`), so the intermediate map is never zero-padded and comp
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init  # every weight is assigned: no random init, no RNG drawn
 
-__all__ = ["CONVS", "LAYERS", "exactly",
-           "dense_weight", "compose_conv", "add_identity", "compose_linear", "foldable_conv", "merged_layer", "merged_padding", "identity_fits",
+__all__ = ["CONVS", "LAYERS", "exactly", "conv1d_as_linear", "linear_as_conv1d",
+           "dense_weight", "compose_conv", "add_identity", "without_identity", "compose_linear", "foldable_conv", "merged_layer", "merged_padding", "identity_fits",
            "unpad_pointwise"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -35,6 +37,30 @@ LAYERS = (*CONVS, nn.Linear)
 def exactly(module, types) -> bool:
     """Whether `module` is one of `types` itself, not a subclass (whose forward may differ)."""
     return type(module) in (types if isinstance(types, tuple) else (types,))
+
+
+def conv1d_as_linear(conv1d: nn.Module) -> nn.Linear:
+    """transformers' Conv1D as the nn.Linear it is: the weight transposed, the bias kept."""
+    weight = conv1d.weight.detach()
+    linear = skip_init(nn.Linear, weight.shape[0], weight.shape[1], bias=conv1d.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    _assign(linear, weight.t(), None if conv1d.bias is None else conv1d.bias.detach())
+    linear.requires_grad_(conv1d.weight.requires_grad)
+    return linear
+
+
+def linear_as_conv1d(linear: nn.Linear, conv1d_class: type) -> nn.Module:
+    """An nn.Linear as transformers' Conv1D (`conv1d_class`, the class itself: no import here):
+    the inverse of `conv1d_as_linear`, so that a written-back GPT-2 keeps its layer types."""
+    conv1d = conv1d_class(linear.out_features, linear.in_features)
+    conv1d.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv1d.weight.copy_(linear.weight.detach().t())
+        if linear.bias is None:
+            conv1d.bias = None
+        else:
+            conv1d.bias.copy_(linear.bias.detach())
+    return conv1d
 
 
 def dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -110,9 +136,11 @@ def _compose_with_depthwise(w1, w2, stride1: tuple, groups1: int, groups2: int) 
     return None
 
 
-def add_identity(weight: torch.Tensor, bias: torch.Tensor | None, *, padding, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+def add_identity(weight: torch.Tensor, bias: torch.Tensor | None, *, padding, groups: int = 1,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """conv(x) + x as one conv (stride 1, as many output as input channels): the identity is a 1 at
-    tap `padding` of each channel's own kernel, the tap that reads x at the output's position."""
+    tap `padding` of each channel's own kernel, the tap that reads x at the output's position.
+    scale=-1 takes an identity added before out again."""
     out_channels, in_per_group = weight.shape[:2]
     dims = weight.dim() - 2
     padding = (padding,) * dims if isinstance(padding, int) else tuple(padding)
@@ -122,7 +150,7 @@ def add_identity(weight: torch.Tensor, bias: torch.Tensor | None, *, padding, gr
         raise ValueError(f"padding {padding} puts the identity outside the kernel {tuple(weight.shape[2:])}")
     weight = weight.clone()
     channels = torch.arange(out_channels)
-    weight[(channels, channels % in_per_group, *padding)] += 1
+    weight[(channels, channels % in_per_group, *padding)] += scale
     return weight, bias
 
 
@@ -133,6 +161,19 @@ def compose_linear(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, 
         return weight, b2
     bias = w2 @ b1
     return weight, bias if b2 is None else bias + b2
+
+
+def without_identity(merged: nn.Module) -> nn.Module:
+    """A copy of a merged layer that absorbed an identity skip (`merged_layer(..., identity=True)`),
+    computing the chain alone again: layer(x) - x."""
+    layer = copy.deepcopy(merged)
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            layer.weight.sub_(torch.eye(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+        else:
+            weight, _ = add_identity(layer.weight, None, padding=layer.padding, groups=layer.groups, scale=-1.0)
+            layer.weight.copy_(weight)
+    return layer
 
 
 def foldable_conv(conv: nn.Module) -> bool:

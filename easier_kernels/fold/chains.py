@@ -1,6 +1,7 @@
 """Chains: the linear stretches of a (linearized) graph that folding can act on, and the batch-norm
 pass that comes first.
 
+    linear_views(gm)              # transformers' Conv1D calls -> the nn.Linear each is (weight transposed)
     fold_batch_norms(gm, args)    # every conv/linear -> batch norm pair as one layer (eval statistics)
     for chain in find_chains(gm): # conv -> (identity)* -> conv ..., then optionally + residual, activation
         ...
@@ -24,9 +25,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .. import sites as sites_mod
 from ..activations import computed
-from .algebra import LAYERS, exactly
+from ..capture import is_hf_conv1d
+from .algebra import LAYERS, conv1d_as_linear, exactly
 
-__all__ = ["Chain", "find_chains", "fold_batch_norms", "drop_identities", "act_spec", "module_of", "set_module", "passthrough",
+__all__ = ["Chain", "find_chains", "linear_views", "fold_batch_norms", "drop_identities", "act_spec", "module_of", "set_module", "passthrough",
            "origin", "op_name", "shape_of", "gated_sites", "GATED", "BATCH_NORMS"]
 
 _PASSTHROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # identities in eval mode
@@ -99,6 +101,18 @@ def shape_of(node) -> tuple | None:
 
 def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def linear_views(gm: fx.GraphModule) -> list[str]:
+    """Every call of transformers' `Conv1D` (GPT-2's attention and MLP projections) becomes a call
+    of the equal nn.Linear, so that chains, merges and plans see the linear it is. In place, on a
+    copy made for folding or planning: training keeps the Conv1D. Returns the paths replaced."""
+    replaced = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and is_hf_conv1d(module := gm.get_submodule(node.target)):
+            set_module(gm, node.target, conv1d_as_linear(module))
+            replaced.append(node.target)
+    return replaced
 
 
 def fold_batch_norms(gm: fx.GraphModule, args: tuple | None = None) -> list[str]:

@@ -28,7 +28,7 @@ import torch.nn as nn
 from .. import ops, runtimes
 from .. import sites as sites_mod
 from ..capture import capture
-from .chains import Chain, act_spec, find_chains, fold_batch_norms, gated_sites, origin
+from .chains import Chain, act_spec, find_chains, fold_batch_norms, gated_sites, linear_views, origin
 from .planner import MARGIN, Capture, _seconds, best_plan, segment_options, segment_seconds
 from .plans import build, parse_plan
 
@@ -47,6 +47,7 @@ def site_gains(net: nn.Module, site_names: list[str], args: tuple, *, runtime: s
     nodes = {n.name: n for n in gm.graph.nodes if n.meta.get("ek_site") in site_names}
     gated = gated_sites(gm, nodes.values())
     with torch.no_grad():
+        linear_views(gm)
         fold_batch_norms(gm, args)
         values = _values(gm, args)
         units = _Units(gm, values, runtime, sites_mod.recipe(net).get("plans", []))

@@ -16,7 +16,7 @@ from ..capture import capture, model_device, positional, to_device
 from ..recipe_entry import track
 from ..timing import compare, steady
 from .blocks import lower_fused
-from .chains import (Chain, act_spec, drop_identities, find_chains, fold_batch_norms, gated_sites, module_of, origin,
+from .chains import (Chain, act_spec, drop_identities, find_chains, fold_batch_norms, gated_sites, linear_views, module_of, origin,
                      passthrough, set_module, shape_of)
 from .algebra import LAYERS
 from .planner import best_plan, chain_values, segment_options
@@ -96,6 +96,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
     planned = {tuple(r["layers"]): r for r in sites_mod.recipe(model).get("plans", []) if r.get("runtime") == runtime}
     with torch.no_grad():
         expected = sites_mod.record_shapes(gm, args)  # the shapes decide which batch norms and adds fold
+        linear_views(gm)
         batch_norms = fold_batch_norms(gm)
         chains = find_chains(gm)
         values = chain_values(gm, chains, args)
@@ -105,6 +106,7 @@ def fold(model: nn.Module, example_inputs, *, runtime: str = "eager", portable: 
         if check and decide == "measure" and (original is not None or any(r["choice"] != "separate" for r in rows)):
             baseline = gm if original is None else _eval_graph(original, example, leaf_modules, device)
             if original is not None:
+                linear_views(baseline)
                 fold_batch_norms(baseline, args)
             folded, latency = _never_slower(folded, baseline, gm, rows, args, runtime)
         if portable:  # a replayed table may name fused plans
@@ -239,6 +241,11 @@ def _apply(bn_folded: fx.GraphModule, rows: list[dict]) -> fx.GraphModule:
     return gm
 
 
+def segment_target(chain_name: str, start: int, parts: int) -> str:
+    """Where a chain's merged or fused segment sits in the folded module."""
+    return f"fold_{chain_name}" + (f"_{start}" if parts > 1 else "")
+
+
 def _rewrite(gm: fx.GraphModule, chain: Chain, parts: list[Segment]) -> tuple[fx.Node, fx.Node]:
     """Replaces the chain's nodes by the plan's segments: (old last node, its replacement)."""
     last = chain.act if parts[-1].takes_act else chain.end
@@ -251,8 +258,9 @@ def _rewrite(gm: fx.GraphModule, chain: Chain, parts: list[Segment]) -> tuple[fx
                 if part.module is not gm.get_submodule(target):  # a pointwise layer run unpadded
                     set_module(gm, target, part.module)
             else:
-                target = f"fold_{chain.name}" + (f"_{part.start}" if len(parts) > 1 else "")
+                target = segment_target(chain.name, part.start, len(parts))
                 gm.add_submodule(target, part.module)
+                part.module.ek_adds_input = part.takes_residual and part.label != "fused"  # (write_back reads it)
             fused_residual = part.takes_residual and part.label == "fused"
             out = graph.call_module(target, (out, chain.residual) if fused_residual else (out,))
         if chain.residual is not None and not parts[-1].takes_residual:

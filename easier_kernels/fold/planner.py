@@ -21,7 +21,7 @@ from .. import runtimes
 from ..capture import batch_size
 from ..timing import median_seconds
 from .blocks import fused_pattern
-from .chains import Chain, act_spec, find_chains, fold_batch_norms
+from .chains import Chain, act_spec, find_chains, fold_batch_norms, linear_views
 from .plans import ChainModule, Segment, laid_out, mergeable, plan_label, segment, signature
 
 __all__ = ["MARGIN", "MAX_MERGE_MACS", "segment_options", "segment_seconds", "best_plan", "choose", "chain_values", "plan_chains"]
@@ -163,6 +163,7 @@ def plan_chains(gm: fx.GraphModule, args: tuple, *, runtime: str, known: list[di
     record says at which batch)."""
     net = copy.deepcopy(gm).eval()
     net.requires_grad_(False)
+    linear_views(net)
     fold_batch_norms(net, args)
     chains = find_chains(net)
     known = {tuple(r["layers"]): r for r in known}

@@ -3,6 +3,8 @@
     easier-kernels prune                      # the paper's ResNet-18 (width 0.25) on the shipped Fashion-MNIST subset
     easier-kernels prune --model vgg16_bn --dataset cifar10 --data-root ~/data --download --width 1 --out runs/vgg
     easier-kernels prune --model timm:resnet50 --weights resnet50.pth --dataset imagefolder --data-root ~/flowers
+    easier-kernels prune --model hf-gpt2:n_layer=6,n_embd=256 --dataset text:shakespeare.txt --tokenizer bpe:4096
+    easier-kernels prune --model hf-bert --dataset tsv:sst2/ --tokenizer bpe:4096 --max-drop 1
     easier-kernels score runs/vgg             # the entropy table of a run's current model
     easier-kernels costs runs/vgg             # each site's true removal cost against every training-free score
     easier-kernels fold runs/vgg              # fold its chains (per plan), save runs/vgg/folded.pt
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import tasks, text
 from .distributed import DEFAULT_TIMEOUT
 from .export import FORMATS
 from .files import atomic_write, unwritable
@@ -32,10 +36,16 @@ PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width":
                   "mode": "pooled", "scoring": "ride_along", "select": "entropy", "runtime": "eager", "plan": "measure",
                   "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1,
                   "distill": None, "distill_temperature": 4.0, "anneal": None,
-                  "entropy_weight": None, "entropy_side": "on", "patience": 0}
+                  "entropy_weight": None, "entropy_side": "on", "patience": 0,
+                  # text datasets (text:, tsv:); optimizer / lr / train_lr / max_drop default by dataset (`_text_defaults`)
+                  "tokenizer": None, "seq_len": 128, "split": None, "max_increase": None, "optimizer": "sgd",
+                  "gen_tokens": 32}
+# text runs: transformers train with AdamW at these rates; a causal LM may lose 5% perplexity by default
+TEXT_DEFAULTS = {"optimizer": "adamw", "lr": 3e-4, "train_lr": 1e-3, "max_increase": 0.05}
 # what `prune --out` writes: fold and export never replace these (nor anything in checkpoints/)
 RUN_FILES = ("run.json", "baseline.pt", "pruned.pt", "report.json", "report.md", "entropy.png", "accuracy.png",
-             "latency.png")
+             "latency.png", "tokenizer.json")
+HF_FOLDER = "hf_model"  # a text run's pruned Hugging Face model (save_pretrained; ek.models.load_pretrained reads it)
 # options a resumed run may change; every other one must match the run it resumes
 RESUMABLE = ("max_steps", "device", "workers", "data_root", "download", "quiet", "resume", "out", "dist_timeout")
 
@@ -108,8 +118,9 @@ def _prune(args, device) -> int:
         raise
     if main:
         print("\n" + report.summary(result.to_dict()))
-        print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load) and "
-              "checkpoints/")
+        print(f"wrote {out / 'report.md'}, report.json, entropy.png, accuracy.png, latency.png, pruned.pt (ek.load)"
+              + (f", {HF_FOLDER}/ (the pruned Hugging Face model)" if (out / HF_FOLDER).is_dir() else "")
+              + " and checkpoints/")
     return 0
 
 
@@ -120,24 +131,31 @@ def _run(args, device, out: Path, settings: dict, resuming: bool):
     from .prune import prune as run_prune
 
     main = distributed.is_main()
-    splits, model, trained = _data_and_model(args)
-    if not resuming and main:
+    if not resuming and main:  # (first: a text run's tokenizer and tokens are written into the run folder)
         atomic_write(out / "run.json", lambda f: f.write(json.dumps({"settings": settings}, indent=2).encode()))
+    splits, model, trained = _data_and_model(args, out)
     model.to(device)
-    channels = _channels(model, splits)
+    text_run = isinstance(splits, text.TextSplits)
+    task = tasks.CausalLM() if text_run and splits.task == "causal_lm" else tasks.Classification()
+    channels = None if text_run else _channels(model, splits)
     train, val, test = _loaders(splits, args, model_channels=channels, seed=args.seed)
-    scores = _baseline(model, train, args, out, device, trained)
-    run_settings = {**settings, "num_classes": args.num_classes or splits.num_classes, "in_channels": channels,
-                    "data_root": args.data_root}
+    original = copy.deepcopy(model) if _is_hf(model) and task.name == "causal_lm" else None
+    scores = _baseline(model, train, args, out, device, trained, task)
+    run_settings = {**settings, "num_classes": args.num_classes or _classes(splits), "in_channels": channels,
+                    "data_root": args.data_root, **(_text_settings(splits) if text_run else {})}
+    if original is not None:
+        original.load_state_dict(model.state_dict())  # the trained baseline: what generation is timed against
 
     def save(result) -> None:
         if main:
             result.settings.update(run_settings)
+            if result.stopped and _is_hf(model):  # the run ended: the pruned model as a Hugging Face model too
+                _save_hf(result, model, original, out, args.gen_tokens)
             result.save(out / "pruned.pt")
             report.write_report(result.to_dict(), out)
 
     try:
-        result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop,
+        result = run_prune(model, train, val, test_loader=test, max_drop=args.max_drop, task=task, optimizer=args.optimizer,
                            epochs_per_step=args.epochs_per_step, layers_per_step=args.layers_per_step,
                            max_steps=args.max_steps, mode=args.mode, scoring=args.scoring, scores=scores, lr=args.lr,
                            device=device, seed=args.seed, checkpoint_dir=out / "checkpoints", resume=args.resume,
@@ -198,11 +216,14 @@ def _check_out(out: Path, settings: dict, resume: bool) -> bool:
     return False
 
 
-def _data_and_model(args):
+def _data_and_model(args, out: Path | None = None):
     from . import data, distributed
 
+    if text.is_text(args.dataset):
+        return _text_data_and_model(args, out)
     if args.dataset not in data.DATASETS:
-        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}")
+        raise UsageError(f"unknown dataset {args.dataset!r}; choose from {', '.join(data.DATASETS)}, or text:FILE "
+                         "(a causal LM) or tsv:PATH (text classification)")
     try:
         split_seed = args.seed if args.split_seed is None else args.split_seed
         # one download per machine (data, and a hub model with --download), then the others read it
@@ -219,6 +240,98 @@ def _data_and_model(args):
     return splits, model, trained
 
 
+def _text_data_and_model(args, out: Path | None):
+    """Text splits (tokenizer trained or read in the run folder `out`) and a text model sized for them."""
+    from . import distributed, models
+
+    try:
+        split = _split_fractions(args.split)
+        # rank 0 of each machine trains and saves the BPE and the token files; the others read them
+        with distributed.local_main_first(True):
+            splits = text.load(args.dataset, _tokenizer_spec(args), seq_len=args.seq_len, split=split,
+                               split_seed=args.seed if args.split_seed is None else args.split_seed,
+                               cache_dir=None if out is None else out / "tokens", tokenizer_folder=out)
+        torch.manual_seed(args.seed)  # the same initial weights for the same seed
+        tok = splits.tokenizer
+        spec = models.TextSpec(splits.task, tok.vocab_size, args.seq_len, tok.pad_id, tok.eos_id)
+        model = models.build(args.model, num_classes=_num_classes(args.num_classes, splits), text=spec,
+                             download=args.download)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    _cut(splits, args.train_size, args.val_size)
+    trained = bool(args.weights) and _load_weights(model, args)
+    return splits, model, trained
+
+
+def _tokenizer_spec(args) -> str:
+    """--tokenizer, by default an hf: model folder's own tokenizer."""
+    if args.tokenizer:
+        return args.tokenizer
+    folder = Path(args.model.removeprefix("hf:")) if args.model.startswith("hf:") else None
+    if folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return f"hf:{folder}"
+    raise UsageError(f"--dataset {args.dataset} needs --tokenizer: bytes (256 ids, nothing to train), bpe:N (a byte-level "
+                     "BPE of N tokens trained on the training text, saved in --out) or hf:FOLDER")
+
+
+def _split_fractions(text_value: str | None) -> tuple:
+    if text_value is None:
+        return (0.9, 0.05, 0.05)
+    try:
+        return tuple(float(x) for x in text_value.split(","))
+    except ValueError:
+        raise UsageError(f"--split {text_value!r} is not three fractions (write e.g. 0.9,0.05,0.05)") from None
+
+
+def _classes(splits) -> int | None:
+    return splits.num_labels if isinstance(splits, text.TextSplits) else splits.num_classes
+
+
+def _text_settings(splits) -> dict:
+    """What rebuilds a text run's model (`_model_of`): the task and the tokenizer's sizes."""
+    tok = splits.tokenizer
+    return {"task": splits.task, "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "eos_id": tok.eos_id}
+
+
+def _model_of(settings: dict):
+    """The unpruned architecture of a run, from its settings."""
+    from . import models
+
+    if settings.get("task"):
+        spec = models.TextSpec(settings["task"], settings["vocab_size"], settings["seq_len"], settings["pad_id"],
+                               settings["eos_id"])
+        return models.build(settings["model"], num_classes=settings["num_classes"], text=spec)
+    return _build_model(settings["model"], settings["num_classes"], settings["in_channels"], settings["width"])
+
+
+def _is_hf(model) -> bool:
+    return hasattr(model, "config") and hasattr(model, "save_pretrained")
+
+
+def _save_hf(result, model, original, out: Path, gen_tokens: int) -> None:
+    """The pruned network folded, written back into the Hugging Face model (`ek.write_back`) and
+    saved in out/hf_model with its tokenizer; for a causal LM, its generation speed against the
+    unpruned model's."""
+    from . import payoff
+    from .capture import call, example_from_spec
+    from .fold import fold, write_back
+
+    example = example_from_spec(result.example)
+    device = next(model.parameters()).device
+    folded = fold(result.model.eval(), example, runtime="eager", original=model.eval())
+    pruned = write_back(folded, model)
+    folder = out / HF_FOLDER
+    pruned.save_pretrained(folder)
+    if (out / "tokenizer.json").is_file():
+        import shutil
+
+        shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
+    if original is not None:
+        prompt = example[1]["input_ids"] if "input_ids" in example[1] else example[0][0]
+        prompt = prompt[:1, :16].to(device)
+        result.generation = payoff.generation(pruned, original, prompt, gen_tokens)
+
+
 def _cut(splits, train_size: int | None, val_size: int | None) -> None:
     """The training and validation splits cut to their first N samples where a size is given."""
     for part, size in (("train", train_size), ("val", val_size)):
@@ -227,13 +340,14 @@ def _cut(splits, train_size: int | None, val_size: int | None) -> None:
             setattr(splits, part, torch.utils.data.Subset(dataset, range(min(size, len(dataset)))))
 
 
-def _num_classes(requested: int | None, splits) -> int:
+def _num_classes(requested: int | None, splits) -> int | None:
     """--num-classes, by default the dataset's class count; never fewer (its labels would not fit)."""
-    if requested is None:
-        return splits.num_classes
-    if requested < splits.num_classes:
-        raise UsageError(f"--num-classes {requested} is fewer than the {splits.num_classes} classes of {splits.name}; "
-                         f"pass at least {splits.num_classes}, or leave it out")
+    classes = _classes(splits)
+    if requested is None or classes is None:
+        return classes
+    if requested < classes:
+        raise UsageError(f"--num-classes {requested} is fewer than the {classes} classes of the dataset; "
+                         f"pass at least {classes}, or leave it out")
     return requested
 
 
@@ -308,8 +422,11 @@ def _loaders(splits, args, model_channels: int, seed: int = 0):
 
     from . import distributed
 
-    collate = _RepeatChannels(model_channels) if model_channels != splits.in_channels else None
-    workers = _workers(args.workers, splits.name)
+    if isinstance(splits, text.TextSplits):
+        collate, workers = splits.collate, args.workers or 0
+    else:
+        collate = _RepeatChannels(model_channels) if model_channels != splits.in_channels else None
+        workers = _workers(args.workers, splits.name)
 
     def loader(dataset, shuffle):
         if dataset is None:
@@ -333,7 +450,7 @@ def _device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
 
 
-def _baseline(model, train, args, out: Path, device, trained: bool):
+def _baseline(model, train, args, out: Path, device, trained: bool, task=None):
     """Trains the model `--epochs` epochs (unless --weights loaded it whole: `trained`), the last one
     with the scores riding along; kept in out/baseline.pt so that a resumed run does not train it again."""
     from . import distributed, train as training
@@ -354,7 +471,8 @@ def _baseline(model, train, args, out: Path, device, trained: bool):
     meter = EntropyMeter(model, example_inputs=example, mode=args.mode)
     try:
         training.fit(model, train, args.epochs, lr=args.train_lr, meter=meter, device=device,
-                     progress=not args.quiet and distributed.is_main(), desc="baseline")
+                     progress=not args.quiet and distributed.is_main(), desc="baseline",
+                     loss_fn=None if task is None else task.loss, optimizer=args.optimizer)
         scores = dict(meter.scores())
     finally:
         meter.close()
@@ -395,8 +513,7 @@ def _load_run(path_arg: str, what: str):
     if "model" not in settings:
         raise UsageError(f"{path} was saved from Python (no CLI settings); {what} it with ek.load(...) in Python")
     try:
-        result = load(path, lambda: _build_model(settings["model"], settings["num_classes"], settings["in_channels"],
-                                                 settings["width"]))
+        result = load(path, lambda: _model_of(settings))
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     return path, settings, result
@@ -531,15 +648,16 @@ def _folded(args, what: str):
     """(run path, settings, the run's folded model, the example batch) for `fold` / `export`: folded
     for args.runtime, checked against the run's unpruned architecture with batch norms folded."""
     from . import payoff, report
+    from .capture import positional, to_device
     from .fold import fold, format_decisions
     from .fold.graph import InexactFold
 
     path, settings, result = _load_run(args.path, what)
     device = _device(args.device)
     batch = result.deploy_batch if args.batch_size is None else args.batch_size  # the batch its plans were timed at
-    shape = (batch, *result.example_shape[1:])
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    original = _build_model(settings["model"], settings["num_classes"], settings["in_channels"], settings["width"]).to(device)
+    example = to_device(_example_at(result, batch), device)
+    shape = list(positional(result.model, example)[0].shape)
+    original = _model_of(settings).to(device)
     try:
         folded = fold(result.model.to(device).eval(), example, runtime=args.runtime, portable=args.portable,
                       decide=args.decide, allow_inexact=args.allow_inexact, original=original.eval())
@@ -556,6 +674,18 @@ def _folded(args, what: str):
     after = {**payoff.counts(folded, example), **payoff.latency_fields(record["latency"])}
     print("\n".join(report.payoff_lines(before, after)))
     return path, settings, folded, example
+
+
+def _example_at(result, batch: int):
+    """The run's example inputs at `batch` samples: random images, or token ids (ones: valid ids)."""
+    from .capture import example_from_spec
+
+    args, kwargs = example_from_spec(result.example)
+    if not any(t.is_floating_point() for t in (*args, *kwargs.values())):
+        resize = lambda t: t[:1].expand(batch, *t.shape[1:]).contiguous()  # noqa: E731
+        return tuple(map(resize, args)), {k: resize(v) for k, v in kwargs.items()}
+    shape = (batch, *result.example_shape[1:])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
 def _output(args, default: str) -> Path:
@@ -655,7 +785,22 @@ def _parser() -> argparse.ArgumentParser:
                        "(a timm model, random init) or hf:FOLDER (a transformers image classifier from a "
                        "save_pretrained folder; a hub name with --download)")
     prune.add_argument("--dataset", default=d["dataset"], help="fashion-mnist-mini (shipped, the default), fashion-mnist, "
-                       "cifar10-subset, cifar10, imagefolder (read from disk as it is used)")
+                       "cifar10-subset, cifar10, imagefolder (read from disk as it is used); text:FILE (a causal "
+                       "LM on a plain-text file, cut into --seq-len token blocks, streamed from disk) or tsv:PATH "
+                       "(text<TAB>label lines: a folder with train.tsv, dev.tsv, test.tsv, or one file split)")
+    prune.add_argument("--tokenizer", help="text datasets: bytes (256 ids), bpe:N (a byte-level BPE of N tokens trained "
+                       "on the training text, saved in --out), file:tokenizer.json, or hf:FOLDER (default: an hf: "
+                       "model folder's own)")
+    prune.add_argument("--seq-len", type=int, default=d["seq_len"], help="text: tokens per block (causal LM) or the "
+                       "longest sentence kept (classification)")
+    prune.add_argument("--split", help="text:FILE / one tsv file: train,val,test fractions (default 0.9,0.05,0.05; "
+                       "text by position, tsv by a --split-seed permutation)")
+    prune.add_argument("--max-increase", type=_finite, help="causal LMs (text:): the relative validation perplexity "
+                       "increase allowed (default 0.05: +5%%)")
+    prune.add_argument("--optimizer", choices=["sgd", "adamw"], help="sgd (momentum 0.9; the default for images) or "
+                       "adamw (the default for text)")
+    prune.add_argument("--gen-tokens", type=int, default=d["gen_tokens"], help="causal LMs: new tokens generated "
+                       "(greedy, KV cache) when the generation speed is timed at the end")
     prune.add_argument("--data-root", help="the dataset's folder (not needed for fashion-mnist-mini)")
     prune.add_argument("--download", action="store_true", help="let torchvision download fashion-mnist / cifar10, "
                        "transformers an hf: hub model; nothing is downloaded without it")
@@ -669,7 +814,8 @@ def _parser() -> argparse.ArgumentParser:
                        "--weights, unless its head was replaced)")
     prune.add_argument("--epochs-per-step", type=int, default=d["epochs_per_step"], help="fine-tuning epochs per step")
     prune.add_argument("--max-steps", type=int, help="stop after this many steps (default: until the accuracy drops)")
-    prune.add_argument("--max-drop", type=_finite, default=d["max_drop"], help="accuracy points allowed below the baseline")
+    prune.add_argument("--max-drop", type=_finite, help="accuracy points allowed below the baseline (default 1; a "
+                       "causal LM takes --max-increase)")
     prune.add_argument("--layers-per-step", type=int, default=d["layers_per_step"], help="sites linearized per step")
     prune.add_argument("--patience", type=int, default=d["patience"], metavar="N",
                        help="retry on rejection: a step that drops the accuracy past --max-drop is undone and the "
@@ -711,8 +857,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--entropy-side", default=d["entropy_side"], choices=["on", "both"],
                        help="--entropy-weight pushes units towards always-on (on: the identity a linearized ReLU "
                             "becomes) or towards either end (both: the paper's entropy)")
-    prune.add_argument("--lr", type=_finite, default=d["lr"], help="fine-tuning learning rate (cosine to 0 per step)")
-    prune.add_argument("--train-lr", type=_finite, default=d["train_lr"], help="baseline training learning rate")
+    prune.add_argument("--lr", type=_finite, help="fine-tuning learning rate (cosine to 0 per step; default 0.01, "
+                       "3e-4 with adamw)")
+    prune.add_argument("--train-lr", type=_finite, help="baseline training learning rate (default 0.1, 1e-3 with adamw)")
     prune.add_argument("--batch-size", type=int, default=d["batch_size"])
     prune.add_argument("--train-size", type=int, help="train on the first N images of the training split only")
     prune.add_argument("--val-size", type=int, help="validate on the first N images of the validation split only")
@@ -794,7 +941,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size", "change_batches"):
+    for name in ("batch_size", "max_batches", "train_size", "val_size", "num_classes", "image_size", "change_batches",
+                 "gen_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
@@ -808,13 +956,40 @@ def _check(args) -> None:
         _check_prune_options(args)
 
 
+def _resolve_defaults(args) -> None:
+    """The defaults that depend on the dataset: text runs train with AdamW, a causal LM's quality
+    is perplexity (--max-increase, a relative increase), a classifier's accuracy (--max-drop)."""
+    causal_lm = args.dataset.startswith("text:")
+    if causal_lm and args.max_drop is not None:
+        raise UsageError(f"--max-drop is in accuracy points; a causal LM ({args.dataset}) is judged by perplexity: pass "
+                         "--max-increase 0.05 (+5%) instead")
+    if not causal_lm and args.max_increase is not None:
+        raise UsageError("--max-increase is for causal LMs (--dataset text:FILE); a classifier is judged by accuracy: "
+                         "pass --max-drop POINTS instead")
+    if not text.is_text(args.dataset) and (args.tokenizer or args.split):
+        raise UsageError(f"--tokenizer and --split are for text datasets (text:FILE, tsv:PATH), not {args.dataset}")
+    defaults = TEXT_DEFAULTS if text.is_text(args.dataset) else PRUNE_DEFAULTS
+    args.optimizer = args.optimizer or defaults["optimizer"]
+    adamw = args.optimizer == "adamw"
+    args.lr = args.lr if args.lr is not None else TEXT_DEFAULTS["lr"] if adamw else PRUNE_DEFAULTS["lr"]
+    args.train_lr = args.train_lr if args.train_lr is not None else TEXT_DEFAULTS["train_lr"] if adamw \
+        else PRUNE_DEFAULTS["train_lr"]
+    if causal_lm:
+        args.max_increase = TEXT_DEFAULTS["max_increase"] if args.max_increase is None else args.max_increase
+        args.max_drop = args.max_increase
+    elif args.max_drop is None:
+        args.max_drop = PRUNE_DEFAULTS["max_drop"]
+
+
 def _check_prune_options(args) -> None:
     """The options `ek.prune` takes, by its own checks, before anything is read, written or trained."""
     from .prune import check_options
     from .train import check_rate
 
+    _resolve_defaults(args)
+    task = tasks.CausalLM() if args.dataset.startswith("text:") else tasks.Classification()
     try:
-        check_options(max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
+        check_options(task=task, optimizer=args.optimizer, max_drop=args.max_drop, epochs_per_step=args.epochs_per_step,
                       layers_per_step=args.layers_per_step, max_steps=args.max_steps, mode=args.mode,
                       scoring=args.scoring, select=args.select.replace("-", "_"), latency_target=args.latency_target,
                       deploy_batch=args.deploy_batch, lr=args.lr, distill=args.distill,
@@ -823,6 +998,8 @@ def _check_prune_options(args) -> None:
         check_rate("train_lr", args.train_lr)
     except ValueError as exc:  # "max_drop must be ..." -> "--max-drop must be ..."
         name, rest = str(exc).split(" ", 1)
+        if name == "max_drop" and task.name == "causal_lm":
+            name, rest = "max_increase", rest.removeprefix("for a causal LM ")
         raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
 
 

@@ -7,12 +7,17 @@ torch.fx.symbolic_trace. No pretrained weights.
 
 `build(name)` also makes torchvision's classifiers, timm's ("timm:NAME", pip install
 'easier_kernels[timm]') and transformers' image classifiers ("hf:FOLDER", pip install
-'easier_kernels[hf]'); nothing is downloaded unless asked. `read_weights` / `load_weights` load a
+'easier_kernels[hf]'); with `text=TextSpec(...)`, transformers' language models and text
+classifiers ("hf:FOLDER", or a small named config from random init: "hf-gpt2:n_layer=6,n_embd=256",
+"hf-bert", "hf-opt", "hf-llama"); nothing is downloaded unless asked. `load_pretrained(folder)`
+rebuilds a Hugging Face model saved after `ek.write_back` (its replaced modules recorded in its config). `read_weights` / `load_weights` load a
 pretrained state_dict, replacing a classifier head of another class count.
 """
 
 import ast
+import dataclasses
 import importlib
+import json
 import math
 import numbers
 from pathlib import Path
@@ -23,7 +28,7 @@ from torch import nn
 from .files import why_unreadable
 
 __all__ = ["resnet18", "vgg16_bn", "mobilenet_v2", "PAPER_MODELS", "paper_model", "build", "torchvision_names",
-           "read_weights", "load_weights", "classifier_name"]
+           "read_weights", "load_weights", "classifier_name", "TextSpec", "HF_FAMILIES", "load_pretrained"]
 
 
 def _build(cls, num_classes, in_channels, width):
@@ -232,14 +237,19 @@ def torchvision_names() -> list:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build(name, *, num_classes=10, in_channels=3, width=1.0, download=False):
+def build(name, *, num_classes=10, in_channels=3, width=1.0, download=False, text: "TextSpec | None" = None):
     """A fresh (untrained) model by name: one of the paper's CIFAR-style models (with `width`), a
     torchvision classification model (3-channel input, its own width; "torchvision.resnet18" names
     torchvision's where the paper has a model of the same name), "timm:NAME" (timm.create_model,
     never pretrained, with `in_channels`; "timm:NAME:key=value,..." passes its config, e.g.
     "timm:vit_tiny_patch16_224:img_size=28,patch_size=4,depth=6" a small ViT for 28 px images) or
     "hf:FOLDER" (a transformers image classifier from a folder holding config.json: random init, or its weights where it holds them, the classifier
-    made for `num_classes`). "hf:HUB/NAME" fetches from the Hugging Face hub, with download=True only."""
+    made for `num_classes`). "hf:HUB/NAME" fetches from the Hugging Face hub, with download=True only.
+    With `text` (a TextSpec: the task and the tokenizer's sizes), "hf:FOLDER" and the small named
+    configs of HF_FAMILIES ("hf-gpt2:n_layer=6,n_embd=256,...") are built as text models: a causal
+    LM (AutoModelForCausalLM) or a sequence classifier for `num_classes` labels."""
+    if text is not None or name.startswith("hf-"):
+        return _hf_text(name, num_classes, text, download)
     if name in PAPER_MODELS:
         return PAPER_MODELS[name](num_classes=num_classes, in_channels=in_channels, width=width)
     if name.startswith("timm:"):
@@ -347,6 +357,134 @@ def _hf(spec: str, num_classes, download: bool):
     except Exception as exc:  # unreadable config or weights (safetensors' own error type), unknown model type, network
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise ValueError(f"cannot build hf:{spec} ({reason})") from exc
+
+
+# ------------------------------------------------------------------------------------ text models
+
+
+@dataclasses.dataclass
+class TextSpec:
+    """What a text model is built for: the task ("causal_lm" or "classification") and the
+    tokenizer's vocabulary, the longest sequence, the padding (and end-of-text) id."""
+
+    task: str
+    vocab_size: int
+    max_length: int
+    pad_id: int = 0
+    eos_id: int | None = None
+
+
+# small transformer families by name, built from random init (no download); the defaults are a
+# model these 2-core machines train in minutes, every key overridable: "hf-gpt2:n_layer=4"
+HF_FAMILIES = {
+    "hf-gpt2": ("gpt2", {"n_layer": 6, "n_embd": 256, "n_head": 4}),
+    "hf-bert": ("bert", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}),
+    "hf-opt": ("opt", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "ffn_dim": 1024,
+                       "word_embed_proj_dim": 256}),
+    "hf-llama": ("llama", {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+                           "num_key_value_heads": 4, "intermediate_size": 688}),
+}
+_POSITIONS = ("n_positions", "max_position_embeddings")  # what a config calls its longest sequence
+
+
+def _hf_text(name: str, num_classes, text: "TextSpec | None", download: bool):
+    family = name.partition(":")[0]
+    if text is None:
+        raise ValueError(f"{family} is a language model: use a text dataset (--dataset text:FILE or tsv:PATH)")
+    if text.task not in ("causal_lm", "classification"):
+        raise ValueError(f"text task must be causal_lm or classification, not {text.task!r}")
+    transformers = _optional("transformers", "hf")
+    config, source, options = _text_config(name, family, transformers, download)
+    pretrained = source is not None and any((Path(source) / f).is_file() for f in HF_WEIGHTS) if source else False
+    _fit_config(config, name, text, num_classes, pretrained)
+    auto = transformers.AutoModelForCausalLM if text.task == "causal_lm" else transformers.AutoModelForSequenceClassification
+    try:
+        if pretrained:
+            return auto.from_pretrained(source, config=config, ignore_mismatched_sizes=True, **options)
+        return auto.from_config(config)
+    except Exception as exc:  # an architecture without that head, unreadable weights
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ValueError(f"cannot build {name} as a {text.task.replace('_', ' ')} model ({reason})") from exc
+
+
+def _text_config(name: str, family: str, transformers, download: bool):
+    """(config, the folder its weights would be in or None, from_pretrained options)."""
+    if family in HF_FAMILIES:
+        model_type, defaults = HF_FAMILIES[family]
+        overrides = _config(name.partition(":")[2], family)
+        try:
+            return transformers.AutoConfig.for_model(model_type, **{**defaults, **overrides}), None, {}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{family} does not take the config {name.partition(':')[2]!r} ({exc})") from None
+    if not name.startswith("hf:"):
+        raise ValueError(f"unknown text model {name!r}; pass hf:FOLDER or one of {', '.join(HF_FAMILIES)} "
+                         "(with key=value config, e.g. hf-gpt2:n_layer=6,n_embd=256)")
+    spec = name.removeprefix("hf:")
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"hf:{spec} holds no config.json: pass a folder written by save_pretrained")
+        source, options = folder, {"local_files_only": True}
+    elif download:
+        source, options = spec, {}
+    else:
+        raise ValueError(f"hf:{spec} is not a local folder; pass --download to fetch it from the Hugging Face hub")
+    try:
+        return transformers.AutoConfig.from_pretrained(source, **options), source, options
+    except Exception as exc:
+        raise ValueError(f"cannot read the config of hf:{spec} ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def _fit_config(config, name: str, text: "TextSpec", num_classes, pretrained: bool) -> None:
+    """The config made for the tokenizer and the task: vocabulary, positions, padding, labels. A
+    pretrained model's vocabulary and positions must already fit (they are weights)."""
+    positions = next((k for k in _POSITIONS if hasattr(config, k)), None)
+    if pretrained:
+        if config.vocab_size != text.vocab_size:
+            raise ValueError(f"{name} has a vocabulary of {config.vocab_size} ids, the tokenizer {text.vocab_size}: use "
+                             "the model folder's own tokenizer (leave out --tokenizer)")
+        if positions and getattr(config, positions) < text.max_length:
+            raise ValueError(f"{name} takes at most {getattr(config, positions)} positions: lower --seq-len")
+    else:
+        config.vocab_size = text.vocab_size
+        if positions:
+            setattr(config, positions, max(getattr(config, positions), text.max_length))
+    config.pad_token_id = text.pad_id
+    if text.eos_id is not None:
+        config.eos_token_id = config.bos_token_id = text.eos_id
+    if text.task == "classification":
+        config.num_labels = num_classes
+    elif getattr(config, "model_type", None) == "bert":
+        config.is_decoder = True  # (BERT as a causal LM: its LM head needs the causal mask)
+
+
+def load_pretrained(folder) -> nn.Module:
+    """A Hugging Face model saved with save_pretrained after `ek.write_back` (or any save_pretrained
+    folder): its class from config.json's architectures, the modules write_back replaced rebuilt
+    from the config's record, then its weights."""
+    transformers = _optional("transformers", "hf")
+    from .fold.write_back import EDITS_KEY, restructure
+
+    folder = Path(folder)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        architecture = (config.architectures or [None])[0]
+        model_class = getattr(transformers, architecture or "", None)
+        if model_class is None:
+            raise ValueError(f"its config names no architecture transformers has ({architecture})")
+        model = model_class(config)
+    except Exception as exc:
+        raise ValueError(f"cannot rebuild the model in {folder} ({' '.join(str(exc).split())[:200]})") from None
+    restructure(model, getattr(config, EDITS_KEY, None) or {})
+    weights = next((folder / f for f in HF_WEIGHTS[::2] if (folder / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} holds no weights ({' or '.join(HF_WEIGHTS[::2])})")
+    missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied]:  # (a tied weight is saved once)
+        raise ValueError(f"the weights in {folder} do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------ pretrained weights

@@ -21,10 +21,11 @@ import torch
 import torch.nn as nn
 
 from .fold import fold, lower_fused
-from .capture import call
+from .capture import call, model_device
 from .sites import recipe
+from .timing import compare, steady
 
-__all__ = ["measure", "counts", "latency_fields", "against_start", "noise", "DRIFT"]
+__all__ = ["measure", "counts", "latency_fields", "against_start", "noise", "generation", "DRIFT"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # How far apart two timings of the same original may be and both be trusted. On a 2-vCPU AMD EPYC,
@@ -91,3 +92,38 @@ def counts(model: nn.Module, example_inputs) -> dict:
         for handle in handles:
             handle.remove()
     return {"macs": int(sum(macs)), "params": int(sum(p.numel() for p in folded.parameters()))}
+
+
+def generation(pruned: nn.Module, original: nn.Module, prompt: torch.Tensor, new_tokens: int = 32) -> dict:
+    """Greedy generation speed with the KV cache (`model.generate`, Hugging Face models) of
+    `pruned` against `original` on `prompt` (token ids [batch, length]), in paired rounds:
+    tokens/s of each and the speed-up (after / before, with its quartiles). Exactly `new_tokens`
+    tokens are generated (no early end-of-text stop), so both do the same work."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, not {new_tokens}")
+    options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True,
+               "pad_token_id": getattr(original.config, "pad_token_id", None) or 0}
+    was_training = (pruned.training, original.training)
+    pruned.eval(), original.eval()
+    device = model_device(original)
+    prompt = prompt.to(device)
+
+    def generating(model):
+        def run():
+            with torch.no_grad():
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
+        return run
+
+    try:
+        timed = steady(lambda k: compare({"before": generating(original), "after": generating(pruned)}, "before", device,
+                                         seconds=2.0 * 2 ** k, min_rounds=5), "after", "before")
+    finally:
+        pruned.train(was_training[0]), original.train(was_training[1])
+    tokens = new_tokens * prompt.shape[0]
+    before, after = timed["before"], timed["after"]
+    return {"new_tokens": new_tokens, "prompt_tokens": prompt.shape[1], "batch": prompt.shape[0], "runtime": "eager",
+            "before_tokens_per_s": round(tokens / before["ms"] * 1e3, 2),
+            "after_tokens_per_s": round(tokens / after["ms"] * 1e3, 2),
+            # ratio = after's time / before's: the speed-up is its inverse (q3 of the time is q1 of the speed)
+            "speedup": round(1 / after["ratio"], 4), "q1": round(1 / after["q3"], 4), "q3": round(1 / after["q1"], 4),
+            "noisy": after["noisy"], "noisy_why": after["noisy_why"]}

@@ -112,6 +112,8 @@ class PruneResult:
     payoff: dict | None = None           # the result folded: latency_ratio, latency_ms, baseline_ms, macs, params
     # (both also latency_q1, latency_q3, noisy, noisy_why: how far the timing can be trusted, `payoff.noise`)
     world_size: int = 1                  # processes the run (its last part, when resumed) ran on
+    # causal LMs: greedy generation with the KV cache, unpruned against pruned (`payoff.generation`; the CLI measures it)
+    generation: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: everything but the model (the schema of report.json)."""
@@ -211,9 +213,9 @@ class Pruner:
                  select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
                  latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
                  distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
-                 entropy_weight: float | None = None, entropy_side: str = "on", task=None):
+                 entropy_weight: float | None = None, entropy_side: str = "on", task=None, optimizer: str = "sgd"):
         self.task = task if task is not None else Classification()
-        check_options(task=self.task, max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
+        check_options(task=self.task, optimizer=optimizer, max_drop=max_drop, epochs_per_step=epochs_per_step, layers_per_step=layers_per_step,
                       max_steps=max_steps, mode=mode, scoring=scoring, select=select, latency_target=latency_target,
                       deploy_batch=deploy_batch, lr=lr, weight_decay=weight_decay, distill=distill,
                       distill_temperature=distill_temperature, patience=patience, anneal=anneal,
@@ -262,7 +264,9 @@ class Pruner:
                                   select=select, select_seed=select_seed, runtime=runtime, plan=plan,
                                   latency_target=latency_target, deploy_batch=deploy_batch, distill=distill,
                                   distill_temperature=distill_temperature, patience=patience, anneal=anneal,
-                                  entropy_weight=entropy_weight, entropy_side=entropy_side, task=self.task.name)
+                                  entropy_weight=entropy_weight, entropy_side=entropy_side, task=self.task.name,
+                                  optimizer=optimizer)
+        self.optimizer = optimizer
         self.distill, self.distill_temperature, self.anneal = distill, distill_temperature, anneal
         self.entropy_weight, self.entropy_side = entropy_weight, entropy_side
         self._teacher = None  # built from the unpruned network when first needed (`_recovery`)
@@ -449,7 +453,7 @@ class Pruner:
                 training.fit(net, self.train_loader, self.epochs_per_step, lr=self.lr, weight_decay=self.weight_decay,
                              meter=meter, amp=self.amp, device=self.device, progress=self.progress, desc=f"step {step}",
                              first_epoch=(step - 1) * self.epochs_per_step, inputs_fn=self.inputs_fn,
-                             loss_fn=self.loss_fn, recovery=self._recovery(annealed, probes))
+                             loss_fn=self.loss_fn, recovery=self._recovery(annealed, probes), optimizer=self.optimizer)
                 settle(net)  # (exactly the linear network from here: validated, counted, folded)
                 sites_mod.remove_probes(net, _SURROGATE, handles)
             else:
@@ -547,7 +551,7 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
           select_seed: int | None = None, runtime: str = "eager", plan: str = "measure",
           latency_target: float | None = None, deploy_batch: int = 1, distill: float | None = None,
           distill_temperature: float = 4.0, patience: int = 0, anneal: float | None = None,
-          entropy_weight: float | None = None, entropy_side: str = "on", task=None,
+          entropy_weight: float | None = None, entropy_side: str = "on", task=None, optimizer: str = "sgd",
           on_step: Callable[["PruneResult"], None] | None = None) -> PruneResult:
     """Runs the EASIER loop on a trained `model` (never modified) and returns a PruneResult.
 
@@ -557,7 +561,8 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
     max_drop: how far the validation metric may fall from the baseline: accuracy points (percent)
         for classification, the relative perplexity increase for a causal LM (0.05: +5%).
     finetune(model, step): your own training of `model` in place (DDP, Lightning, ...); by default
-        `epochs_per_step` epochs of SGD (momentum 0.9, `lr` cosine to 0, `weight_decay`, AMP on CUDA).
+        `epochs_per_step` epochs of SGD (momentum 0.9, `lr` cosine to 0, `weight_decay`, AMP on CUDA),
+        or of AdamW with optimizer="adamw".
         With scoring="ride_along" the model handed over counts on/off while it trains: the scores
         cover all the training it gets (the default fine-tuner counts in its last epoch only).
     evaluate(model) -> the task's metric (accuracy in percent); by default the task's on `val_loader`.
@@ -671,13 +676,15 @@ def prune(model: nn.Module, train_loader, val_loader, *, max_drop: float = 1.0, 
 
 # ---- the loop's pieces
 
-def check_options(*, task=None, max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
+def check_options(*, task=None, optimizer="sgd", max_drop=1.0, epochs_per_step=1, layers_per_step=1, max_steps=None, mode="pooled",
                   scoring="ride_along", select="entropy", latency_target=None, deploy_batch=1, lr=0.01,
                   weight_decay=1e-4, distill=None, distill_temperature=4.0, patience=0, anneal=None,
                   entropy_weight=None, entropy_side="on") -> None:
     """`prune`'s options checked (the CLI checks its flags with it before anything is written or
     trained); a ValueError whose message starts with the option's name."""
     (task if task is not None else Classification()).check_max_drop(max_drop)
+    if optimizer not in training.OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(training.OPTIMIZERS)}, not {optimizer!r}")
     training.check_rate("lr", lr)
     if not (isinstance(weight_decay, (int, float)) and 0 <= weight_decay < float("inf")):
         raise ValueError(f"weight_decay must be a finite number >= 0, not {weight_decay}")
@@ -707,7 +714,7 @@ def check_options(*, task=None, max_drop=1.0, epochs_per_step=1, layers_per_step
 
 def _settings(select: str, select_seed, runtime: str, plan: str, latency_target, deploy_batch: int, distill,
               distill_temperature, patience: int = 0, anneal=None, entropy_weight=None, entropy_side="on",
-              task: str = "classification", **always) -> dict:
+              task: str = "classification", optimizer: str = "sgd", **always) -> dict:
     """The options a resumed run must share with the run it resumes. Later options only where not
     their default, so that runs checkpointed before they existed still resume."""
     return {**always, **({"select": select} if select != "entropy" else {}),
@@ -718,7 +725,8 @@ def _settings(select: str, select_seed, runtime: str, plan: str, latency_target,
             **({"distill": distill, "distill_temperature": distill_temperature} if distill is not None else {}),
             **({"patience": patience} if patience else {}), **({"anneal": anneal} if anneal is not None else {}),
             **({"entropy_weight": entropy_weight, "entropy_side": entropy_side} if entropy_weight is not None else {}),
-            **({"task": task} if task != "classification" else {})}
+            **({"task": task} if task != "classification" else {}),
+            **({"optimizer": optimizer} if optimizer != "sgd" else {})}
 
 
 def _candidates(scores: dict, exclude: set) -> dict:

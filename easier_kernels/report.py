@@ -17,6 +17,13 @@ noisy_why?} and payoff? (the result's: latency_ratio, latency_ms, baseline_ms, m
 same noise keys). A noisy latency (the machine too busy to trust the timing) shows as "0.700x?"
 with a "noisy: q1-q3 ..." note, wherever it is printed.
 
+A causal language model's run (settings' task "causal_lm") has the same keys, but every accuracy
+above holds a validation or test perplexity (lower is better) and max_drop is the relative increase
+allowed (0.05: a step passes at perplexity <= baseline * 1.05). It may also have generation?
+{new_tokens, prompt_tokens, batch, runtime, before_tokens_per_s, after_tokens_per_s, speedup, q1,
+q3, noisy, noisy_why?}: greedy generation with the KV cache, the unpruned model against the pruned.
+`_metric(run)` is the one place that knows which of the two a run measures.
+
 matplotlib is imported only when a plot is drawn, and only as a Figure on the Agg canvas, so
 no GUI backend is chosen and pyplot's global figure list is never touched.
 """
@@ -67,6 +74,85 @@ def _finite(x):
     return x
 
 
+# ---- The validation metric: accuracy (classifiers) or perplexity (causal LMs)
+
+class _Accuracy:
+    """Accuracy in percent, higher is better; max_drop in points: a step passes at val >= baseline - max_drop."""
+
+    name, title, axis = "accuracy", "Accuracy", "accuracy (%)"
+    columns = COLUMNS
+
+    def value(self, x) -> str:  # in prose
+        return "-" if x is None else f"{x:.2f}%"
+
+    def cell(self, x) -> str:  # in a table
+        return _num(x)
+
+    def drop_cell(self, value, base) -> str:
+        return "-" if value is None else _num(round(base - value, 2) + 0.0)  # + 0.0: no "-0.00"
+
+    def change(self, base, final) -> str:
+        return f"drop {base - final:.2f} points"
+
+    def allowed(self, max_drop) -> str:
+        return f"{max_drop:.2f} allowed"
+
+    def threshold(self, base, max_drop) -> float:
+        return base - max_drop
+
+    def stop_label(self, base, max_drop) -> str:
+        return f"stop below ({self.threshold(base, max_drop):.2f}% = baseline - {max_drop:g})"
+
+    def drop_meaning(self, base, max_drop) -> str:
+        return "drop = baseline validation accuracy - step validation accuracy (points)"
+
+    def yscale(self, values) -> str:
+        return "linear"
+
+
+class _Perplexity:
+    """Perplexity, lower is better; max_drop the relative increase allowed: a step passes at
+    val <= baseline * (1 + max_drop). Its "drop" is that increase, shown as "+4.1%"."""
+
+    name, title, axis = "perplexity", "Perplexity", "perplexity"
+    columns = tuple({"val acc": "val ppl", "drop": "increase", "test acc": "test ppl"}.get(c, c) for c in COLUMNS)
+
+    def value(self, x) -> str:
+        return _num(x, ".3f")
+
+    cell = value
+
+    def drop_cell(self, value, base) -> str:
+        return "-" if value is None or not base else f"{round(value / base - 1, 3) + 0.0:+.1%}"  # no "-0.0%"
+
+    def change(self, base, final) -> str:
+        return f"increase {self.drop_cell(final, base)}"
+
+    def allowed(self, max_drop) -> str:
+        return f"{max_drop:+.1%} allowed"
+
+    def threshold(self, base, max_drop) -> float:
+        return base * (1 + max_drop)
+
+    def stop_label(self, base, max_drop) -> str:
+        return f"stop above ({self.threshold(base, max_drop):.3f} = baseline x {1 + max_drop:g})"
+
+    def drop_meaning(self, base, max_drop) -> str:
+        return (f"increase = step validation perplexity / baseline validation perplexity - 1 (a step is kept up to "
+                f"{max_drop:+.1%}: perplexity <= {self.threshold(base, max_drop):.3f})")
+
+    def yscale(self, values) -> str:
+        # a rejected step can blow perplexity up tenfold: on a linear axis the accepted path would be flat
+        finite = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+        return "log" if finite and max(finite) > 3 * min(finite) else "linear"
+
+
+def _metric(run: dict | None) -> _Accuracy | _Perplexity:
+    """How the report speaks of the run's validation metric (settings' task; classification when absent)."""
+    task = ((run or {}).get("settings") or {}).get("task")
+    return _Perplexity() if task == "causal_lm" else _Accuracy()
+
+
 # ---- Table cells, shared by the markdown table and the terminal rows
 
 def _num(x, fmt: str = ".2f") -> str:
@@ -78,11 +164,10 @@ def _cells(run: dict, step: dict) -> list:
     """One step's cells in COLUMNS order, as strings; removed and entropy are lists (one per site)."""
     removed = list(step.get("removed", []))
     entropy = step.get("entropy") or {}
-    val = step.get("val_accuracy")
-    drop = None if val is None else round(run["baseline_accuracy"] - val, 2) + 0.0  # no "-0.00"
+    metric, val = _metric(run), step.get("val_accuracy")
     ratio = step.get("latency_ratio")
-    return [str(step.get("step", "")), removed, [_num(entropy.get(s), ".3f") for s in removed], _num(val),
-            _num(drop), _num(step.get("test_accuracy")), _ratio(ratio, step),
+    return [str(step.get("step", "")), removed, [_num(entropy.get(s), ".3f") for s in removed], metric.cell(val),
+            metric.drop_cell(val, run["baseline_accuracy"]), metric.cell(step.get("test_accuracy")), _ratio(ratio, step),
             _count(step.get("macs")), _count(step.get("params")), "yes" if step.get("accepted") else "rejected",
             _num(step.get("seconds"), ".1f")]
 
@@ -116,7 +201,7 @@ def _widths(run: dict | None) -> list[int]:
     """Terminal column widths. "removed" is 24 wide, or the run's longest site name, so a header
     printed before the run is known still lines up with the rows of usual models."""
     removed = max([24, *map(len, (run or {}).get("sites") or [])])
-    return [max(len(c), w) for c, w in zip(COLUMNS, (4, removed, 0, 7, 6, 8, 7, 7, 7, 8, 7))]
+    return [max(len(c), w) for c, w in zip(_metric(run).columns, (4, removed, 0, 7, 6, 8, 7, 7, 7, 8, 7))]
 
 
 def _line(cells: list[str], widths: list[int]) -> str:
@@ -128,7 +213,7 @@ def step_header(run: dict | None = None) -> str:
     """The header and rule of the terminal table. Pass the run (its sites suffice) when a site name
     may be longer than 24 characters, so the columns line up with step_row's."""
     widths = _widths(run)
-    return _line(list(COLUMNS), widths) + "\n" + _line(["-" * w for w in widths], widths)
+    return _line(list(_metric(run).columns), widths) + "\n" + _line(["-" * w for w in widths], widths)
 
 
 def step_row(run: dict, step: dict) -> str:
@@ -149,27 +234,25 @@ def _md_row(cells) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{x:.2f}%"
-
-
 def markdown(run: dict) -> str:
     """A human-readable report: summary, settings, one table row per step, and the two plots."""
-    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    base, max_drop, metric = run["baseline_accuracy"], run.get("max_drop", 0.0), _metric(run)
     final = base if run.get("accuracy") is None else run["accuracy"]
     sites, removed = run.get("sites") or [], run.get("linearized") or []
-    test = lambda key: f", test {_pct(run[key])}" if run.get(key) is not None else ""  # noqa: E731
+    test = lambda key: f", test {metric.value(run[key])}" if run.get(key) is not None else ""  # noqa: E731
     names = ": " + ", ".join(f"`{s}`" for s in removed) if removed else ""
+    generation = _generation(run.get("generation"))
     lines = ["# EASIER pruning report", "",
-             f"- **Baseline accuracy**: validation {_pct(base)}{test('baseline_test_accuracy')}",
-             f"- **Final accuracy**: validation {_pct(final)}{test('test_accuracy')} "
-             f"(drop {base - final:.2f} points, {max_drop:.2f} allowed)",
+             f"- **Baseline {metric.name}**: validation {metric.value(base)}{test('baseline_test_accuracy')}",
+             f"- **Final {metric.name}**: validation {metric.value(final)}{test('test_accuracy')} "
+             f"({metric.change(base, final)}, {metric.allowed(max_drop)})",
              f"- **Layers removed**: {len(removed)} of {len(sites)}{names}",
              f"- **Stopped**: {run.get('stopped') or '-'}{_retries(run, '; ')}",
              f"- **Processes**: {_processes(run.get('world_size', 1))}",
              f"- **Scoring mode**: {run.get('mode') or '-'}",
              f"- **Recovery**: {recovery(run.get('settings') or {}) or 'plain fine-tuning'}",
-             *[f"- {line}" for line in payoff_lines(run.get("baseline_payoff"), run.get("payoff"))], ""]
+             *[f"- {line}" for line in _payoff(run)],
+             *([f"- **Generation** {generation}"] if generation else []), ""]
     if run.get("settings"):
         lines += ["## Settings", "", _md_row(["setting", "value"]), _md_row(["---", "---"])]
         lines += [_md_row([k, v if isinstance(v, str) else json.dumps(v, default=str)])
@@ -177,7 +260,7 @@ def markdown(run: dict) -> str:
         lines.append("")
     lines += ["## Steps", ""]
     if run.get("steps"):
-        lines += [_md_row(COLUMNS), _md_row(["---" if i in _LEFT else "---:" for i in range(len(COLUMNS))])]
+        lines += [_md_row(metric.columns), _md_row(["---" if i in _LEFT else "---:" for i in range(len(COLUMNS))])]
         for step in run["steps"]:
             cells = _cells(run, step)
             cells[1] = ", ".join(f"`{s}`" for s in cells[1])
@@ -186,31 +269,32 @@ def markdown(run: dict) -> str:
             lines.append(_md_row(cells))
     else:
         lines.append("No step was attempted; the model is the unpruned baseline.")
-    lines += ["", "drop = baseline validation accuracy - step validation accuracy (points); "
+    lines += ["", f"{metric.drop_meaning(base, max_drop)}; "
               "entropy = layer entropy of the removed site(s) when they were chosen; latency = the step's network "
               "folded, over the original with batch norms folded (paired timing in the run's runtime; "
               "\"x?\": noisy, the machine was too busy to trust it, with the quartiles of the ratio and why); MACs and "
               "params of the folded network.", "",
               "## Plots", "", "![Layer entropy per step](entropy.png)", "",
-              "![Accuracy against layers removed](accuracy.png)", "",
-              "![Accuracy against latency](latency.png)", ""]
+              f"![{metric.title} against layers removed](accuracy.png)", "",
+              f"![{metric.title} against latency](latency.png)", ""]
     return "\n".join(lines)
 
 
 # ---- What the run bought
 
 def summary(run: dict) -> str:
-    """The end of a run in a few lines: layers removed, accuracy kept, why it stopped, and the
-    payoff (latency, MACs, parameters before and after)."""
-    base = run["baseline_accuracy"]
+    """The end of a run in a few lines: layers removed, accuracy (or perplexity) kept, why it
+    stopped, and the payoff (latency, MACs, parameters before and after; generation speed)."""
+    base, metric = run["baseline_accuracy"], _metric(run)
     final = base if run.get("accuracy") is None else run["accuracy"]
     test = "" if run.get("test_accuracy") is None else \
-        f"; test {run['test_accuracy']:.2f}% (baseline {run['baseline_test_accuracy']:.2f}%)"
+        f"; test {metric.value(run['test_accuracy'])} (baseline {metric.value(run.get('baseline_test_accuracy'))})"
     lines = [f"removed {len(run.get('linearized') or [])} of {len(run.get('sites') or [])} activation layers; validation "
-             f"accuracy {final:.2f}% (baseline {base:.2f}%, drop {base - final:.2f} points){test}",
+             f"{metric.name} {metric.value(final)} (baseline {metric.value(base)}, {metric.change(base, final)}){test}",
              f"stopped: {run.get('stopped') or '-'}{_retries(run, '; ')}; {_processes(run.get('world_size', 1))}"]
     lines += [f"recovery: {r}" for r in [recovery(run.get("settings") or {})] if r]
-    return "\n".join(lines + payoff_lines(run.get("baseline_payoff"), run.get("payoff")))
+    lines += _payoff(run)
+    return "\n".join(lines + [f"generation {g}" for g in [_generation(run.get("generation"))] if g])
 
 
 def recovery(settings: dict) -> str:
@@ -241,19 +325,53 @@ def _processes(world_size: int) -> str:
     return "one process" if world_size == 1 else f"data-parallel over {world_size} processes (world_size {world_size})"
 
 
-def payoff_lines(before: dict | None, after: dict | None) -> list[str]:
+def _payoff(run: dict) -> list[str]:
+    """The run's payoff lines; a causal LM's latency is of one forward pass, as its generation line
+    is the other speed it is judged by."""
+    label = "forward latency" if isinstance(_metric(run), _Perplexity) else "latency"
+    return payoff_lines(run.get("baseline_payoff"), run.get("payoff"), label=label)
+
+
+def _generation(record: dict | None) -> str:
+    """"(greedy, KV cache, 32 new tokens after 16, batch 1, eager): 250.1 -> 330.2 tokens/s (1.32x,
+    q1-q3 1.30-1.34)", "1.32x?" and a "noisy" note when the timing is; "" without a record."""
+    if not isinstance(record, dict):
+        return ""
+    speed = lambda key: _num(record.get(key), ".1f")  # noqa: E731
+    noisy = f"; noisy: {record.get('noisy_why') or 'yes'}" if record.get("noisy") else ""
+    return (f"({_generation_setup(record)}): {speed('before_tokens_per_s')} -> {speed('after_tokens_per_s')} "
+            f"tokens/s ({_generation_speedup(record)}){noisy}")
+
+
+def _generation_setup(record: dict) -> str:
+    """What was generated: "greedy, KV cache, 32 new tokens after 16, batch 1, eager" (the parts recorded)."""
+    new, prompt, batch = record.get("new_tokens"), record.get("prompt_tokens"), record.get("batch")
+    tokens = "" if new is None else f"{new} new tokens" + ("" if prompt is None else f" after {prompt}")
+    return ", ".join(filter(None, ["greedy", "KV cache", tokens, "" if batch is None else f"batch {batch}",
+                                   record.get("runtime")]))
+
+
+def _generation_speedup(record: dict) -> str:
+    """"1.32x, q1-q3 1.30-1.34"; "1.32x?" when noisy, as a noisy latency ratio shows."""
+    speedup, q1, q3 = record.get("speedup"), record.get("q1"), record.get("q3")
+    ratio = "-" if speedup is None else f"{speedup:.2f}x" + ("?" if record.get("noisy") else "")
+    return ratio + (f", q1-q3 {q1:.2f}-{q3:.2f}" if q1 is not None and q3 is not None else "")
+
+
+def payoff_lines(before: dict | None, after: dict | None, label: str = "latency") -> list[str]:
     """Latency, MACs and parameters of the original (batch norms folded) and of the result folded:
     `before` {runtime, device, example_shape, macs, params, latency_ms? (the original's at the start),
     noise keys?}, `after` {latency_ratio, latency_ms, baseline_ms, macs, params, noise keys?} (both
     latencies from the same paired timing; none: no latency line). Every ms figure printed is one of
-    these; a noisy timing says so, with its quartiles."""
+    these; a noisy timing says so, with its quartiles. label: what the latency is of ("forward
+    latency" for a causal LM, whose generation is timed apart)."""
     if not before or not after:
         return []
     shape = before.get("example_shape")
     batch = f" at batch {shape[0]}" if shape else ""  # (dim 0 of the first input: the batch it was timed at)
-    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}, input {shape}"
+    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}" + (f", input {shape}" if shape else "")
     ratio = lambda a, b: f" ({a / b:.3f}x)" if b else ""  # noqa: E731
-    lines = [_latency_line(where, before, after)] if after.get("latency_ratio") else []
+    lines = [_latency_line(label, where, before, after)] if after.get("latency_ratio") else []
     if before.get("noisy") and after.get("latency_ratio"):
         lines.append(f"the original's latency at the start ({before['latency_ms']:.3f} ms) is {_noisy_note(before)}")
     return lines + [f"MACs: {_count(before['macs'])} -> {_count(after['macs'])}{ratio(after['macs'], before['macs'])}; "
@@ -261,14 +379,14 @@ def payoff_lines(before: dict | None, after: dict | None) -> list[str]:
                     f"{ratio(after['params'], before['params'])}"]
 
 
-def _latency_line(where: str, before: dict, after: dict) -> str:
+def _latency_line(label: str, where: str, before: dict, after: dict) -> str:
     """The latency line; where the original ran another time at the start of the run than in the
     result's timing, both (a machine whose load changed makes them disagree)."""
     start = before.get("latency_ms")
     at_start = f"; the original ran {start:.3f} ms at the start" if start is not None and \
         f"{start:.3f}" != f"{after['baseline_ms']:.3f}" else ""
     note = _noisy_note(after)
-    return (f"latency ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
+    return (f"{label} ({where}): {after['baseline_ms']:.3f} ms -> {after['latency_ms']:.3f} ms = "
             f"{_ratio(after['latency_ratio'], after)} the original with batch norms folded{at_start}"
             + (f"; {note}" if note else ""))
 
@@ -387,12 +505,12 @@ def entropy_heatmap(run: dict, path) -> Path:
 
 
 def accuracy_plot(run: dict, path) -> Path:
-    """Validation (and test) accuracy against the number of layers removed, with the stopping
-    threshold; rejected steps are red crosses off the accepted line."""
+    """Validation (and test) accuracy (perplexity for a causal LM) against the number of layers
+    removed, with the stopping threshold; rejected steps are red crosses off the accepted line."""
     from matplotlib.ticker import MaxNLocator
 
     accepted, rejected = accuracy_series(run)
-    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    base, max_drop, metric = run["baseline_accuracy"], run.get("max_drop", 0.0), _metric(run)
     has_test = not all(math.isnan(t) for t in accepted["test"] + rejected["test"])
     fig = _figure(7.0, 4.4)
     ax = fig.add_subplot()
@@ -410,16 +528,17 @@ def accuracy_plot(run: dict, path) -> Path:
                             *zip(rejected["removed"], rejected["x"], rejected["val"])]:
             ax.annotate("\n".join(names), (x, y), xytext=(0, 9), textcoords="offset points",
                         ha="center", va="bottom", fontsize=6.5, color="0.35")
-    ax.axhline(base - max_drop, color="0.3", linestyle="--", linewidth=1.2,
-               label=f"stop below ({base - max_drop:.2f}% = baseline - {max_drop:g})")
-    ax.axhline(base, color="0.6", linestyle=":", linewidth=1, label=f"baseline ({base:.2f}%)")
+    ax.axhline(metric.threshold(base, max_drop), color="0.3", linestyle="--", linewidth=1.2,
+               label=metric.stop_label(base, max_drop))
+    ax.axhline(base, color="0.6", linestyle=":", linewidth=1, label=f"baseline ({metric.value(base)})")
+    ax.set_yscale(metric.yscale(accepted["val"] + accepted["test"] + rejected["val"] + rejected["test"]))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     right = max(accepted["x"] + rejected["x"] + [1])  # integer ticks need a range >= 1
     ax.set_xlim(-0.3 - 0.02 * right, right + 0.3 + 0.03 * right)
     ax.set_xlabel("layers removed (linearized activation sites)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(metric.axis)
     sites = len(run.get("sites") or [])
-    ax.set_title(f"Accuracy while pruning: {len(run.get('linearized', []))} of {sites} sites removed", fontsize=10)
+    ax.set_title(f"{metric.title} while pruning: {len(run.get('linearized', []))} of {sites} sites removed", fontsize=10)
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.35)
     _legend_below(fig)
@@ -427,11 +546,11 @@ def accuracy_plot(run: dict, path) -> Path:
 
 
 def latency_plot(run: dict, path) -> Path:
-    """Validation accuracy against the latency ratio (folded / original with batch norms folded):
-    the run's path from the unpruned network (each point labelled with the layers removed), the
-    accuracy stop line and the latency target."""
+    """Validation accuracy (perplexity for a causal LM) against the latency ratio (folded / original
+    with batch norms folded): the run's path from the unpruned network (each point labelled with the
+    layers removed), the stop line and the latency target."""
     accepted, rejected = accuracy_series(run)
-    base, max_drop = run["baseline_accuracy"], run.get("max_drop", 0.0)
+    base, max_drop, metric = run["baseline_accuracy"], run.get("max_drop", 0.0), _metric(run)
     steps = run.get("steps", [])
     # the unpruned network folded: its own chains may already run faster than the original
     xs = [(run.get("baseline_payoff") or {}).get("latency_ratio")] + [s.get("latency_ratio") for s in steps if s.get("accepted")]
@@ -448,8 +567,9 @@ def latency_plot(run: dict, path) -> Path:
               if not s.get("accepted") and s.get("latency_ratio") is not None]
     if missed:
         ax.plot(*zip(*missed), "x", color="#e41a1c", markersize=10, markeredgewidth=2.5, label="rejected step")
-    ax.axhline(base - max_drop, color="0.3", linestyle="--", linewidth=1.2,
-               label=f"stop below ({base - max_drop:.2f}% = baseline - {max_drop:g})")
+    ax.axhline(metric.threshold(base, max_drop), color="0.3", linestyle="--", linewidth=1.2,
+               label=metric.stop_label(base, max_drop))
+    ax.set_yscale(metric.yscale([p[1] for p in points] + [m[1] for m in missed]))
     target = (run.get("settings") or {}).get("latency_target")
     if target is not None:
         ax.axvline(target, color="C2", linestyle="--", linewidth=1.2, label=f"latency target ({target:g}x)")
@@ -457,8 +577,8 @@ def latency_plot(run: dict, path) -> Path:
     ax.invert_xaxis()  # faster to the right, as the run goes
     runtime = (run.get("baseline_payoff") or {}).get("runtime", "eager")
     ax.set_xlabel(f"latency: folded network / original with batch norms folded ({runtime})")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("Accuracy against latency while pruning" + ("" if points else "\n(no latency measured)"), fontsize=10)
+    ax.set_ylabel(f"validation {metric.axis}")
+    ax.set_title(f"{metric.title} against latency while pruning" + ("" if points else "\n(no latency measured)"), fontsize=10)
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.35)
     _legend_below(fig)

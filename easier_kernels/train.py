@@ -65,20 +65,33 @@ def check_rate(name: str, lr) -> None:
         raise ValueError(f"{name} must be a finite learning rate > 0, not {lr}")
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(name: str, params, *, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
+
+
 def fit(model: nn.Module, loader, epochs: int, *, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 1e-4,
         meter=None, amp: bool | None = None, device=None, progress: bool = False, desc: str = "train",
-        first_epoch: int = 0, inputs_fn=None, loss_fn=None, recovery=()) -> float:
+        first_epoch: int = 0, inputs_fn=None, loss_fn=None, recovery=(), optimizer: str = "sgd") -> float:
     """Trains `model` in place for `epochs` epochs with SGD and a cosine learning rate (per batch,
     from `lr` to 0). Returns the mean loss of the last epoch (over every rank's batches); a
     non-finite loss raises. `first_epoch`: the number the loader's sampler gets from `set_epoch`
     for the first epoch (a DistributedSampler draws each epoch's order from it). `recovery`:
-    terms that change each batch's loss (`easier_kernels.recovery`, e.g. distillation)."""
+    terms that change each batch's loss (`easier_kernels.recovery`, e.g. distillation).
+    optimizer: "sgd" (with `momentum`; the paper's) or "adamw" (betas (0.9, 0.999), decoupled
+    `weight_decay`: what transformers are trained with)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, not {epochs}")
     check_rate("lr", lr)
     device = torch.device(device) if device is not None else model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer, params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     per_epoch = len(loader) if hasattr(loader, "__len__") else None
     if per_epoch == 0:
         raise ValueError("the training loader yielded no batches; check the dataset is not empty")

@@ -369,7 +369,8 @@ def payoff_lines(before: dict | None, after: dict | None, label: str = "latency"
         return []
     shape = before.get("example_shape")
     batch = f" at batch {shape[0]}" if shape else ""  # (dim 0 of the first input: the batch it was timed at)
-    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}" + (f", input {shape}" if shape else "")
+    where = f"{before.get('runtime', 'eager')} on {before.get('device', 'cpu')}{batch}" + \
+        (f", input {shape}" if shape else "")  # (no "input None" for a record without the shape)
     ratio = lambda a, b: f" ({a / b:.3f}x)" if b else ""  # noqa: E731
     lines = [_latency_line(label, where, before, after)] if after.get("latency_ratio") else []
     if before.get("noisy") and after.get("latency_ratio"):
@@ -504,6 +505,16 @@ def entropy_heatmap(run: dict, path) -> Path:
     return _save_png(fig, path)
 
 
+def _set_yscale(ax, scale: str) -> None:
+    """A linear or log y axis; a log one labelled in plain numbers (20, 30, 100), not 2 x 10^1
+    (which minor ticks get a label is matplotlib's usual choice)."""
+    ax.set_yscale(scale)
+    if scale == "log":
+        from matplotlib.ticker import LogFormatter
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+
+
 def accuracy_plot(run: dict, path) -> Path:
     """Validation (and test) accuracy (perplexity for a causal LM) against the number of layers
     removed, with the stopping threshold; rejected steps are red crosses off the accepted line."""
@@ -531,7 +542,7 @@ def accuracy_plot(run: dict, path) -> Path:
     ax.axhline(metric.threshold(base, max_drop), color="0.3", linestyle="--", linewidth=1.2,
                label=metric.stop_label(base, max_drop))
     ax.axhline(base, color="0.6", linestyle=":", linewidth=1, label=f"baseline ({metric.value(base)})")
-    ax.set_yscale(metric.yscale(accepted["val"] + accepted["test"] + rejected["val"] + rejected["test"]))
+    _set_yscale(ax, metric.yscale(accepted["val"] + accepted["test"] + rejected["val"] + rejected["test"]))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     right = max(accepted["x"] + rejected["x"] + [1])  # integer ticks need a range >= 1
     ax.set_xlim(-0.3 - 0.02 * right, right + 0.3 + 0.03 * right)
@@ -569,7 +580,7 @@ def latency_plot(run: dict, path) -> Path:
         ax.plot(*zip(*missed), "x", color="#e41a1c", markersize=10, markeredgewidth=2.5, label="rejected step")
     ax.axhline(metric.threshold(base, max_drop), color="0.3", linestyle="--", linewidth=1.2,
                label=metric.stop_label(base, max_drop))
-    ax.set_yscale(metric.yscale([p[1] for p in points] + [m[1] for m in missed]))
+    _set_yscale(ax, metric.yscale([p[1] for p in points] + [m[1] for m in missed]))
     target = (run.get("settings") or {}).get("latency_target")
     if target is not None:
         ax.axvline(target, color="C2", linestyle="--", linewidth=1.2, label=f"latency target ({target:g}x)")
@@ -578,7 +589,8 @@ def latency_plot(run: dict, path) -> Path:
     runtime = (run.get("baseline_payoff") or {}).get("runtime", "eager")
     ax.set_xlabel(f"latency: folded network / original with batch norms folded ({runtime})")
     ax.set_ylabel(f"validation {metric.axis}")
-    ax.set_title(f"{metric.title} against latency while pruning" + ("" if points else "\n(no latency measured)"), fontsize=10)
+    ax.set_title(f"{metric.title} against latency while pruning" + ("" if points else "\n(no latency measured)"),
+                 fontsize=10)
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.35)
     _legend_below(fig)

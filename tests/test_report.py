@@ -309,3 +309,144 @@ def test_the_accuracy_legend_covers_no_data(tmp_path, monkeypatch):
         for legend in legends:
             box = legend.get_window_extent()
             assert not box.overlaps(area) and box.y1 <= area.y0
+
+
+# ---- a causal language model's run: perplexity (lower is better), max_drop a relative increase, generation speed
+
+LM_SITES = [f"h_{i}_mlp_act" for i in range(4)]
+# (removed, val perplexity, test perplexity, accepted) against a baseline of 20.0 and max_drop 0.05 (at most 21.0)
+LM_PLAN = [(["h_3_mlp_act"], 20.4, 21.3, True), (["h_2_mlp_act"], 20.9, None, True), (["h_1_mlp_act"], 23.1, 24.0, False)]
+LM_INCREASES = ["+2.0%", "+4.5%", "+15.5%"]
+GENERATION = {"new_tokens": 32, "prompt_tokens": 16, "batch": 1, "runtime": "eager", "before_tokens_per_s": 250.1,
+              "after_tokens_per_s": 330.2, "speedup": 1.32, "q1": 1.30, "q3": 1.34, "noisy": False}
+GENERATION_LINE = ("(greedy, KV cache, 32 new tokens after 16, batch 1, eager): 250.1 -> 330.2 tokens/s (1.32x, q1-q3 "
+                   "1.30-1.34)")
+
+
+def make_lm_run(plan=LM_PLAN, **overrides):
+    steps, gone = [], []
+    for k, (removed, val, test, ok) in enumerate(plan, 1):
+        steps.append({"step": k, "removed": removed, "entropy": {s: 0.5 for s in LM_SITES if s not in gone},
+                      "val_accuracy": val, "test_accuracy": test, "accepted": ok, "seconds": 30.0 + k,
+                      "latency_ratio": 1.0 - 0.05 * k, "latency_ms": 8.0 - 0.4 * k, "macs": 90_000_000 - 1_000_000 * k,
+                      "params": 120_000_000})
+        gone += removed if ok else []
+    accepted = [s for s in steps if s["accepted"]]
+    run = {"baseline_accuracy": 20.0, "baseline_test_accuracy": 20.8, "max_drop": 0.05,
+           "accuracy": accepted[-1]["val_accuracy"] if accepted else 20.0,
+           "test_accuracy": accepted[-1]["test_accuracy"] if accepted else 20.8, "sites": LM_SITES, "linearized": gone,
+           "stopped": "validation perplexity 23.100 > 21.000 (baseline 20.000 x (1 + 0.05))", "mode": "pooled",
+           "steps": steps, "settings": {"model": "gpt2", "dataset": "wikitext2", "task": "causal_lm"},
+           "baseline_payoff": {"runtime": "eager", "device": "cpu", "example_shape": [1, 128], "latency_ms": 8.0,
+                               "macs": 90_000_000, "params": 120_000_000, "latency_ratio": 1.0},
+           "payoff": {"latency_ratio": 0.9, "latency_ms": 7.2, "baseline_ms": 8.0, "macs": 88_000_000,
+                      "params": 120_000_000},
+           "generation": dict(GENERATION)}
+    run.update(overrides)
+    return run
+
+
+def test_lm_markdown_speaks_of_perplexity_and_its_relative_increase():
+    text = report.markdown(make_lm_run())
+    assert "- **Baseline perplexity**: validation 20.000, test 20.800" in text
+    assert "- **Final perplexity**: validation 20.900 (increase +4.5%, +5.0% allowed)" in text
+    assert ("| step | removed | entropy (bits) | val ppl | increase | test ppl | latency | MACs | params | kept | seconds |"
+            in text)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 3
+    for row, increase, (_, val, test, ok) in zip(rows, LM_INCREASES, LM_PLAN):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3:6] == [f"{val:.3f}", increase, "-" if test is None else f"{test:.3f}"]
+        assert cells[9] == ("yes" if ok else "rejected")
+    assert ("increase = step validation perplexity / baseline validation perplexity - 1 (a step is kept up to +5.0%: "
+            "perplexity <= 21.000); entropy") in text
+    assert "![Perplexity against layers removed](accuracy.png)" in text and "](latency.png)" in text
+    # the latency is of one forward pass, at the input it was timed at; generation is the other speed
+    assert "- forward latency (eager on cpu at batch 1, input [1, 128]): 8.000 ms -> 7.200 ms = 0.900x" in text
+    assert f"- **Generation** {GENERATION_LINE}" in text
+    prose = text.replace("accuracy.png", "")
+    assert "accuracy" not in prose and "points" not in prose  # (report.json's keys keep their names)
+
+
+def test_lm_summary_has_perplexity_and_generation_lines():
+    lines = report.summary(make_lm_run()).splitlines()
+    assert lines[0] == "removed 2 of 4 activation layers; validation perplexity 20.900 (baseline 20.000, increase +4.5%)"
+    assert lines[2].startswith("forward latency (eager on cpu at batch 1, input [1, 128]): 8.000 ms -> 7.200 ms")
+    assert lines[-1] == f"generation {GENERATION_LINE}"
+    first = make_lm_run(plan=LM_PLAN[:1])  # a final test perplexity: said after the validation one
+    assert report.summary(first).splitlines()[0].endswith("(baseline 20.000, increase +2.0%); test 21.300 (baseline 20.800)")
+    same = make_lm_run(plan=[(["h_3_mlp_act"], 20.0, None, True)])
+    assert "increase +0.0%" in report.summary(same) and "| +0.0% |" in report.markdown(same)  # no "-0.0%"
+
+
+def test_lm_without_generation_has_no_generation_line():
+    for run in (make_lm_run(generation=None), {k: v for k, v in make_lm_run().items() if k != "generation"}):
+        text = report.markdown(run) + report.summary(run)
+        assert "generation" not in text.lower() and "tokens/s" not in text
+        assert "- forward latency (" in report.markdown(run)
+
+
+def test_a_noisy_generation_is_marked():
+    noisy = dict(GENERATION, noisy=True, noisy_why="interquartile range / median 30%")
+    run = make_lm_run(generation=noisy)
+    line = report.summary(run).splitlines()[-1]
+    assert line.endswith("330.2 tokens/s (1.32x?, q1-q3 1.30-1.34); noisy: interquartile range / median 30%")
+    assert f"- **Generation** {line[len('generation '):]}" in report.markdown(run)
+
+
+def test_lm_terminal_rows():
+    run = make_lm_run()
+    header, rule = report.step_header(run).splitlines()
+    rows = [report.step_row(run, step) for step in run["steps"]]
+    assert "  val ppl  increase  test ppl  latency" in header
+    assert {len(line) for line in [header, rule, *rows]} == {len(header)}
+    for column in ("val ppl", "increase", "test ppl"):  # numbers right-aligned under their header
+        end = header.index(column) + len(column)
+        assert all(row[end - 1] != " " and row[end] == " " for row in rows)
+    assert rows[2].split()[3:6] == ["23.100", "+15.5%", "24.000"] and rows[2].split()[-2:] == ["rejected", "33.0"]
+    assert "val acc" in report.step_header(make_run()) and "val acc" in report.step_header()  # classifiers: as before
+
+
+def lm_axes(run, tmp_path, monkeypatch):
+    """The (accuracy plot's, latency plot's) axes of a run, drawn."""
+    figures = []
+    save = report._save_png
+    monkeypatch.setattr(report, "_save_png", lambda fig, path: figures.append(fig) or save(fig, path))
+    report.accuracy_plot(run, tmp_path / "accuracy.png")
+    report.latency_plot(run, tmp_path / "latency.png")
+    return [fig.axes[0] for fig in figures]
+
+
+def test_lm_plots_are_written_with_perplexity_and_the_stop_line_above(tmp_path, monkeypatch):
+    paths = report.write_report(make_lm_run(), tmp_path)
+    for key in ("accuracy_plot", "latency_plot", "entropy_plot"):
+        assert paths[key].stat().st_size > 0 and check_png(paths[key])
+    assert paths["accuracy_plot"].name == "accuracy.png"
+    accuracy, latency = lm_axes(make_lm_run(), tmp_path, monkeypatch)
+    assert accuracy.get_ylabel() == "perplexity" and latency.get_ylabel() == "validation perplexity"
+    assert accuracy.get_title().startswith("Perplexity while pruning") and latency.get_title().startswith("Perplexity")
+    for ax in (accuracy, latency):
+        stop = [line for line in ax.get_lines() if line.get_label().startswith("stop above")]
+        assert len(stop) == 1 and list(stop[0].get_ydata()) == [pytest.approx(21.0)] * 2
+        assert stop[0].get_label() == "stop above (21.000 = baseline x 1.05)"
+        assert ax.get_yscale() == "linear"
+    # a rejected step whose perplexity blew up: a log axis, so the accepted path is not flattened
+    blown = make_lm_run(plan=LM_PLAN[:2] + [(["h_1_mlp_act"], 400.0, None, False)])
+    assert [ax.get_yscale() for ax in lm_axes(blown, tmp_path, monkeypatch)] == ["log", "log"]
+
+
+def test_classifier_plots_keep_their_labels(tmp_path, monkeypatch):
+    accuracy, latency = lm_axes(make_run(), tmp_path, monkeypatch)
+    assert accuracy.get_ylabel() == "accuracy (%)" and latency.get_ylabel() == "validation accuracy (%)"
+    for ax in (accuracy, latency):
+        (stop,) = [line for line in ax.get_lines() if line.get_label().startswith("stop below")]
+        assert stop.get_label() == "stop below (90.30% = baseline - 1)" and stop.get_ydata()[0] == pytest.approx(90.3)
+        assert ax.get_yscale() == "linear"
+
+
+def test_a_payoff_without_its_input_shape_says_no_input():
+    before = {"runtime": "eager", "device": "cpu", "macs": 10, "params": 5}
+    after = {"latency_ratio": 0.5, "latency_ms": 1.0, "baseline_ms": 2.0, "macs": 8, "params": 4}
+    assert report.payoff_lines(before, after)[0].startswith("latency (eager on cpu): 2.000 ms -> 1.000 ms")
+    assert report.payoff_lines(dict(before, example_shape=[4, 128]), after)[0].startswith(
+        "latency (eager on cpu at batch 4, input [4, 128]):")

@@ -11,6 +11,8 @@ selection rules, and the latency each removed layer buys after folding.
     python scripts/evidence.py report --study recovery
     python scripts/evidence.py run --study mechanism    # issue 30: each site's true removal cost against every score
     python scripts/evidence.py report --study mechanism
+    python scripts/evidence.py run --study language     # issue 29: EASIER on a GPT-2 LM and a BERT classifier vs block removal
+    python scripts/evidence.py report --study language
 
 `run` drives the `easier-kernels prune` CLI, exactly as a user would type it (every command is
 printed and logged), `--jobs` at a time with the cores split between them. A baseline is trained
@@ -34,6 +36,9 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import evidence_language as language  # noqa: E402  (the language study, beside this script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -158,7 +163,8 @@ MECHANISM_LOOP = ("mobilenet_v2-fashion-mnist", "resnet18-cifar10-subset")
 MECHANISM_RULES = {"output-change": ["--select", "output-change"], "output-change-seed1": ["--select", "output-change", *SEED1],
                    "entropy": [], "entropy-seed1": SEED1,
                    "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"]}
-STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery", "mechanism": "mechanism"}  # study -> its folder under runs/ and docs/evidence/
+STUDIES = {"rules": "evidence", "latency": "latency", "recovery": "recovery", "mechanism": "mechanism",
+           "language": "language"}  # study -> its folder under runs/ and docs/evidence/
 SEED = 0
 # The paper's published CIFAR-10 top-1 (DESIGN.md): (layers removed, accuracy) per model.
 PAPER = {"resnet18": [(0, 92.47), (8, 92.10), (9, 90.35), (16, 77.74)],
@@ -233,10 +239,14 @@ def finished(out: Path, baseline: bool) -> bool:
 
 
 def run(args) -> None:
-    experiments, rules = study(args.study)
-    experiments = {k: v for k, v in experiments.items() if not args.only or k in args.only}
-    jobs = jobs_of(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), Path(args.data_root), rules,
-                   draws_last=args.study == "rules")  # the latency study: one experiment whole after another
+    runs = Path(args.runs or ROOT / "runs" / STUDIES[args.study])
+    if args.study == "language":
+        experiments, jobs = {}, language.jobs(runs, Path(args.data_root), args.only)
+    else:
+        experiments, rules = study(args.study)
+        experiments = {k: v for k, v in experiments.items() if not args.only or k in args.only}
+        jobs = jobs_of(experiments, runs, Path(args.data_root), rules,
+                       draws_last=args.study == "rules")  # the latency study: one experiment whole after another
     evidence = EVIDENCE / ("" if args.study == "rules" else args.study)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -272,7 +282,10 @@ def run(args) -> None:
     if failed or pending:
         sys.exit(f"failed: {', '.join(failed + [j['name'] for j in pending])} (logs beside their run folders)")
     if args.study == "mechanism":
-        mechanism_costs(experiments, Path(args.runs or ROOT / "runs" / STUDIES[args.study]), env)
+        mechanism_costs(experiments, runs, env)
+    if args.study == "language":
+        os.environ.update(OMP_NUM_THREADS=str(threads))
+        language.block_removal(runs, Path(args.data_root), args.only)
 
 
 def mechanism_costs(experiments: dict, runs: Path, env: dict) -> None:
@@ -1106,7 +1119,8 @@ def main(argv=None) -> None:
     p.add_argument("--data-root", default=str(DATA), help="the folder holding fashion-mnist/ and cifar10-subset/")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
     p.add_argument("--threads", type=int, help="threads per run (default: the cores over --jobs)")
-    p.add_argument("--only", nargs="+", choices=sorted({*EXPERIMENTS, *LATENCY_EXPERIMENTS}), help="these experiments only")
+    p.add_argument("--only", nargs="+", choices=sorted({*EXPERIMENTS, *LATENCY_EXPERIMENTS, *language.LANGUAGE_EXPERIMENTS}),
+                   help="these experiments only")
     p.set_defaults(func=run)
     p = sub.add_parser("latency", help="folded latency vs layers removed, along each entropy run")
     p.add_argument("--runs", default=str(ROOT / "runs" / "evidence"), help="where `run` put the run folders (for "

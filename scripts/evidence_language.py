@@ -1,0 +1,147 @@
+"""The language study of docs/RESULTS.md ("Language models"): EASIER on a GPT-2-style causal LM
+(Tiny Shakespeare) and a BERT-style classifier (SST-2), against removing whole blocks by Block
+Influence (ShortGPT), the depth-pruning anchor for transformers.
+
+    python scripts/evidence.py run --study language      # baselines, the rules (CLI), then block removal
+    python scripts/evidence.py report --study language   # its part of docs/RESULTS.md and the plot
+
+The EASIER runs are `easier-kernels prune` commands (evidence.py runs them); the block removal
+runs here, in Python, with the loop's own pieces: the same baseline weights, tokenizer, data,
+fine-tuning schedule per step (one block removed, then the epochs a step fine-tunes), evaluation
+and latency timing (`ek.payoff.measure`: the forward at the deploy batch, paired rounds against
+the original), and for the LM the generation speed (`ek.payoff.generation`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "docs" / "evidence" / "language"
+
+# Schedules these 2 cores afford: each step fine-tunes on the first --train-size training samples.
+LANGUAGE_EXPERIMENTS = {
+    "gpt2-tinyshakespeare": dict(
+        model="hf-gpt2:n_layer=6,n_embd=256,n_head=4", dataset="text/tinyshakespeare.txt", tokenizer="bpe:4096",
+        seq_len=128, batch_size=32, epochs=4, train_size=640, quality=["--max-increase", "0.05"], blocks=4),
+    "bert-sst2": dict(
+        model="hf-bert:num_hidden_layers=4,hidden_size=256,num_attention_heads=4,intermediate_size=1024",
+        dataset="text/sst2", tokenizer="bpe:4096", seq_len=64, batch_size=64, epochs=2, baseline_train_size=20000,
+        train_size=4000, quality=["--max-drop", "1"], blocks=3),
+}
+SEED1 = ["--seed", "1"]
+LANGUAGE_RULES = {
+    "entropy": [], "entropy-seed1": SEED1,
+    "entropy-latency": ["--select", "entropy-latency"], "entropy-latency-seed1": ["--select", "entropy-latency", *SEED1],
+    "random": ["--select", "random", "--select-seed", "0"], "random-1": ["--select", "random", "--select-seed", "1"],
+    "random-2": ["--select", "random", "--select-seed", "2"],
+}
+BLOCK_SEEDS = (0, 1)
+
+
+def _dataset(spec: dict, data_root: Path) -> str:
+    prefix = "text:" if spec["dataset"].endswith(".txt") else "tsv:"
+    return prefix + str(data_root / spec["dataset"])
+
+
+def jobs(runs: Path, data_root: Path, only=None) -> list[dict]:
+    """Every CLI invocation of the study, as evidence.py's jobs: a baseline per experiment, then its rules."""
+    out = []
+    for name, spec in LANGUAGE_EXPERIMENTS.items():
+        if only and name not in only:
+            continue
+        base = runs / name / "baseline"
+        common = ["--model", spec["model"], "--dataset", _dataset(spec, data_root), "--seq-len", str(spec["seq_len"]),
+                  "--batch-size", str(spec["batch_size"]), "--quiet"]
+        baseline_size = ["--train-size", str(spec["baseline_train_size"])] if spec.get("baseline_train_size") else []
+        out.append({"name": f"{name}/baseline", "out": base, "after": None,
+                    "argv": ["prune", *common, "--tokenizer", spec["tokenizer"], "--epochs", str(spec["epochs"]),
+                             "--max-steps", "0", "--seed", "0", *baseline_size]})
+        for rule, extra in LANGUAGE_RULES.items():
+            out.append({"name": f"{name}/{rule}", "out": runs / name / rule, "after": f"{name}/baseline",
+                        "argv": ["prune", *common, "--tokenizer", f"file:{base / 'tokenizer.json'}",
+                                 "--weights", str(base / "baseline.pt"), "--train-size", str(spec["train_size"]),
+                                 *spec["quality"], "--seed", "0", *extra]})
+    return sorted(out, key=lambda j: j["after"] is not None)
+
+
+# ---- the anchor: whole blocks removed by Block Influence
+
+
+def block_removal(runs: Path, data_root: Path, only=None) -> None:
+    """For each experiment and seed: Block Influence on the baseline, then one block removed per
+    step (lowest first), each step fine-tuned as an EASIER step is; written to
+    docs/evidence/language/<experiment>/blocks-seed<k>.json."""
+    for name, spec in LANGUAGE_EXPERIMENTS.items():
+        if only and name not in only:
+            continue
+        for seed in BLOCK_SEEDS:
+            target = EVIDENCE / name / f"blocks-seed{seed}.json"
+            if target.exists():
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] start {name}/blocks-seed{seed}", flush=True)
+            record = _remove_blocks(name, spec, runs / name / "baseline", data_root, seed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(record, indent=1))
+            print(f"[{time.strftime('%H:%M:%S')}] done {name}/blocks-seed{seed}", flush=True)
+
+
+def _remove_blocks(name: str, spec: dict, base: Path, data_root: Path, seed: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    import easier_kernels as ek
+    from easier_kernels import checkpoints, depth, models, payoff, tasks, text, train
+
+    splits = text.load(_dataset(spec, data_root), f"file:{base / 'tokenizer.json'}", seq_len=spec["seq_len"],
+                       cache_dir=base / "tokens", split_seed=0)
+    tok = splits.tokenizer
+    text_spec = models.TextSpec(splits.task, tok.vocab_size, spec["seq_len"], tok.pad_id, tok.eos_id)
+    task = tasks.CausalLM() if splits.task == "causal_lm" else tasks.Classification()
+    baseline = models.build(spec["model"], num_classes=splits.num_labels, text=text_spec)
+    baseline.load_state_dict(torch.load(base / "baseline.pt", weights_only=True)["state_dict"])
+    baseline.eval()
+    checkpoints.seed_everything(seed)
+    loader = lambda data, shuffle: DataLoader(data, batch_size=spec["batch_size"], shuffle=shuffle,  # noqa: E731
+                                              collate_fn=splits.collate)
+    train_loader = loader(Subset(splits.train, range(min(spec["train_size"], len(splits.train)))), True)
+    val_loader, test_loader = loader(splits.val, False), loader(splits.test, False)
+    example = next(iter(val_loader))
+    deploy = {k: v[:1] for k, v in example.items() if k != "labels"}  # the CLI's deploy batch: 1 sample (keywords)
+    scores = depth.block_influence(baseline, train_loader, max_batches=20)
+    order = depth.order_by_influence(scores)
+    list_path = order[0].rpartition(".")[0]
+    remaining = list(range(len(order)))
+    steps, current = [], baseline
+    base_val = task.evaluate(baseline, val_loader)
+    base_test = task.evaluate(baseline, test_loader)
+    for k, block in enumerate(order[:spec["blocks"]], 1):
+        started = time.perf_counter()
+        index = int(block.rpartition(".")[2])
+        current = depth.remove_blocks(current, [f"{list_path}.{remaining.index(index)}"])
+        remaining.remove(index)
+        current.train()
+        train.fit(current, train_loader, 1, lr=3e-4, weight_decay=1e-4, optimizer="adamw", loss_fn=task.loss)
+        current.eval()
+        paid = payoff.measure(current, baseline, deploy)
+        step = {"step": k, "removed": block, "val": task.evaluate(current, val_loader),
+                "test": task.evaluate(current, test_loader), "latency_ratio": paid["latency_ratio"],
+                "latency_q1": paid["latency_q1"], "latency_q3": paid["latency_q3"], "noisy": paid["noisy"],
+                "macs": paid["macs"], "seconds": time.perf_counter() - started}
+        if task.name == "causal_lm":
+            prompt = deploy["input_ids"][:, :16]
+            step["generation"] = payoff.generation(current, baseline, prompt, 32)
+        steps.append(step)
+        print(f"  {name} seed {seed}: -{block} val {step['val']:.3f} ratio {step['latency_ratio']:.3f}", flush=True)
+    return {"experiment": name, "seed": seed, "metric": task.metric, "block_influence": scores, "order": order,
+            "baseline_val": base_val, "baseline_test": base_test, "steps": steps, "ek_version": ek.__version__}
+
+
+if __name__ == "__main__":
+    sys.exit("run it through scripts/evidence.py (--study language)")

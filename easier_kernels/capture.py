@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import activations as acts
 
-__all__ = ["capture", "is_hf_conv1d", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
+__all__ = ["capture", "is_hf_conv1d", "tied_filled", "TraceFailure", "as_call", "call", "positional", "example_spec", "example_from_spec", "to_device",
            "model_device", "eval_mode", "buffers_kept", "rng_kept", "batch_size", "few_samples", "on_few_samples", "batch_inputs", "batch_targets",
            "logits_of", "default_loss", "record_shapes", "shapes_recorded", "CAPTURE_KEY"]
 
@@ -563,6 +563,21 @@ def is_hf_conv1d(module) -> bool:
     W stored [in, out]), recognised by its class without importing transformers."""
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def tied_filled(module: nn.Module, state: Mapping) -> dict:
+    """`state` with every alias of a tied weight filled in: a captured network registers a weight
+    two modules share (a language model's embedding and head) under the name torch.export gave
+    it, which may be either, so a network saved under one name loads into one rebuilt under both."""
+    filled = dict(state)
+    names: dict = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
+    for group in names.values():
+        present = next((n for n in group if n in filled), None)
+        for name in group if present is not None else ():
+            filled.setdefault(name, filled[present])
+    return filled
 
 
 def _kept(module: nn.Module, path: str, leaves: _Leaves) -> bool:

@@ -733,13 +733,14 @@ def _cmd_export(args) -> int:
     args.runtime = args.runtime or ("onnxruntime" if args.format == "onnx" else "eager")
     args.portable = True
     out = _output(args, f"model.{args.format}")
-    _, _, folded, example = _folded(args, "export")
+    _, settings, folded, example = _folded(args, "export")
+    dynamic = bool(settings.get("task")) and args.format == "onnx"  # text: any batch size and sequence length
     try:
-        written = export(folded, example, out, format=args.format)
+        written = export(folded, example, out, format=args.format, dynamic=dynamic)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    print(f"wrote {out} ({args.format}); its outputs match the PyTorch module within a relative error of "
-          f"{written['relative_error']:.1e}")
+    print(f"wrote {out} ({args.format}{', dynamic batch and sequence length' if dynamic else ''}); its outputs match "
+          f"the PyTorch module within a relative error of {written['relative_error']:.1e}")
     return 0
 
 

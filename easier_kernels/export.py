@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from . import runtimes
 from . import sites as sites_mod
-from .capture import positional
+from .capture import positional, tied_filled
 from .files import atomic_write, load_file
 from .fold import decisions, fold, lower_fused
 from .fold.graph import CANNOT_FOLD, relative_error
@@ -28,12 +28,15 @@ FORMATS = ("onnx", "pt2")
 _FORMAT = "easier_kernels.folded/1"
 
 
-def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tolerance: float = 1e-4) -> dict:
+def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tolerance: float = 1e-4,
+           dynamic: bool = False) -> dict:
     """Writes `model` (a folded module, or any module) as a file that runs without this package:
     "onnx" (checked in an ONNX Runtime session) or "pt2" (`torch.export`, checked by loading it
     back). Fused blocks are lowered to the equivalent standard convolutions first. The file is
     written atomically, and only when its outputs on `example_inputs` match the module's within a
-    relative error of `tolerance`. Returns {path, format, relative_error, lowered_blocks}."""
+    relative error of `tolerance`. dynamic=True (ONNX): any batch size, and any sequence length
+    for integer [batch, sequence] inputs (a text model's token ids), checked on a second shape
+    too. Returns {path, format, relative_error, lowered_blocks}."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     args = positional(model, example_inputs)
@@ -44,10 +47,16 @@ def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tole
     buffer = io.BytesIO()
     if format == "onnx":
         runtimes.check_runtime("onnxruntime")
-        runtimes.export_onnx(module, args, buffer)
+        runtimes.export_onnx(module, args, buffer, dynamic=dynamic)
         session = runtimes.onnx_session(buffer.getvalue(), args[0].device)
-        got = session.run(None, {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)})
-        got = [torch.from_numpy(g) for g in got]
+        got = _onnx_outputs(session, args)
+        if dynamic:  # the same file at another batch and sequence length
+            other = _other_shape(args)
+            with torch.no_grad():
+                error = relative_error(_onnx_outputs(session, other), model(*other))
+            if not error <= tolerance:
+                raise RuntimeError(f"export: the dynamic {format} file's outputs differ from the module's at input "
+                                   f"{[list(a.shape) for a in other]} (relative error {error:.1e}); nothing was written")
     else:
         program = torch.export.export(module, tuple(args))
         torch.export.save(program, buffer)
@@ -60,6 +69,21 @@ def export(model: nn.Module, example_inputs, path, format: str = "onnx", *, tole
                            f"{tolerance:.0e}); nothing was written. Please report this model")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
     return {"path": str(path), "format": format, "relative_error": error, "lowered_blocks": lowered}
+
+
+def _onnx_outputs(session, args) -> list:
+    return [torch.from_numpy(g) for g in
+            session.run(None, {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)})]
+
+
+def _other_shape(args: tuple) -> tuple:
+    """The inputs at one more sample, and token inputs ([batch, sequence] integers) 3 tokens longer."""
+    def grown(a):
+        a = torch.cat([a, a[:1]])
+        if a.dim() == 2 and not a.is_floating_point():
+            a = torch.cat([a, a[:, -1:].expand(-1, 3)], dim=1)
+        return a
+    return tuple(grown(a) for a in args)
 
 
 def save_folded(folded: nn.Module, path) -> None:
@@ -80,7 +104,7 @@ def load_folded(path, model_fn, *, leaf_modules=None) -> nn.Module:
     done = json.loads(saved["record"])
     example = tuple(torch.zeros(shape) for shape in done["fold"]["example_shape"])
     folded = folded_from_recipe(model_fn, done, example, leaf_modules=leaf_modules, where=path)
-    folded.load_state_dict(saved["state_dict"])
+    folded.load_state_dict(tied_filled(folded, saved["state_dict"]))
     return folded
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, sites as sites_mod, train as training
 from .activations import declared
 from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
-                      positional, rng_kept, to_device)
+                      positional, rng_kept, tied_filled, to_device)
 from .entropy import MODES, EntropyMeter, entropy_scores
 from .export import folded_from_recipe
 from .files import atomic_write, read_weights
@@ -164,7 +164,7 @@ def _load_result(saved: dict, model_fn, where: str) -> PruneResult:
     if recipe(net) != record["recipe"]:
         raise ValueError(f"{where}: the model from model_fn gives other padding moves than the saved one; pass the "
                          "architecture the result was pruned from")
-    net.load_state_dict(saved["state_dict"])
+    net.load_state_dict(tied_filled(net, saved["state_dict"]))
     record["steps"] = [Step(**s) for s in record.pop("steps")]
     fields = {f.name for f in dataclasses.fields(PruneResult)}
     return PruneResult(model=net, history=record.pop("steps"), **{k: v for k, v in record.items() if k in fields})
@@ -180,7 +180,7 @@ def _load_network(state_dict: Mapping, model_fn, where: str) -> fx.GraphModule:
         net = folded_from_recipe(original, done, example, leaf_modules=saved["leaf_modules"], where=where)
     else:
         net = from_recipe(original, done, example, leaf_modules=saved["leaf_modules"], activations=saved["activations"])
-    net.load_state_dict(state_dict)  # strict; the entry is checked against the rebuilt network's recipe
+    net.load_state_dict(tied_filled(net, state_dict))  # strict; the entry is checked against the rebuilt network's recipe
     return net
 
 
@@ -409,7 +409,7 @@ class Pruner:
         weights, done, rng = state.pop("state_dict"), state.pop("recipe", None), state.pop("rng")
         saved_world = state.pop("world_size", 1)
         self.current = _rebuild(self.model, done, state["history"], self.deploy_example, self.leaf_paths, self.activations)
-        self.current.load_state_dict(weights)
+        self.current.load_state_dict(tied_filled(self.current, weights))
         self.state = state
         rngs = rng if isinstance(rng, list) else [rng]  # (one dict: checkpoints of single-process runs)
         if len(rngs) == distributed.world_size():

@@ -47,21 +47,42 @@ def _onnxruntime():
     return onnxruntime
 
 
-def export_onnx(module: nn.Module, args: tuple, path) -> None:
+def export_onnx(module: nn.Module, args: tuple, path, dynamic: bool = False) -> None:
     """module(*args) as an ONNX file (a path or a binary file object). torch's TorchScript-based
     exporter first: one fast, silent export (the plans export many small segments); where it has
-    no form for an operator (or is gone from torch), the torch.export-based one."""
+    no form for an operator (or is gone from torch), the torch.export-based one. dynamic=True:
+    any batch size, and any sequence length for token inputs (`dynamic_axes`; the torch.export-based
+    exporter, which keeps sizes symbolic)."""
     target = path if hasattr(path, "write") else str(path)
     names = [f"input_{i}" for i in range(len(args))]
+    outputs, axes = _dynamic_axes(module, args) if dynamic else (None, None)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            if dynamic:  # (the TorchScript tracer bakes a graph's symbolic sizes in as constants)
+                raise NotImplementedError
             torch.onnx.export(module, tuple(args), target, dynamo=False, opset_version=17, input_names=names)
         except Exception:
             if hasattr(target, "seek"):
                 target.seek(0)
                 target.truncate()
-            torch.onnx.export(module, tuple(args), target, dynamo=True, input_names=names, verbose=False)
+            torch.onnx.export(module, tuple(args), target, dynamo=True, input_names=names, output_names=outputs,
+                              dynamic_axes=axes, verbose=False)
+
+
+def _dynamic_axes(module: nn.Module, args: tuple) -> tuple[list, dict]:
+    """(output names, dynamic axes): dim 0 of every input and output is the batch; dim 1 of an
+    integer input [batch, sequence] (token ids, masks) is the sequence, and of every output whose
+    dim 1 has that length."""
+    with torch.no_grad():
+        out = [t for t in torch.utils._pytree.tree_leaves(module(*args)) if isinstance(t, torch.Tensor)]
+    lengths = {a.shape[1] for a in args if a.dim() == 2 and not a.is_floating_point()}
+    axes = {}
+    for i, a in enumerate(args):
+        axes[f"input_{i}"] = {0: "batch", **({1: "sequence"} if a.dim() == 2 and not a.is_floating_point() else {})}
+    for i, t in enumerate(out):
+        axes[f"output_{i}"] = {0: "batch", **({1: "sequence"} if t.dim() > 1 and t.shape[1] in lengths else {})}
+    return [f"output_{i}" for i in range(len(out))], axes
 
 
 def onnx_session(model, device: torch.device):

@@ -606,3 +606,186 @@ def test_a_meter_counts_energy_under_compile_as_eager():
     for name in expected:
         assert got.energy[name] == pytest.approx(expected.energy[name], rel=1e-12)
         assert 0 < got.linearization_error(name) < math.inf
+
+
+# ---- token sites: padding is not counted
+
+
+VOCAB = 20
+
+
+class TokenNet(nn.Module):
+    """Embedding -> Linear -> ReLU -> Linear on [N, T, C]; the padding mask zeroes the output
+    (a real input). `inplace`: the ReLU is in place."""
+
+    def __init__(self, inplace=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(VOCAB, 6)
+        self.fc1 = nn.Linear(6, 5)
+        self.act = nn.ReLU(inplace=inplace)
+        self.fc2 = nn.Linear(5, 4)
+
+    def pre(self, input_ids):
+        """The activation's input."""
+        return self.fc1(self.emb(input_ids))
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc2(self.act(self.pre(input_ids))) * attention_mask[..., None]
+
+
+class UnmaskedTokenNet(TokenNet):
+    def forward(self, input_ids):
+        return self.fc2(self.act(self.pre(input_ids)))
+
+
+def _padded_batches(seed=0):
+    """Dict batches of different lengths with right and left padding (and one row all padding)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, VOCAB, (3, 7), generator=g)
+    mask_a = torch.ones(3, 7, dtype=torch.long)
+    mask_a[0, 4:] = 0
+    mask_a[1, :2] = 0
+    mask_a[2, :] = 0
+    b = torch.randint(0, VOCAB, (2, 5), generator=g)
+    mask_b = torch.ones(2, 5, dtype=torch.long)
+    mask_b[1, 1:] = 0
+    return [{"input_ids": a, "attention_mask": mask_a, "labels": a}, {"input_ids": b, "attention_mask": mask_b}]
+
+
+def _hand_count(model, batches, masked=True):
+    """(on-counts per channel, tokens counted) over the kept tokens (every token: masked=False)."""
+    on, tokens = 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            x = model.pre(batch["input_ids"])
+            x = x[batch["attention_mask"].bool()] if masked else x.reshape(-1, x.shape[-1])
+            on, tokens = on + (x >= 0).sum(0), tokens + x.shape[0]
+    return on, tokens
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_padded_tokens_are_not_counted(inplace):
+    model = TokenNet(inplace).eval()
+    batches = _padded_batches()
+    scores = ek.entropy_scores(model, batches)
+    assert list(scores) == ["act"]
+    on, tokens = _hand_count(model, batches)
+    assert tokens == 4 + 5 + 0 + 5 + 1
+    assert scores.totals["act"] == tokens
+    assert torch.equal(scores.counts["act"], on)
+    every, all_tokens = _hand_count(model, batches, masked=False)
+    assert all_tokens == 31 and not torch.equal(every, on)  # (the padding would have changed the counts)
+    assert scores.probabilities["act"].tolist() == pytest.approx((on.double() / tokens).tolist())
+    assert scores["act"] == pytest.approx(float(binary_entropy(on.double() / tokens).mean()), rel=1e-12)
+    assert scores.batches == 2
+
+
+def test_padded_tokens_are_not_counted_per_batch_either():
+    """batch_mean: each batch's layer entropy over its own kept tokens."""
+    model = TokenNet().eval()
+    batches = _padded_batches(1)
+    scores = ek.entropy_scores(model, batches, mode="batch_mean")
+    expected = []
+    for batch in batches:
+        on, tokens = _hand_count(model, [batch])
+        expected.append(float(binary_entropy(on.double() / tokens).mean()))
+    assert scores["act"] == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+    on, tokens = _hand_count(model, batches)
+    assert scores.totals["act"] == tokens and torch.equal(scores.counts["act"], on)
+
+
+def test_a_bool_mask_counts_as_an_integer_one():
+    model = TokenNet().eval()
+    batches = _padded_batches(2)
+    as_bool = [{**b, "attention_mask": b["attention_mask"].bool()} for b in batches]
+    got, expected = ek.entropy_scores(model, as_bool), ek.entropy_scores(model, batches)
+    assert got.totals == expected.totals and torch.equal(got.counts["act"], expected.counts["act"])
+
+
+def test_an_all_ones_mask_counts_every_token():
+    model = TokenNet().eval()
+    batches = [{**b, "attention_mask": torch.ones_like(b["attention_mask"])} for b in _padded_batches(3)]
+    scores = ek.entropy_scores(model, batches)
+    on, tokens = _hand_count(model, batches, masked=False)
+    assert tokens == 31 and scores.totals["act"] == tokens
+    assert torch.equal(scores.counts["act"], on)
+
+
+def test_a_model_without_an_attention_mask_counts_every_token():
+    model = UnmaskedTokenNet().eval()
+    batches = _padded_batches(4)
+    scores = ek.entropy_scores(model, [{"input_ids": b["input_ids"]} for b in batches])
+    on, tokens = _hand_count(model, batches, masked=False)
+    assert scores.totals["act"] == tokens == 31
+    assert torch.equal(scores.counts["act"], on)
+
+
+def test_the_linearization_error_is_over_the_kept_tokens():
+    model = TokenNet().eval()
+    batches = _padded_batches(5)
+    scores = ek.entropy_scores(model, batches, energy=True)
+    with torch.no_grad():
+        x = torch.cat([model.pre(b["input_ids"])[b["attention_mask"].bool()] for b in batches]).double()
+    changed, kept = x.clamp(max=0).square().sum(), x.clamp(min=0).square().sum()
+    assert scores.energy["act"] == pytest.approx((float(changed), float(kept)), rel=1e-9)
+
+
+def test_a_riding_meter_counts_only_the_kept_tokens():
+    model = TokenNet().train()
+    twin = TokenNet().train()
+    batches = _padded_batches(6)
+    meter = ek.EntropyMeter(model, example_inputs={k: v for k, v in batches[0].items() if k != "labels"})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    pre = []  # the activation's input at each step, before that step's update
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            pre.append(model.pre(ids)[mask.bool()])
+        for net, optimizer in ((meter.model, opt), (twin, twin_opt)):
+            optimizer.zero_grad()
+            net(input_ids=ids, attention_mask=mask).square().mean().backward()
+            optimizer.step()
+    for (k, v), w in zip(model.state_dict().items(), twin.state_dict().values()):  # trained as the plain model
+        torch.testing.assert_close(v, w, msg=k)
+    scores = meter.scores()
+    assert scores.totals["act"] == sum(x.shape[0] for x in pre) == 15
+    assert torch.equal(scores.counts["act"], sum((x >= 0).sum(0) for x in pre))
+    meter.close()
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    return pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+
+
+def test_a_gpt2_counts_the_tokens_its_attention_mask_keeps(transformers):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     bos_token_id=None, eos_token_id=None)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (3, 10), generator=g)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    mask[2, 3:] = 0
+    stored = {}
+    hooks = [model.transformer.h[i].mlp.act.register_forward_pre_hook(
+        lambda m, args, i=i: stored.__setitem__(i, args[0].detach().clone())) for i in range(2)]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    scores = ek.entropy_scores(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert list(scores) == ["transformer_h_0_mlp_act", "transformer_h_1_mlp_act"]
+    for i, name in enumerate(scores):
+        kept = stored[i][mask.bool()]
+        assert scores.totals[name] == kept.shape[0] == 10 + 6 + 3
+        assert torch.equal(scores.counts[name], (kept >= 0).sum(0)), name
+    # without the mask: every token
+    unmasked = ek.entropy_scores(model, [{"input_ids": ids}])
+    assert all(unmasked.totals[name] == 30 for name in unmasked)

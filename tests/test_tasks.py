@@ -309,14 +309,14 @@ def test_prune_a_tiny_gpt2_for_perplexity(transformers):
         assert CausalLM().evaluate(result.model, val) == pytest.approx(step.val_accuracy, rel=1e-4)
 
 
-@pytest.mark.parametrize("after, accepted", [(21.0, True), (21.01, False), (15.0, True)])
+@pytest.mark.parametrize("after, accepted", [(21.0, True), (21.01, False)])
 def test_the_loop_accepts_a_step_by_the_tasks_threshold(transformers, after, accepted):
     """A scripted metric (baseline 20, then `after`): accepted exactly up to 20 x 1.05."""
     model = _tiny_gpt2(transformers)
     loader = _id_loader(4, 0)
     values = iter([20.0, after])
     result = ek.prune(model, loader, loader, task=CausalLM(), max_drop=0.05, max_steps=1, progress=False,
-                      evaluate=lambda net: next(values))
+                      evaluate=lambda net: next(values), plan="none")
     assert result.baseline_accuracy == 20.0
     assert [s.accepted for s in result.history] == [accepted]
     assert result.history[0].val_accuracy == after

@@ -519,29 +519,36 @@ def _load_run(path_arg: str, what: str):
     return path, settings, result
 
 
-def _run_splits(settings: dict, dataset: str, data_root: str | None):
-    """The run's dataset (or `dataset`), split as the run split it."""
+def _run_splits(settings: dict, dataset: str, data_root: str | None, run: Path | None = None):
+    """The run's dataset (or `dataset`), split as the run split it (text: with the run's tokenizer,
+    read from its folder `run` where it trained one)."""
     from . import data
 
+    split_seed = settings["seed"] if settings.get("split_seed") is None else settings["split_seed"]
     try:
+        if text.is_text(dataset):
+            saved = run / "tokenizer.json" if run is not None else None
+            tokenizer = f"file:{saved}" if saved is not None and saved.is_file() else settings["tokenizer"]
+            return text.load(dataset, tokenizer, seq_len=settings["seq_len"], split=_split_fractions(settings.get("split")),
+                             split_seed=split_seed)
         return data.load(dataset, data_root or settings.get("data_root"),
-                         seed=settings["seed"] if settings.get("split_seed") is None else settings["split_seed"],
-                         augment=settings["augment"], image_size=settings.get("image_size") if dataset == "imagefolder" else None)
+                         seed=split_seed, augment=settings["augment"], image_size=settings.get("image_size") if dataset == "imagefolder" else None)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
 
 
 def _cmd_score(args) -> int:
+    from .capture import to_device
     from .entropy import entropy_scores
     from .sites import find_sites
 
     path, settings, result = _load_run(args.path, "score")
-    splits = _run_splits(settings, args.dataset or settings["dataset"], args.data_root)
+    splits = _run_splits(settings, args.dataset or settings["dataset"], args.data_root, path.parent)
     device = _device(args.device)
     net = result.model.to(device).train()  # the paper counts in train mode; buffers are restored
     train, _, _ = _loaders(splits, args, settings["in_channels"])
     scores = entropy_scores(net, train, mode=args.mode, max_batches=args.max_batches)
-    kinds = {s.name: s for s in find_sites(net, torch.zeros(result.example_shape, device=device))}
+    kinds = {s.name: s for s in find_sites(net, to_device(_example_at(result, 1), device))}
     print(f"{path}: {len(scores)} active sites, {len(result.linearized)} linearized; {args.mode} entropy over "
           f"{scores.batches} batches of {args.dataset or settings['dataset']}")
     print(f"{'rank':>4}  {'site':<32} {'kind':<10} {'channels':>8}  {'entropy (bits)':>14}")
@@ -572,6 +579,9 @@ def _cmd_costs(args) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     path, settings, result = _load_run(args.path, "costs")
+    if settings.get("task"):
+        raise UsageError(f"{path} is a text run: costs measures accuracy drops of image classifiers fine-tuned with SGD; "
+                         "text runs are not supported yet")
     out = Path(args.out) if args.out else path.with_name("removability.json")
     _check_costs_out(out, args.force)
     cache = Path(args.cache) if args.cache else path.with_name("costs.json")
@@ -969,6 +979,9 @@ def _resolve_defaults(args) -> None:
                          "pass --max-drop POINTS instead")
     if not text.is_text(args.dataset) and (args.tokenizer or args.split):
         raise UsageError(f"--tokenizer and --split are for text datasets (text:FILE, tsv:PATH), not {args.dataset}")
+    if text.is_text(args.dataset):  # absolute: score, fold and export read the run's data from anywhere
+        prefix, _, where = args.dataset.partition(":")
+        args.dataset = f"{prefix}:{Path(where).expanduser().resolve()}"
     defaults = TEXT_DEFAULTS if text.is_text(args.dataset) else PRUNE_DEFAULTS
     args.optimizer = args.optimizer or defaults["optimizer"]
     adamw = args.optimizer == "adamw"

@@ -789,3 +789,14 @@ def test_a_gpt2_counts_the_tokens_its_attention_mask_keeps(transformers):
     # without the mask: every token
     unmasked = ek.entropy_scores(model, [{"input_ids": ids}])
     assert all(unmasked.totals[name] == 30 for name in unmasked)
+
+
+@pytest.mark.xfail(strict=True, reason="batch_mean adds the layer entropy of a batch with no kept token (0/0: NaN) to "
+                                       "the sum, so the site's entropy is NaN")
+def test_a_batch_of_padding_only_leaves_the_batch_mean_a_number():
+    model = TokenNet().eval()
+    batches = _padded_batches(7)
+    padding = {"input_ids": batches[1]["input_ids"], "attention_mask": torch.zeros_like(batches[1]["attention_mask"])}
+    scores = ek.entropy_scores(model, [batches[0], padding], mode="batch_mean")
+    assert not math.isnan(scores["act"])
+    assert scores["act"] == pytest.approx(ek.entropy_scores(model, [batches[0]], mode="batch_mean")["act"])

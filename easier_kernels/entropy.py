@@ -16,7 +16,8 @@ site would change and of the activation's output (`Scores.linearization_error`: 
 reductions beside the fused count (one more read of the activation), so it is off by default.
 
 Token sites ([N, T, C], channels last: transformer MLPs) count every token position as a
-sample; where the model takes an `attention_mask` (0 at padding), padded positions are not counted.
+sample; where the model takes an `attention_mask` (0 at padding), padded positions are not counted
+(except at sites inside leaf modules, whose hooks see the activation's input alone).
 
 Modes:
 - "pooled" (the default): counts pooled over every batch, then one entropy per neuron. It does
@@ -221,7 +222,8 @@ class SiteProbe(nn.Module):
         if mask is not None and _masks_tokens(x, mask, self.channel_dim):
             counted = x[mask.bool()]  # [tokens kept, C]: selected first, a fused in-place call overwrites x
             y = kinds.forward(x, self.kernel_kind, self.param) if self.fused else x
-            self._count(counted, "identity", 0.0)
+            if counted.shape[0]:  # (a batch of padding only counts nothing, not a 0/0 batch entropy)
+                self._count(counted, "identity", 0.0)
             return y
         return self._count(x, self.count_kind, self.count_param)
 

@@ -307,14 +307,14 @@ def _timm(spec: str, num_classes, in_channels):
         raise ValueError(f"timm:{arch} does not take the config {config!r} ({reason})") from None
 
 
-def _config(text: str, what: str) -> dict:
+def _config(text: str, what: str, example: str = "depth=6,img_size=28") -> dict:
     """"key=value,key=value" -> {key: value}, values read as Python literals (numbers, True, 'x')
     where they are one, else as text."""
     config = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip().isidentifier():
-            raise ValueError(f"{what}: {item!r} is not key=value (write e.g. {what}:depth=6,img_size=28)")
+            raise ValueError(f"{what}: {item!r} is not key=value (write e.g. {what}:{example})")
         try:
             config[key.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
@@ -411,7 +411,11 @@ def _text_config(name: str, family: str, transformers, download: bool):
     """(config, the folder its weights would be in or None, from_pretrained options)."""
     if family in HF_FAMILIES:
         model_type, defaults = HF_FAMILIES[family]
-        overrides = _config(name.partition(":")[2], family)
+        overrides = _config(name.partition(":")[2], family, "n_layer=6" if family == "hf-gpt2" else "num_hidden_layers=6")
+        known = transformers.AutoConfig.for_model(model_type)  # (a config takes any keyword: a typo would be ignored)
+        if unknown := [k for k in overrides if not hasattr(known, k)]:
+            raise ValueError(f"{family} has no config key {', '.join(unknown)} (a {type(known).__name__} has e.g. "
+                             f"{', '.join(defaults)})")
         try:
             return transformers.AutoConfig.for_model(model_type, **{**defaults, **overrides}), None, {}
         except (TypeError, ValueError) as exc:
@@ -479,7 +483,10 @@ def load_pretrained(folder) -> nn.Module:
     weights = next((folder / f for f in HF_WEIGHTS[::2] if (folder / f).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder} holds no weights ({' or '.join(HF_WEIGHTS[::2])})")
-    missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(read_weights(weights), strict=False)
+    except RuntimeError as exc:  # weights of other shapes than the config's
+        raise ValueError(f"the weights in {folder} do not fit its config ({' '.join(str(exc).split())[:200]})") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:  # (a tied weight is saved once)
         raise ValueError(f"the weights in {folder} do not fit its config (missing {missing[:3]}, unexpected {unexpected[:3]})")

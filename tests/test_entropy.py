@@ -791,8 +791,6 @@ def test_a_gpt2_counts_the_tokens_its_attention_mask_keeps(transformers):
     assert all(unmasked.totals[name] == 30 for name in unmasked)
 
 
-@pytest.mark.xfail(strict=True, reason="batch_mean adds the layer entropy of a batch with no kept token (0/0: NaN) to "
-                                       "the sum, so the site's entropy is NaN")
 def test_a_batch_of_padding_only_leaves_the_batch_mean_a_number():
     model = TokenNet().eval()
     batches = _padded_batches(7)

@@ -26,15 +26,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import checkpoints, distributed, payoff, recipe_entry, recovery, runtimes, sites as sites_mod, train as training
+from . import checkpoints, distributed, models, payoff, recipe_entry, recovery, runtimes, sites as sites_mod, train as training
 from .activations import declared
 from .capture import (as_call, batch_inputs, batch_size, example_from_spec, example_spec, few_samples, model_device,
                       positional, rng_kept, tied_filled, to_device)
@@ -134,8 +136,11 @@ def read_record(path) -> dict:
     return json.loads(checkpoints.read(path)["record"])
 
 
-def load(source, model_fn: Callable[[], nn.Module] | nn.Module):
+def load(source, model_fn: Callable[[], nn.Module] | nn.Module | None = None):
     """A saved pruned network; `model_fn` builds the original (unpruned) architecture, or is that module.
+
+    source: a folder (a text run's hf_model/, any save_pretrained folder, `ek.write_back`'s model
+    saved) gives that Hugging Face model rebuilt (`models.load_pretrained`; no model_fn needed).
 
     source: a file from `PruneResult.save` gives that PruneResult (the recorded sites linearized
     in the original, with the same padding moves, and the weights loaded). A pruned network's
@@ -143,6 +148,10 @@ def load(source, model_fn: Callable[[], nn.Module] | nn.Module):
     torch.save'd from one, gives the network itself: rebuilt from the recipe the state dict
     carries (`recipe_entry.RECIPE_ENTRY`), its weights loaded strictly.
     """
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return models.load_pretrained(source)
+    if model_fn is None:
+        raise ValueError("ek.load needs model_fn (building the unpruned architecture) for a file or state dict")
     saved = source if isinstance(source, Mapping) else read_weights(source)
     where = "the state dict" if isinstance(source, Mapping) else str(source)
     if isinstance(saved, Mapping) and RECIPE_ENTRY in saved:

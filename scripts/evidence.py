@@ -654,6 +654,8 @@ def report(args) -> None:
         return recovery_report()
     if args.study == "mechanism":
         return mechanism_report()
+    if args.study == "language":
+        return language.report(RESULTS)
     runs = load_runs()
     if not runs:
         sys.exit(f"nothing in {EVIDENCE}: run `python scripts/evidence.py run` first")

@@ -145,3 +145,155 @@ def _remove_blocks(name: str, spec: dict, base: Path, data_root: Path, seed: int
 
 if __name__ == "__main__":
     sys.exit("run it through scripts/evidence.py (--study language)")
+
+
+# ---- report
+
+BEGIN, END = "<!-- language:begin (scripts/evidence.py report --study language) -->", "<!-- language:end -->"
+GROUPS = {"entropy": ("entropy", "entropy-seed1"), "entropy-latency": ("entropy-latency", "entropy-latency-seed1"),
+          "random": ("random", "random-1", "random-2")}
+COLORS = {"entropy": "#1f77b4", "entropy-latency": "#2ca02c", "random": "#7f7f7f", "blocks": "#d62728"}
+
+
+def load() -> dict:
+    """experiment -> {"rules": {rule: report.json}, "blocks": [blocks-seed*.json]}, from docs/evidence/language/."""
+    found = {}
+    for name in LANGUAGE_EXPERIMENTS:
+        folder = EVIDENCE / name
+        rules = {r: json.loads((folder / f"{r}.json").read_text()) for r in LANGUAGE_RULES if (folder / f"{r}.json").exists()}
+        blocks = [json.loads(p.read_text()) for p in sorted(folder.glob("blocks-seed*.json"))]
+        if rules or blocks:
+            found[name] = {"rules": rules, "blocks": blocks}
+    return found
+
+
+def _lm(runs: dict) -> bool:
+    return any(r["settings"].get("task") == "causal_lm" for r in runs["rules"].values()) or \
+        any(b["metric"] == "perplexity" for b in runs["blocks"])
+
+
+def _spread(values: list, fmt: str = ".3f") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:{fmt}}" + (f" ({min(values):{fmt}}-{max(values):{fmt}})" if len(values) > 1 else "")
+
+
+def _rule_end(run: dict) -> dict:
+    """A loop run's stopping point (the loop stops at the first step past the line): the last accepted step."""
+    kept = [s for s in run["steps"] if s["accepted"]]
+    last = kept[-1] if kept else None
+    gen = run.get("generation") or {}
+    return {"layers": len(run.get("linearized", [])), "ratio": last["latency_ratio"] if last else 1.0,
+            "val": run["accuracy"], "test": run.get("test_accuracy"), "speedup": gen.get("speedup"),
+            "path": [(1.0, run["baseline_accuracy"], run.get("baseline_test_accuracy"))]
+            + [(s["latency_ratio"], s["val_accuracy"], s["test_accuracy"]) for s in kept]}
+
+
+def _blocks_end(record: dict, lm: bool, allowed: float) -> dict:
+    base = record["baseline_val"]
+    passes = (lambda v: v <= base * (1 + allowed)) if lm else (lambda v: v >= base - allowed)
+    kept = []
+    for step in record["steps"]:
+        if not passes(step["val"]):
+            break
+        kept.append(step)
+    last = kept[-1] if kept else None
+    return {"layers": len(kept), "ratio": last["latency_ratio"] if last else 1.0,
+            "val": last["val"] if last else base, "test": last["test"] if last else record["baseline_test"],
+            "speedup": (last.get("generation") or {}).get("speedup") if last else None,
+            "path": [(1.0, base, record["baseline_test"])] + [(s["latency_ratio"], s["val"], s["test"])
+                                                              for s in record["steps"]]}
+
+
+def _quality_at(path: list, ratio: float) -> tuple | None:
+    """(val, test) of the first point of a path at or below `ratio`, None where the path never gets there."""
+    return next(((v, t) for r, v, t in path if r is not None and r <= ratio), None)
+
+
+def report_lines() -> list[str]:
+    found = load()
+    lines = [BEGIN, ""]
+    for name, runs in found.items():
+        lm = _lm(runs)
+        spec = LANGUAGE_EXPERIMENTS[name]
+        allowed = 0.05 if lm else 1.0
+        unit = "perplexity" if lm else "accuracy (%)"
+        ends = {g: [_rule_end(runs["rules"][r]) for r in rules if r in runs["rules"]] for g, rules in GROUPS.items()}
+        ends["blocks"] = [_blocks_end(b, lm, allowed) for b in runs["blocks"]]
+        base = next(iter(runs["rules"].values()))["baseline_accuracy"] if runs["rules"] else runs["blocks"][0]["baseline_val"]
+        lines += [f"### {name}", "", f"`{spec['model']}`, {spec['tokenizer']}, sequence length {spec['seq_len']}; "
+                  f"baseline validation {unit} {base:.3f}. Where each rule stops at "
+                  + ("+5% validation perplexity" if lm else "1 point of validation accuracy")
+                  + " (mean (min-max) over seeds / draws; forward latency at batch 1 against the unpruned model, "
+                  "eager on this CPU" + ("; generation: greedy, KV cache, 32 new tokens after 16" if lm else "") + "):", ""]
+        header = ["rule", "runs", "removed", "forward latency", f"val {unit}", f"test {unit}"]
+        if lm:
+            header.append("generation speed-up")
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group, rows in ends.items():
+            if not rows:
+                continue
+            label = "block removal (Block Influence)" if group == "blocks" else group
+            cells = [label, str(len(rows)), _spread([r["layers"] for r in rows], ".1f"),
+                     _spread([r["ratio"] for r in rows]), _spread([r["val"] for r in rows]),
+                     _spread([r["test"] for r in rows])]
+            if lm:
+                cells.append(_spread([r["speedup"] for r in rows]))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "At equal forward latency: each block-removal step's latency ratio, the block removal's "
+                  f"validation / test {unit} there, and EASIER's (entropy-latency, entropy) at the first step of its "
+                  "path at or below that ratio (- where its path, which stops at the line, never got there):", "",
+                  "| blocks removed | latency ratio | block removal | EASIER entropy-latency | EASIER entropy |",
+                  "|---|---|---|---|---|"]
+        steps = max((len(b["steps"]) for b in runs["blocks"]), default=0)
+        for k in range(steps):
+            points = [b["steps"][k] for b in runs["blocks"] if len(b["steps"]) > k]
+            ratio = sum(p["latency_ratio"] for p in points) / len(points)
+            cells = [str(k + 1), f"{ratio:.3f}", f"{_spread([p['val'] for p in points])} / "
+                     f"{_spread([p['test'] for p in points])}"]
+            for group in ("entropy-latency", "entropy"):
+                at = [q for r in ends[group] if (q := _quality_at(r["path"], ratio)) is not None]
+                cells.append(f"{_spread([v for v, _ in at])} / {_spread([t for _, t in at])} ({len(at)} of "
+                             f"{len(ends[group])} runs)" if at else f"- (0 of {len(ends[group])})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"![{name}: quality against forward latency](images/language_{name}.png)", ""]
+        _figure(name, ends, unit, base, allowed, lm)
+    return lines + [END]
+
+
+def _figure(name: str, ends: dict, unit: str, base: float, allowed: float, lm: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for group, rows in ends.items():
+        for i, row in enumerate(rows):
+            ratios, vals = zip(*[(r, v) for r, v, _ in row["path"] if r is not None])
+            ax.plot(ratios, vals, "o-", color=COLORS[group], alpha=0.8, markersize=3,
+                    label=("block removal (Block Influence)" if group == "blocks" else f"EASIER {group}") if i == 0 else None)
+    ax.axhline(base * (1 + allowed) if lm else base - allowed, color="k", linestyle="--", linewidth=0.8,
+               label="+5% perplexity" if lm else "-1 point")
+    ax.set_xlabel("forward latency / unpruned (eager, batch 1)")
+    ax.set_ylabel(f"validation {unit}")
+    ax.invert_xaxis()
+    ax.set_title(name, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    images = ROOT / "docs" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    fig.savefig(images / f"language_{name}.png")
+    plt.close(fig)
+
+
+def report(results: Path) -> None:
+    lines = report_lines()
+    text = results.read_text()
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    results.write_text(head + "\n".join(lines) + rest.split(END, 1)[1])
+    print(f"wrote {results} (language) and docs/images/language_*.png")

@@ -42,7 +42,7 @@ def test_a_causal_lm_run_reports_perplexity_and_its_generation_speed(lm_run):
 
 
 def test_a_causal_lm_run_saves_a_hugging_face_model_that_generates(lm_run):
-    model = ek.models.load_pretrained(lm_run / "hf_model")
+    model = ek.load(lm_run / "hf_model")  # (ek.models.load_pretrained)
     assert isinstance(model, transformers.GPT2LMHeadModel)
     assert all(type(block.mlp.act) is torch.nn.Identity for block in model.transformer.h)  # both removed
     assert type(model.transformer.h[0].mlp.c_proj) is torch.nn.Identity  # fc1 -> fc2 merged into c_fc

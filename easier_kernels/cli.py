@@ -346,7 +346,8 @@ def _num_classes(requested: int | None, splits) -> int | None:
     if requested is None or classes is None:
         return classes
     if requested < classes:
-        raise UsageError(f"--num-classes {requested} is fewer than the {classes} classes of the dataset; "
+        name = getattr(splits, "name", None) or splits.source
+        raise UsageError(f"--num-classes {requested} is fewer than the {classes} classes of {name}; "
                          f"pass at least {classes}, or leave it out")
     return requested
 

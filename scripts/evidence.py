@@ -286,6 +286,7 @@ def run(args) -> None:
     if args.study == "language":
         os.environ.update(OMP_NUM_THREADS=str(threads))
         language.block_removal(runs, Path(args.data_root), args.only)
+        language.rule_generation(runs, Path(args.data_root), args.only)
 
 
 def mechanism_costs(experiments: dict, runs: Path, env: dict) -> None:

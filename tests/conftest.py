@@ -48,3 +48,21 @@ def ieee_float32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(scope="session")
+def transformers():
+    """Hugging Face transformers (the hf extra), or the test skipped saying how to install it."""
+    from easier_kernels.compat import import_torchvision
+
+    import_torchvision()
+    return pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+
+
+@pytest.fixture
+def tiny_gpt2(transformers):
+    """A 2-block, d=32 GPT-2 causal LM of 64 token ids, random init (seed 0), in eval mode."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
+                                     bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2LMHeadModel(config).eval()

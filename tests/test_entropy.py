@@ -755,19 +755,8 @@ def test_a_riding_meter_counts_only_the_kept_tokens():
     meter.close()
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    from easier_kernels.compat import import_torchvision
-
-    import_torchvision()
-    return pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
-
-
-def test_a_gpt2_counts_the_tokens_its_attention_mask_keeps(transformers):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
-                                     bos_token_id=None, eos_token_id=None)
-    model = transformers.GPT2LMHeadModel(config).eval()
+def test_a_gpt2_counts_the_tokens_its_attention_mask_keeps(tiny_gpt2):
+    model = tiny_gpt2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 64, (3, 10), generator=g)
     mask = torch.ones(3, 10, dtype=torch.long)

@@ -266,29 +266,14 @@ def test_classification_loss_and_accuracy():
 # ---- the loop, for perplexity
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    from easier_kernels.compat import import_torchvision
-
-    import_torchvision()
-    return pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
-
-
-def _tiny_gpt2(transformers):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
-                                     bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
 def _id_loader(n, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 64, (n, 16), generator=g)
     return DataLoader([{"input_ids": ids[i:i + 4], "labels": ids[i:i + 4]} for i in range(0, n, 4)], batch_size=None)
 
 
-def test_prune_a_tiny_gpt2_for_perplexity(transformers):
-    model = _tiny_gpt2(transformers)
+def test_prune_a_tiny_gpt2_for_perplexity(tiny_gpt2):
+    model = tiny_gpt2
     train, val = _id_loader(8, 1), _id_loader(8, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     baseline = CausalLM().evaluate(model, val)
@@ -310,9 +295,9 @@ def test_prune_a_tiny_gpt2_for_perplexity(transformers):
 
 
 @pytest.mark.parametrize("after, accepted", [(21.0, True), (21.01, False)])
-def test_the_loop_accepts_a_step_by_the_tasks_threshold(transformers, after, accepted):
+def test_the_loop_accepts_a_step_by_the_tasks_threshold(tiny_gpt2, after, accepted):
     """A scripted metric (baseline 20, then `after`): accepted exactly up to 20 x 1.05."""
-    model = _tiny_gpt2(transformers)
+    model = tiny_gpt2
     loader = _id_loader(4, 0)
     values = iter([20.0, after])
     result = ek.prune(model, loader, loader, task=CausalLM(), max_drop=0.05, max_steps=1, progress=False,
@@ -324,8 +309,8 @@ def test_the_loop_accepts_a_step_by_the_tasks_threshold(transformers, after, acc
     assert bool(result.linearized) is accepted
 
 
-def test_prune_refuses_accuracy_points_for_a_causal_lm(transformers):
-    model = _tiny_gpt2(transformers)
+def test_prune_refuses_accuracy_points_for_a_causal_lm(tiny_gpt2):
+    model = tiny_gpt2
     loader = _id_loader(4, 0)
     with pytest.raises(ValueError, match="relative perplexity increase"):
         ek.prune(model, loader, loader, task=CausalLM(), max_drop=50, max_steps=1, progress=False)

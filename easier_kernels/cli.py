@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -37,7 +36,7 @@ PRUNE_DEFAULTS = {"model": "resnet18", "dataset": "fashion-mnist-mini", "width":
                   "latency_target": None, "split_seed": None, "num_classes": None, "image_size": None, "deploy_batch": 1,
                   "distill": None, "distill_temperature": 4.0, "anneal": None,
                   "entropy_weight": None, "entropy_side": "on", "patience": 0,
-                  # text datasets (text:, tsv:); optimizer / lr / train_lr / max_drop default by dataset (`_text_defaults`)
+                  # text datasets (text:, tsv:); optimizer / lr / train_lr / max_drop default by dataset (`_resolve_defaults`)
                   "tokenizer": None, "seq_len": 128, "split": None, "max_increase": None, "optimizer": "sgd",
                   "gen_tokens": 32}
 # text runs: transformers train with AdamW at these rates; a causal LM may lose 5% perplexity by default
@@ -139,18 +138,15 @@ def _run(args, device, out: Path, settings: dict, resuming: bool):
     task = tasks.CausalLM() if text_run and splits.task == "causal_lm" else tasks.Classification()
     channels = None if text_run else _channels(model, splits)
     train, val, test = _loaders(splits, args, model_channels=channels, seed=args.seed)
-    original = copy.deepcopy(model) if _is_hf(model) and task.name == "causal_lm" else None
     scores = _baseline(model, train, args, out, device, trained, task)
     run_settings = {**settings, "num_classes": args.num_classes or _classes(splits), "in_channels": channels,
                     "data_root": args.data_root, **(_text_settings(splits) if text_run else {})}
-    if original is not None:
-        original.load_state_dict(model.state_dict())  # the trained baseline: what generation is timed against
 
     def save(result) -> None:
         if main:
             result.settings.update(run_settings)
             if result.stopped and _is_hf(model):  # the run ended: the pruned model as a Hugging Face model too
-                _save_hf(result, model, original, out, args.gen_tokens)
+                _save_hf(result, model, out, args.gen_tokens if task.name == "causal_lm" else None)
             result.save(out / "pruned.pt")
             report.write_report(result.to_dict(), out)
 
@@ -308,28 +304,29 @@ def _is_hf(model) -> bool:
     return hasattr(model, "config") and hasattr(model, "save_pretrained")
 
 
-def _save_hf(result, model, original, out: Path, gen_tokens: int) -> None:
-    """The pruned network folded, written back into the Hugging Face model (`ek.write_back`) and
-    saved in out/hf_model with its tokenizer; for a causal LM, its generation speed against the
-    unpruned model's."""
+def _save_hf(result, model, out: Path, gen_tokens: int | None) -> None:
+    """The pruned network folded, written back into the Hugging Face model (`ek.write_back`; `model`
+    is the trained baseline, which the loop never changes) and saved in out/hf_model with its
+    tokenizer; with `gen_tokens` (a causal LM), its generation speed against the baseline's."""
+    import shutil
+
     from . import payoff
-    from .capture import call, example_from_spec
-    from .fold import fold, write_back
+    from .capture import example_from_spec
+    from .fold import InexactFold, WriteBackError, fold, write_back
 
     example = example_from_spec(result.example)
-    device = next(model.parameters()).device
-    folded = fold(result.model.eval(), example, runtime="eager", original=model.eval())
-    pruned = write_back(folded, model)
-    folder = out / HF_FOLDER
-    pruned.save_pretrained(folder)
+    try:
+        pruned = write_back(fold(result.model.eval(), example, original=model.eval()), model)
+    except (WriteBackError, InexactFold) as exc:  # (pruned.pt holds the result either way)
+        print(f"note: the pruned network stays a graph module (pruned.pt), not a Hugging Face model: {exc}",
+              file=sys.stderr)
+        return
+    pruned.save_pretrained(out / HF_FOLDER)
     if (out / "tokenizer.json").is_file():
-        import shutil
-
-        shutil.copy(out / "tokenizer.json", folder / "tokenizer.json")
-    if original is not None:
-        prompt = example[1]["input_ids"] if "input_ids" in example[1] else example[0][0]
-        prompt = prompt[:1, :16].to(device)
-        result.generation = payoff.generation(pruned, original, prompt, gen_tokens)
+        shutil.copy(out / "tokenizer.json", out / HF_FOLDER / "tokenizer.json")
+    if gen_tokens:
+        prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        result.generation = payoff.generation(pruned, model, prompt, gen_tokens)
 
 
 def _cut(splits, train_size: int | None, val_size: int | None) -> None:

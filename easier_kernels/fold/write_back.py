@@ -46,7 +46,7 @@ def write_back(folded: fx.GraphModule, model: nn.Module, example_inputs=None, *,
     for a network captured from this model's class) computes. `example_inputs` (default: the
     example recorded in `folded`) is what the copy is checked on: a relative error above
     `tolerance` (the fold's own) raises WriteBackError. The modules replaced are recorded
-    (`edits(model)`; in a Hugging Face model's config as `easier_kernels`, so that its saved
+    (`edits_of(model)`; in a Hugging Face model's config as `easier_kernels`, so that its saved
     folder rebuilds with `restructure`)."""
     done = sites_mod.recipe(folded)
     if "fold" not in done:
@@ -54,12 +54,12 @@ def write_back(folded: fx.GraphModule, model: nn.Module, example_inputs=None, *,
                              "fold it first")
     out = copy.deepcopy(model).eval()
     example = _example(folded, example_inputs, model_device(model))
-    edits = dict(edits_of(model))  # (a model written back before keeps its earlier edits)
+    edits: dict = {}  # path -> what replaced it, this time
     _identities(out, done.get("linearized", []), example, edits)
     _layers(out, folded, done["fold"]["decisions"], edits)
     _weights(out, folded, edits)
     _check(out, folded, example, done["fold"].get("tolerance") if tolerance is None else tolerance)
-    _record(out, edits)
+    _record(out, {**edits_of(model), **edits})  # (a model written back before keeps its earlier edits)
     return out.train(model.training)
 
 

@@ -253,3 +253,26 @@ def test_the_readme_cpu_commands_work_as_written(tmp_path, line):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data-parallel over 2 processes (world_size 2)" in proc.stdout
     assert json.loads((tmp_path / "out" / "report.json").read_text())["world_size"] == 2
+
+
+def test_a_causal_lm_run_on_two_ranks_takes_the_same_steps(tmp_path):
+    """Text under torchrun: rank 0 trains the BPE and tokenizes into the run folder, the other
+    reads them; perplexities are summed over ranks, so both take the same steps."""
+    pytest.importorskip("transformers", reason="needs the hf extra: pip install '.[hf]'")
+    from easier_kernels import text
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    argv = ["prune", "--model", "hf-gpt2:n_layer=2,n_embd=32,n_head=2", "--dataset", f"text:{text.TINY_TEXT}",
+            "--tokenizer", "bpe:300", "--seq-len", "32", "--epochs", "1", "--batch-size", "8", "--train-size", "64",
+            "--max-steps", "2", "--max-increase", "10", "--plan", "merge", "--gen-tokens", "2", "--quiet",
+            "--out", str(out)]
+    process = _torchrun(logs, argv)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    ranks = [_steps(logs, r) for r in (0, 1)]
+    assert len(ranks[0]) == 2
+    for field in ("removed", "val_accuracy", "test_accuracy", "accepted"):
+        assert [s[field] for s in ranks[0]] == [s[field] for s in ranks[1]], field
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["settings"]["task"] == "causal_lm"
+    assert (out / "hf_model" / "config.json").is_file() and (out / "tokenizer.json").is_file()

@@ -395,7 +395,7 @@ def _hf_text(name: str, num_classes, text: "TextSpec | None", download: bool):
         raise ValueError(f"text task must be causal_lm or classification, not {text.task!r}")
     transformers = _optional("transformers", "hf")
     config, source, options = _text_config(name, family, transformers, download)
-    pretrained = source is not None and any((Path(source) / f).is_file() for f in HF_WEIGHTS) if source else False
+    pretrained = source is not None and any((Path(source) / f).is_file() for f in HF_WEIGHTS)
     _fit_config(config, name, text, num_classes, pretrained)
     auto = transformers.AutoModelForCausalLM if text.task == "causal_lm" else transformers.AutoModelForSequenceClassification
     try:

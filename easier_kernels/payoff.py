@@ -104,7 +104,8 @@ def generation(pruned: nn.Module, original: nn.Module, prompt: torch.Tensor, new
     options = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "use_cache": True,
                "pad_token_id": getattr(original.config, "pad_token_id", None) or 0}
     was_training = (pruned.training, original.training)
-    pruned.eval(), original.eval()
+    pruned.eval()
+    original.eval()
     device = model_device(original)
     prompt = prompt.to(device)
 
@@ -118,7 +119,8 @@ def generation(pruned: nn.Module, original: nn.Module, prompt: torch.Tensor, new
         timed = steady(lambda k: compare({"before": generating(original), "after": generating(pruned)}, "before", device,
                                          seconds=2.0 * 2 ** k, min_rounds=5), "after", "before")
     finally:
-        pruned.train(was_training[0]), original.train(was_training[1])
+        pruned.train(was_training[0])
+        original.train(was_training[1])
     tokens = new_tokens * prompt.shape[0]
     before, after = timed["before"], timed["after"]
     return {"new_tokens": new_tokens, "prompt_tokens": prompt.shape[1], "batch": prompt.shape[0], "runtime": "eager",

@@ -252,6 +252,7 @@ def _rule_end(run: dict, lm: bool, line: float, generation: dict | None) -> dict
             "val": last["val"] if last else run["baseline_accuracy"],
             "test": last["test"] if last else run.get("baseline_test_accuracy"),
             "speedup": (generation or {}).get("speedup") if kept else (1.0 if lm else None),
+            "noisy": bool((generation or {}).get("noisy")) and bool(kept),
             "path": [(1.0, run["baseline_accuracy"], run.get("baseline_test_accuracy"))]
             + [(s["ratio"], s["val"], s["test"]) for s in steps]}
 
@@ -265,6 +266,7 @@ def _blocks_end(record: dict, lm: bool, line: float) -> dict:
     return {"layers": kept, "ratio": last["ratio"] if last else 1.0,
             "val": last["val"] if last else base, "test": last["test"] if last else record["baseline_test"],
             "speedup": (last["generation"] or {}).get("speedup") if last else (1.0 if lm else None),
+            "noisy": bool(last and (last["generation"] or {}).get("noisy")),
             "path": [(1.0, base, record["baseline_test"])] + [(s["ratio"], s["val"], s["test"]) for s in steps]}
 
 
@@ -301,8 +303,8 @@ def report_lines() -> list[str]:
             cells = [label, str(len(rows)), _spread([r["layers"] for r in rows], ".1f"),
                      _spread([r["ratio"] for r in rows]), _spread([r["val"] for r in rows]),
                      _spread([r["test"] for r in rows])]
-            if lm:
-                cells.append(_spread([r["speedup"] for r in rows]))
+            if lm:  # (?: a timing marked noisy: the machine was busy)
+                cells.append(_spread([r["speedup"] for r in rows]) + ("?" if any(r["noisy"] for r in rows) else ""))
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "At equal forward latency: each block-removal step's latency ratio, the block removal's "
                   f"validation / test {unit} there, and EASIER's (entropy-latency, entropy) at the first step of its "

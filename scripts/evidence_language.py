@@ -283,12 +283,13 @@ def report_lines() -> list[str]:
         spec = LANGUAGE_EXPERIMENTS[name]
         allowed = spec["line"]
         unit = "perplexity" if lm else "accuracy (%)"
+        q = ".1f" if lm else ".2f"  # how a quality prints
         ends = {g: [_rule_end(runs["rules"][r], lm, allowed, runs["generation"].get(r)) for r in rules
                     if r in runs["rules"]] for g, rules in GROUPS.items()}
         ends["blocks"] = [_blocks_end(b, lm, allowed) for b in runs["blocks"]]
         base = next(iter(runs["rules"].values()))["baseline_accuracy"] if runs["rules"] else runs["blocks"][0]["baseline_val"]
         lines += [f"### {name}", "", f"`{spec['model']}`, {spec['tokenizer']}, sequence length {spec['seq_len']}; "
-                  f"baseline validation {unit} {base:.3f}. Where each rule stops at "
+                  f"baseline validation {unit} {base:{q}}. Where each rule stops at "
                   + ("+5% validation perplexity" if lm else "1 point of validation accuracy")
                   + " (mean (min-max) over seeds / draws; forward latency at batch 1 against the unpruned model, "
                   "eager on this CPU" + ("; generation: greedy, KV cache, 32 new tokens after 16" if lm else "") + "):", ""]
@@ -301,10 +302,10 @@ def report_lines() -> list[str]:
                 continue
             label = "block removal (Block Influence)" if group == "blocks" else group
             cells = [label, str(len(rows)), _spread([r["layers"] for r in rows], ".1f"),
-                     _spread([r["ratio"] for r in rows]), _spread([r["val"] for r in rows]),
-                     _spread([r["test"] for r in rows])]
+                     _spread([r["ratio"] for r in rows]), _spread([r["val"] for r in rows], q),
+                     _spread([r["test"] for r in rows], q)]
             if lm:  # (?: a timing marked noisy: the machine was busy)
-                cells.append(_spread([r["speedup"] for r in rows]) + ("?" if any(r["noisy"] for r in rows) else ""))
+                cells.append(_spread([r["speedup"] for r in rows], ".2f") + ("?" if any(r["noisy"] for r in rows) else ""))
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "At equal forward latency: each block-removal step's latency ratio, the block removal's "
                   f"validation / test {unit} there, and EASIER's (entropy-latency, entropy) at the first step of its "
@@ -315,11 +316,11 @@ def report_lines() -> list[str]:
         for k in range(steps):
             points = [b["steps"][k] for b in runs["blocks"] if len(b["steps"]) > k]
             ratio = sum(p["latency_ratio"] for p in points) / len(points)
-            cells = [str(k + 1), f"{ratio:.3f}", f"{_spread([p['val'] for p in points])} / "
-                     f"{_spread([p['test'] for p in points])}"]
+            cells = [str(k + 1), f"{ratio:.3f}", f"{_spread([p['val'] for p in points], q)} / "
+                     f"{_spread([p['test'] for p in points], q)}"]
             for group in ("entropy-latency", "entropy"):
-                at = [q for r in ends[group] if (q := _quality_at(r["path"], ratio)) is not None]
-                cells.append(f"{_spread([v for v, _ in at])} / {_spread([t for _, t in at])} ({len(at)} of "
+                at = [point for r in ends[group] if (point := _quality_at(r["path"], ratio)) is not None]
+                cells.append(f"{_spread([v for v, _ in at], q)} / {_spread([t for _, t in at], q)} ({len(at)} of "
                              f"{len(ends[group])} runs)" if at else f"- (0 of {len(ends[group])})")
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"![{name}: quality against forward latency](images/language_{name}.png)", ""]

@@ -194,12 +194,13 @@ def batch_targets(batch, device=None):
 
 
 def logits_of(output) -> torch.Tensor:
-    """The prediction tensor of a model's output: itself, its `.logits`, or its first element."""
+    """The prediction tensor of a model's output: itself, its `.logits`, or its first element (a
+    dict's or ModelOutput's first tensor)."""
     if isinstance(output, torch.Tensor):
         return output
     found = getattr(output, "logits", None)
-    if found is None and isinstance(output, Mapping):
-        found = output.get("logits")
+    if found is None and isinstance(output, Mapping):  # (a bare encoder's ModelOutput: its first tensor, the hidden states)
+        found = output.get("logits", next((v for v in output.values() if isinstance(v, torch.Tensor)), None))
     if found is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         found = output[0]
     if not isinstance(found, torch.Tensor):

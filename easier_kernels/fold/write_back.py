@@ -29,7 +29,7 @@ from ..recipe_entry import REBUILD_KEY, example_from_spec
 from .algebra import CONVS, conv1d_as_linear, linear_as_conv1d, without_identity
 from .blocks import FusedConvBlock, StandardConvBlock
 from .chains import BATCH_NORMS, set_module
-from .graph import CANNOT_FOLD, default_tolerance, relative_error, segment_target
+from .graph import CANNOT_FOLD, _outputs, default_tolerance, relative_error, segment_target
 from .plans import parse_plan, segments
 
 __all__ = ["write_back", "WriteBackError", "edits_of", "restructure", "EDITS_KEY"]
@@ -243,19 +243,9 @@ def _check(out: nn.Module, folded: fx.GraphModule, example, tolerance: float | N
         expected = call(folded, example)
         got = call(out, example)
     if tolerance is None:
-        tolerance = default_tolerance([t.dtype for t in _tensors(expected) if t.is_floating_point()])
-    error = relative_error(_tensors(got), _tensors(expected))
+        tolerance = default_tolerance([t.dtype for t in _outputs(expected) if t.is_floating_point()])
+    error = relative_error(got, expected)
     if not error <= tolerance:
         raise WriteBackError(f"the model with the fold written back differs from the folded module by a relative error of "
                              f"{error:.1e} (tolerance {tolerance:.0e}): its forward computes something the graph "
                              "does not show (a weight read outside its module's call?)")
-
-
-def _tensors(output) -> list:
-    """The output's prediction tensors: a tensor, a ModelOutput's / dict's tensors (its logits first), a tuple's."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return [output.logits]
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
-    return [t for t in values if isinstance(t, torch.Tensor)]
